@@ -1,0 +1,31 @@
+"""isolocal: gradient-isolated local learning for masked image modeling (LocalMIM)."""
+from __future__ import annotations
+
+from typing import Any
+
+from isolocal import masking, targets
+from isolocal.config import Boundary, ConfigError, ModelConfig, from_dict, to_dict
+from isolocal.export import create_timm_model, export_timm, timm_kwargs
+from isolocal.models.mim import LocalMIM, MIMOutput
+from isolocal.models.presets import list_models, preset_config
+
+__version__ = "0.1.0"
+
+
+def create_model(name: str, boundary: Boundary | None = None, **overrides: Any) -> LocalMIM:
+    """Build a preset, with any ModelConfig field overridden (unknown fields are errors)."""
+    cfg = to_dict(preset_config(name))
+    cfg.update(overrides)
+    if boundary is not None:
+        cfg["boundary"] = boundary
+    return LocalMIM(from_dict(ModelConfig, cfg))
+
+
+def model_from_config(cfg: ModelConfig) -> LocalMIM:
+    return LocalMIM(cfg)
+
+
+__all__ = [
+    "LocalMIM", "MIMOutput", "ModelConfig", "ConfigError", "create_model", "model_from_config", "list_models",
+    "preset_config", "export_timm", "timm_kwargs", "create_timm_model", "targets", "masking",
+]

@@ -1,0 +1,289 @@
+"""Every knob as a dataclass; TOML files plus `--set a.b=c` overrides; strict validation.
+
+Configs are plain dataclasses so a run's resolved config can be written next to its logs and read
+back unchanged. Loading is strict on purpose: an unknown key or a wrong type is an error that
+names the key, because a typo that silently falls back to a default wastes a whole run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+Boundary = Union[str, float, list]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    """One model family ("vit" or "swin") with its taps, scales, targets and decoders."""
+
+    arch: str = "vit"
+    img_size: int = 224
+    in_chans: int = 3
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    # Swin only: per-stage depths/heads and the attention window (in tokens).
+    depths: list[int] = field(default_factory=list)
+    stage_heads: list[int] = field(default_factory=list)
+    window_size: int = 7
+    # Local heads: 0-based block index of each tap and the output scale of its decoder.
+    taps: list[int] = field(default_factory=lambda: [1, 3, 9, 11])
+    scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    target: str = "hog"  # "hog" | "pixels"
+    hog_nbins: int = 9
+    hog_bias: bool = False
+    hog_bias_seed: int = 0
+    decoder_dim: list[int] = field(default_factory=lambda: [256])  # one value or one per tap
+    decoder_depth: int = 1
+    decoder_heads: list[int] = field(default_factory=lambda: [8])  # one value or one per tap
+    decoder_mlp_ratio: float = 4.0
+    # Masking: ratio of masked tokens, mask-unit side in patches, one mask per batch or per image.
+    mask_ratio: float = 0.75
+    mask_unit: int = 1
+    mask_per_batch: bool = False
+    # "global", "isolated", an alpha in [0, 1], or a list with one entry per boundary.
+    boundary: Boundary = "global"
+    # Dense (SimMIM-style) encoders keep mask tokens inside the encoder (Swin only).
+    dense_encoder: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # "fashion_mnist" | "folder" | "synthetic"
+    root: str = ""  # "" -> the dataset's default location
+    synthetic_size: int = 512
+    num_workers: int = 0
+    crop_scale_min: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # > 0 stops early (smoke runs, benchmarks)
+    batch_size: int = 256  # global batch per optimizer step
+    accum_steps: int = 1
+    base_lr: float = 2e-4  # lr = base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_epochs: float = 1.0
+    clip_grad: float = 0.0  # per stage; 0 disables
+    stage_lr_scale: list[float] = field(default_factory=list)  # optional lr multiplier per stage
+    per_stage_optimizers: bool = False
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "fp16" | "off"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every_epochs: int = 1
+    keep_last: int = 2
+    analysis_every: int = 0  # > 0: NMI / attention distance on a probe batch every N steps
+    knn_every_epochs: int = 0  # > 0: online k-NN every N epochs
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+
+@dataclass
+class PipelineConfig:
+    stages: int = 0  # pipeline ranks; 0 = no pipeline
+    micro_batches: int = 4
+    schedule: str = "auto"  # "auto" (isolated schedule when all boundaries are isolated) | "default"
+    timeout_s: int = 120
+
+
+@dataclass
+class EvalConfig:
+    feature: str = "cls"  # "cls" | "mean"
+    knn_k: int = 20
+    knn_t: float = 0.07
+    linear_epochs: int = 10
+    linear_lr: float = 0.1
+    linear_batch_size: int = 256
+    finetune_epochs: int = 10
+    finetune_lr: float = 1e-3
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    num_classes: int = 10
+    train_subset: int = 0  # > 0: use only the first N training images
+    test_subset: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole run: which preset, its overrides, the data, the optimizer and where to write."""
+
+    preset: str = "localmim_vit_nano"
+    out_dir: str = "runs/default"
+    model: ModelConfig | None = None  # None -> the preset's config
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
+        return list(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected true or false")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected int")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (TOML-writable: None entries are dropped)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        return value
+    return clean(dataclasses.asdict(cfg))
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are TOML literals (3, 1e-4, true, [1, 2], "x"); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides to a nested dict in place and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a table")
+        node[parts[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config (or the defaults), apply overrides, resolve the preset, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    cfg.model = resolve_model_config(cfg.preset, data.get("model", {}))
+    validate_run(cfg)
+    return cfg
+
+
+def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
+    """The preset's ModelConfig with `overrides` (a dict of ModelConfig fields) applied."""
+    from isolocal.models.presets import preset_config
+
+    base = to_dict(preset_config(preset))
+    base.update(overrides)
+    return from_dict(ModelConfig, base, prefix="model.")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Range checks that types cannot express; the model validates its own geometry at build."""
+    t = cfg.train
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
+    _check(
+        t.batch_size % t.accum_steps == 0,
+        f"train.batch_size ({t.batch_size}) must be divisible by train.accum_steps ({t.accum_steps})",
+    )
+    _check(t.base_lr > 0, f"train.base_lr must be > 0, got {t.base_lr}")
+    _check(t.min_lr >= 0, f"train.min_lr must be >= 0, got {t.min_lr}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+           f"train.betas must be two values in [0, 1), got {t.betas}")
+    _check(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    _check(t.clip_grad >= 0, f"train.clip_grad must be >= 0, got {t.clip_grad}")
+    _check(t.amp in ("auto", "bf16", "fp16", "off"),
+           f"train.amp must be one of auto, bf16, fp16, off; got {t.amp!r}")
+    _check(t.device in ("auto", "cpu", "cuda"),
+           f"train.device must be one of auto, cpu, cuda; got {t.device!r}")
+    _check(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
+    _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    d = cfg.data
+    _check(d.name in ("fashion_mnist", "folder", "synthetic"),
+           f"data.name must be one of fashion_mnist, folder, synthetic; got {d.name!r}")
+    _check(d.name != "folder" or bool(d.root), "data.root must name the image folder when data.name = 'folder'")
+    _check(0 < d.crop_scale_min <= 1, f"data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
+    p = cfg.pipeline
+    _check(p.stages >= 0, f"pipeline.stages must be >= 0, got {p.stages}")
+    _check(p.micro_batches >= 1, f"pipeline.micro_batches must be >= 1, got {p.micro_batches}")
+    _check(p.schedule in ("auto", "default"), f"pipeline.schedule must be auto or default, got {p.schedule!r}")
+    e = cfg.eval
+    _check(e.feature in ("cls", "mean"), f"eval.feature must be cls or mean, got {e.feature!r}")

@@ -1,0 +1,70 @@
+"""The local decoder: visible tokens + mask tokens -> one transformer block -> rescale head.
+
+One decoder per tap, each with its own weights (METHOD.md section 2). The rescale head turns the
+decoder's token grid into the target grid of its scale: transposed convolutions up, average pool
+down, a 1x1 convolution to the target dimension.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from timm.layers import LayerNorm2d
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from isolocal.models.posembed import sincos_pos_embed
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def rescale_head(dim: int, scale: float, out_dim: int) -> nn.Sequential:
+    """x2^n: n ConvTranspose(k2, s2) halving channels (channel LayerNorm + GELU between); x2^-n: AvgPool."""
+    layers: list[nn.Module] = []
+    if scale >= 1:
+        for i in range(int(math.log2(scale))):
+            if i > 0:
+                layers += [LayerNorm2d(dim), nn.GELU()]
+            layers.append(nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2))
+            dim //= 2
+    else:
+        k = int(round(1 / scale))
+        layers.append(nn.AvgPool2d(k, k))
+    layers.append(nn.Conv2d(dim, out_dim, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
+class LocalDecoder(nn.Module):
+    """Linear -> mask tokens -> un-shuffle -> fixed sin-cos positions -> blocks -> norm -> rescale."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
+                 grid: int, scale: float, out_dim: int, has_cls: bool = True):
+        super().__init__()
+        self.grid, self.has_cls = grid, has_cls
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        pos = sincos_pos_embed(dim, grid, cls_token=has_cls)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.blocks = nn.Sequential(*[
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)
+        ])
+        self.norm = LayerNorm(dim)
+        self.head = rescale_head(dim, scale, out_dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, x: Tensor, ids_restore: Tensor | None) -> Tensor:
+        """x: (B, [1 +] visible, in_dim) -> predictions (B, cells at this scale, out_dim)."""
+        x = self.embed(x)
+        prefix, tokens = (x[:, :1], x[:, 1:]) if self.has_cls else (x[:, :0], x)
+        if ids_restore is not None:
+            B, L = ids_restore.shape
+            masked = self.mask_token.expand(B, L - tokens.shape[1], -1).to(tokens.dtype)
+            tokens = torch.cat([tokens, masked], dim=1)
+            tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
+        x = torch.cat([prefix, tokens], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        x = x[:, prefix.shape[1]:]
+        B, L, D = x.shape
+        x = self.head(x.transpose(1, 2).reshape(B, D, self.grid, self.grid))
+        return x.flatten(2).transpose(1, 2)

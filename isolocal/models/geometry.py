@@ -1,0 +1,92 @@
+"""The one grid source: token grids, tap scales, target cells and decoder outputs, checked together.
+
+Every shape a model needs is derived here from its config, at build time, so a bad combination is
+a ValueError naming the field (never a shape error deep inside a forward).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from isolocal.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a local head reads the encoder and what it reconstructs."""
+
+    index: int  # 0-based encoder block (ViT) or Swin stage
+    dim: int  # encoder width at the tap
+    grid: int  # encoder token grid side at the tap
+    scale: float  # decoder output grid = grid * scale
+    cell: int  # target cell side in pixels
+
+    @property
+    def out_grid(self) -> int:
+        return int(self.grid * self.scale)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model family (columnar ViT, pyramidal Swin) supplies to the shared MIM model."""
+
+    taps: Callable[[ModelConfig], list[Tap]]
+    build_stages: Callable[[ModelConfig, list[Tap]], list[Any]]
+    mask_grid: Callable[[ModelConfig], int]  # side of the grid masks are drawn on
+    context: Callable[[ModelConfig, Any], Any]  # (cfg, mask or None) -> what the stages need
+    has_cls: bool
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def check_common(cfg: ModelConfig) -> None:
+    """Checks that do not depend on the family."""
+    require(cfg.img_size >= 1, f"img_size must be >= 1, got {cfg.img_size}")
+    require(cfg.in_chans >= 1, f"in_chans must be >= 1, got {cfg.in_chans}")
+    require(cfg.patch_size >= 1 and cfg.img_size % cfg.patch_size == 0,
+            f"img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size}")
+    require(0.0 < cfg.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+    require(cfg.target in ("hog", "pixels"), f"target must be 'hog' or 'pixels', got {cfg.target!r}")
+    require(cfg.hog_nbins >= 1, f"hog_nbins must be >= 1, got {cfg.hog_nbins}")
+    require(len(cfg.taps) >= 1, "taps must list at least one block")
+    require(len(cfg.scales) == len(cfg.taps),
+            f"scales must have one entry per tap ({len(cfg.taps)}), got {len(cfg.scales)}")
+    require(all(b > a for a, b in zip(cfg.taps, cfg.taps[1:])), f"taps must be increasing, got {cfg.taps}")
+    for name in ("decoder_dim", "decoder_heads"):
+        values = getattr(cfg, name)
+        require(len(values) in (1, len(cfg.taps)),
+                f"{name} must have 1 entry or one per tap ({len(cfg.taps)}), got {values}")
+    require(cfg.decoder_depth >= 1, f"decoder_depth must be >= 1, got {cfg.decoder_depth}")
+
+
+def per_tap(values: list, k: int) -> Any:
+    """A decoder setting given once for all taps or once per tap."""
+    return values[0] if len(values) == 1 else values[k]
+
+
+def make_tap(cfg: ModelConfig, k: int, index: int, dim: int, grid: int, stride: int) -> Tap:
+    """Tap k at encoder `grid` (tokens of `stride` px), validated against its scale and target."""
+    scale = cfg.scales[k]
+    log = math.log2(scale) if scale > 0 else 0.5
+    require(scale > 0 and log == int(log),
+            f"scales[{k}] = {scale} must be a power of two (0.25, 0.5, 1, 2, 4, ...)")
+    out = grid * scale
+    require(out >= 1 and out == int(out),
+            f"scales[{k}] = {scale} gives a non-integer output grid {grid} x {scale} = {out}; "
+            f"valid scales for this {grid}x{grid} grid are powers of two with integer results")
+    cell = stride / scale
+    require(cell >= 1 and cell == int(cell),
+            f"scales[{k}] = {scale} gives a target cell of {cell} px (token stride {stride} px / scale); "
+            "the cell must be a whole number of pixels")
+    require(cell <= cfg.img_size, f"target cell {int(cell)} px of tap {k} is larger than img_size {cfg.img_size}")
+    require(int(out) * int(cell) == cfg.img_size,
+            f"tap {k}: output grid {int(out)} x cell {int(cell)} px does not cover img_size {cfg.img_size}")
+    dec_dim = per_tap(cfg.decoder_dim, k)
+    if scale > 1:
+        require(dec_dim % int(scale) == 0,
+                f"decoder_dim {dec_dim} must be divisible by scales[{k}] = {scale} (channels halve per x2)")
+    return Tap(index=index, dim=dim, grid=grid, scale=scale, cell=int(cell))

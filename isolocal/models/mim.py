@@ -1,0 +1,191 @@
+"""The MIM model: stages + local heads + targets + boundaries; forward(images, mask) -> per-stage losses.
+
+LocalMIM, MAE, MaskFeat and SimMIM-style baselines are configs of this one model. The forward is
+written so that every runner (single process global or isolated, data parallel, pipeline) runs the
+same per-stage step, `stage_step`, and so computes the same numbers.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from isolocal.config import Boundary, ModelConfig
+from isolocal.masking import random_mask, regrid
+from isolocal.models.geometry import Family
+from isolocal.targets import TargetBank
+
+
+@dataclass
+class MIMOutput:
+    loss: Tensor  # sum of the per-stage losses
+    losses: list[Tensor]  # one per stage
+    mask: Tensor  # (B, L) bool, True = masked
+    preds: list[Tensor] | None = None  # (B, cells_k, dim_k) per stage, on request
+
+
+@dataclass
+class Batch:
+    """What every stage step needs besides its input: token selection, targets, loss weights."""
+
+    ctx: Any
+    targets: list[Tensor]
+    weights: list[Tensor]  # the mask at each tap's output grid (1 = masked, fractional when pooled)
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward, gradient times alpha backward (the scaled boundary)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: float) -> Tensor:
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.alpha, None
+
+
+def cross_boundary(x: Tensor, alpha: float) -> Tensor:
+    """Pass the residual stream into the next stage: alpha 1 = global, 0 = isolated (detached)."""
+    if alpha == 1.0:
+        return x
+    if alpha == 0.0:
+        return x.detach()
+    return _GradScale.apply(x, alpha)
+
+
+def parse_boundaries(spec: Boundary, count: int) -> list[float]:
+    """'global' | 'isolated' | alpha | a list of those, one per boundary -> list of alphas."""
+    items = spec if isinstance(spec, list) else [spec] * count
+    if len(items) != count:
+        raise ValueError(f"boundary list must have one entry per boundary ({count}), got {len(items)}: {spec}")
+    alphas = []
+    for item in items:
+        if item == "global":
+            alphas.append(1.0)
+        elif item == "isolated":
+            alphas.append(0.0)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool) and 0.0 <= item <= 1.0:
+            alphas.append(float(item))
+        else:
+            raise ValueError(f"boundary {item!r} is not valid; use 'global', 'isolated' or an alpha in [0, 1]")
+    return alphas
+
+
+def masked_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Mean squared error per location, averaged over masked locations of the whole batch."""
+    err = (pred.float() - target).pow(2).mean(dim=-1)
+    return (err * weight).sum() / weight.sum()
+
+
+def _init_weights(module: nn.Module) -> None:
+    """MAE's init: xavier-uniform linears (and patch projection), zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+_FAMILIES = {"vit": "isolocal.models.vit:VIT", "swin": "isolocal.models.swin:SWIN"}
+
+
+def _family(arch: str) -> Family:
+    if arch not in _FAMILIES:
+        raise ValueError(f"arch must be one of {sorted(_FAMILIES)}, got {arch!r}")
+    module, name = _FAMILIES[arch].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class LocalMIM(nn.Module):
+    """An encoder split into stages, each with its own local decoder loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.family = _family(cfg.arch)
+        self.taps = self.family.taps(cfg)
+        self.mask_grid = self.family.mask_grid(cfg)
+        self.alphas = parse_boundaries(cfg.boundary, len(self.taps) - 1)
+        self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps))
+        self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.in_chans,
+                                      cfg.hog_nbins, cfg.hog_bias, cfg.hog_bias_seed)
+        self.apply(_init_weights)
+        for stage in self.stages:
+            for name in ("cls_token", "mask_token"):
+                if hasattr(stage, name):
+                    nn.init.normal_(getattr(stage, name), std=0.02)
+            nn.init.normal_(stage.decoder.mask_token, std=0.02)
+            if hasattr(stage, "patch_embed"):
+                w = stage.patch_embed.proj.weight
+                nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def img_size(self) -> int:
+        return self.cfg.img_size
+
+    def set_boundary(self, spec: Boundary) -> None:
+        """Switch the gradient policy between stages (weights unchanged)."""
+        self.alphas = parse_boundaries(spec, self.num_stages - 1)
+        self.cfg.boundary = spec
+
+    @property
+    def isolated(self) -> bool:
+        """True when no gradient crosses any boundary (stage-wise training is then exact)."""
+        return all(a == 0.0 for a in self.alphas)
+
+    def random_mask(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """A (B, L) bool mask (True = masked) from the config's ratio, unit and per-batch mode."""
+        return random_mask(batch_size, self.mask_grid, self.cfg.mask_ratio, generator,
+                           self.cfg.mask_unit, self.cfg.mask_per_batch)
+
+    def prepare(self, images: Tensor, mask: Tensor) -> Batch:
+        """Targets and loss weights for every stage, and the token selection for the encoder."""
+        expected = (images.shape[0], self.mask_grid ** 2)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask must have shape {expected} (batch, tokens), got {tuple(mask.shape)}")
+        mask = mask.to(images.device)
+        targets = self.target_bank(images)
+        weights = [regrid(mask, self.mask_grid, t.out_grid / self.mask_grid) for t in self.taps]
+        return Batch(self.family.context(self.cfg, mask), targets, weights)
+
+    def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Run stage k on its input: (output tokens, local loss, prediction)."""
+        stage = self.stages[k]
+        x = stage(x, batch.ctx)
+        pred = stage.predict(x, batch.ctx)
+        return x, masked_mse(pred, batch.targets[k], batch.weights[k]), pred
+
+    def forward(self, images: Tensor, mask: Tensor, return_pred: bool = False) -> MIMOutput:
+        batch = self.prepare(images, mask)
+        x, losses, preds = images, [], []
+        for k in range(self.num_stages):
+            if k > 0:
+                x = cross_boundary(x, self.alphas[k - 1])
+            x, loss, pred = self.stage_step(k, x, batch)
+            losses.append(loss)
+            preds.append(pred)
+        return MIMOutput(torch.stack(losses).sum(), losses, mask, preds if return_pred else None)
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """Full unmasked images -> each stage's normalized output tokens."""
+        ctx = self.family.context(self.cfg, None)
+        x, feats = images, []
+        for stage in self.stages:
+            x = stage(x, ctx)
+            feats.append(stage.features(x))
+        return feats
+
+    def stage_of(self, param_name: str) -> int:
+        """Index of the stage owning a parameter (names start with `stages.<k>.`)."""
+        return int(param_name.split(".")[1])

@@ -1,0 +1,112 @@
+"""Reconstruction targets: HOG and normalized pixels at any cell size (METHOD.md section 3).
+
+Both return (B, cells, dim) with cells in row-major order, which is the layout every decoder
+predicts. `TargetBank` computes all of a model's targets for one batch at once: the HOG gradient
+histogram is built once at pixel level and pooled to every tap's cell size (pooling nests exactly
+because every cell size is a multiple of the smallest one).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_SOBEL = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+
+
+def hog_bias(in_chans: int, seed: int) -> Tensor:
+    """The frozen (g0, g1) offset per colour channel, shape (C, 2).
+
+    The published code leaves this at PyTorch's default conv-bias init, U(-1/3, 1/3) for a 3x3
+    single-channel kernel, drawn from the global RNG; here it is drawn from an explicit seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(in_chans, 2, generator=g) * 2 - 1) / 3.0
+
+
+def hog_histogram(images: Tensor, nbins: int = 9, bias: Tensor | None = None) -> Tensor:
+    """Per-pixel hard-binned gradient histogram, (B, C, nbins, H, W), fp32."""
+    B, C, H, W = images.shape
+    x = images.float().reshape(B * C, 1, H, W)
+    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    kernel = torch.stack([_SOBEL, _SOBEL.t()]).unsqueeze(1).to(x.device)
+    g = F.conv2d(x, kernel).reshape(B, C, 2, H, W)
+    if bias is not None:
+        g = g + bias.to(g.device).reshape(1, C, 2, 1, 1)
+    g0, g1 = g[:, :, 0], g[:, :, 1]
+    magnitude = torch.sqrt(g0 * g0 + g1 * g1)
+    phase = torch.atan2(g0, g1)
+    bins = torch.remainder(torch.floor(phase / math.pi * nbins), nbins).long()
+    hist = torch.zeros(B, C, nbins, H, W, device=images.device, dtype=torch.float32)
+    return hist.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
+
+
+def pool_histogram(hist: Tensor, cell: int) -> Tensor:
+    """Average-pool a (B, C, nbins, H, W) histogram over cell x cell pixels (unnormalized)."""
+    B, C, n, H, W = hist.shape
+    pooled = F.avg_pool2d(hist.reshape(B, C * n, H, W), cell, cell)
+    return pooled.reshape(B, C, n, H // cell, W // cell)
+
+
+def finish_hog(pooled: Tensor) -> Tensor:
+    """L2-normalize each cell's bins per channel and flatten to (B, cells, C*nbins)."""
+    B, C, n, h, w = pooled.shape
+    normed = F.normalize(pooled, p=2, dim=2, eps=1e-12)
+    return normed.permute(0, 3, 4, 1, 2).reshape(B, h * w, C * n)
+
+
+def hog(images: Tensor, cell: int = 16, nbins: int = 9, bias: Tensor | None = None) -> Tensor:
+    """HOG target of METHOD.md section 3: (B, (H/cell)*(W/cell), C*nbins), [R bins, G bins, B bins]."""
+    _check_cell(images, cell)
+    with torch.no_grad():
+        return finish_hog(pool_histogram(hog_histogram(images, nbins, bias), cell))
+
+
+def pixels(images: Tensor, patch: int = 16) -> Tensor:
+    """Per-patch normalized pixels: (B, cells, patch*patch*C), each patch flattened (row, col, channel)."""
+    _check_cell(images, patch)
+    with torch.no_grad():
+        B, C, H, W = images.shape
+        h, w = H // patch, W // patch
+        x = images.float().reshape(B, C, h, patch, w, patch)
+        x = torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, patch * patch * C)
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True)  # unbiased, as MAE
+        return (x - mean) / (var + 1e-6).sqrt()
+
+
+def _check_cell(images: Tensor, cell: int) -> None:
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    H, W = images.shape[-2:]
+    if cell < 1 or H % cell or W % cell:
+        raise ValueError(f"cell size {cell} must be >= 1 and divide the image size {H}x{W}")
+
+
+def target_dim(kind: str, cell: int, in_chans: int, nbins: int) -> int:
+    """Feature size of one target cell."""
+    return in_chans * nbins if kind == "hog" else cell * cell * in_chans
+
+
+class TargetBank(nn.Module):
+    """All of a model's targets for one batch, one tensor per tap, computed without gradients in fp32."""
+
+    def __init__(self, kind: str, cells: list[int], in_chans: int, nbins: int,
+                 bias: bool = False, bias_seed: int = 0):
+        super().__init__()
+        if kind not in ("hog", "pixels"):
+            raise ValueError(f"target must be 'hog' or 'pixels', got {kind!r}")
+        self.kind, self.cells, self.nbins = kind, list(cells), nbins
+        self.register_buffer("bias", hog_bias(in_chans, bias_seed) if bias and kind == "hog" else None)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> list[Tensor]:
+        if self.kind == "pixels":
+            return [pixels(images, c) for c in self.cells]
+        hist = hog_histogram(images, self.nbins, self.bias)
+        finest = min(self.cells)
+        base = pool_histogram(hist, finest)
+        return [finish_hog(pool_histogram(base, c // finest) if c % finest == 0 else pool_histogram(hist, c))
+                for c in self.cells]
