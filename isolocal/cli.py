@@ -1,0 +1,47 @@
+"""The `isolocal` command. Each subcommand lives beside the code it drives and registers here.
+
+A subcommand module provides `add_parser(subparsers)` (which sets `func` on its parser) and
+keeps its heavy imports inside the function that runs, so `isolocal --help` stays fast.
+Expected errors (bad config, missing data) print one line and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from isolocal.config import ConfigError
+
+SUBCOMMANDS = [
+    "isolocal.train.cli",  # pretrain, export, info
+    "isolocal.eval.cli",  # eval knn|linear|finetune
+    "analysis.cli",  # analyze nmi|distance|attention
+    "isolocal.compare",  # compare
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isolocal", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"isolocal {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
