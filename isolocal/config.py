@@ -107,9 +107,13 @@ class EvalConfig:
     knn_t: float = 0.07
     linear_epochs: int = 10
     linear_lr: float = 0.1
-    linear_batch_size: int = 256
+    linear_batch_size: int = 256  # also the feature-extraction batch
+    linear_optimizer: str = "sgd"  # any timm optimizer name: "sgd" (momentum 0.9), "adamw", "lars", ...
+    warmup_epochs: float = 1.0  # linear warmup before the cosine decay (linear probe and fine-tuning)
     finetune_epochs: int = 10
     finetune_lr: float = 1e-3
+    finetune_batch_size: int = 64
+    finetune_weight_decay: float = 0.05
     layer_decay: float = 0.75
     drop_path: float = 0.1
     label_smoothing: float = 0.1
@@ -287,3 +291,17 @@ def validate_run(cfg: RunConfig) -> None:
     _check(p.schedule in ("auto", "default"), f"pipeline.schedule must be auto or default, got {p.schedule!r}")
     e = cfg.eval
     _check(e.feature in ("cls", "mean"), f"eval.feature must be cls or mean, got {e.feature!r}")
+    _check(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")
+    _check(e.knn_t > 0, f"eval.knn_t must be > 0, got {e.knn_t}")
+    _check(e.num_classes >= 2, f"eval.num_classes must be >= 2, got {e.num_classes}")
+    for name in ("linear_epochs", "linear_batch_size", "finetune_epochs", "finetune_batch_size"):
+        _check(getattr(e, name) >= 1, f"eval.{name} must be >= 1, got {getattr(e, name)}")
+    for name in ("linear_lr", "finetune_lr"):
+        _check(getattr(e, name) > 0, f"eval.{name} must be > 0, got {getattr(e, name)}")
+    for name in ("warmup_epochs", "finetune_weight_decay", "drop_path", "mixup", "cutmix",
+                 "train_subset", "test_subset"):
+        _check(getattr(e, name) >= 0, f"eval.{name} must be >= 0, got {getattr(e, name)}")
+    _check(0 < e.layer_decay <= 1, f"eval.layer_decay must be in (0, 1], got {e.layer_decay}")
+    _check(0 <= e.label_smoothing < 1, f"eval.label_smoothing must be in [0, 1), got {e.label_smoothing}")
+    _check(e.mixup + e.cutmix == 0 or e.finetune_batch_size % 2 == 0,
+           f"eval.finetune_batch_size must be even with mixup/cutmix, got {e.finetune_batch_size}")

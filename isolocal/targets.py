@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_SOBEL = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-
 
 def hog_bias(in_chans: int, seed: int) -> Tensor:
     """The frozen (g0, g1) offset per colour channel, shape (C, 2).
@@ -29,10 +27,14 @@ def hog_bias(in_chans: int, seed: int) -> Tensor:
 def hog_histogram(images: Tensor, nbins: int = 9, bias: Tensor | None = None) -> Tensor:
     """Per-pixel hard-binned gradient histogram, (B, C, nbins, H, W), fp32."""
     B, C, H, W = images.shape
-    x = images.float().reshape(B * C, 1, H, W)
-    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    kernel = torch.stack([_SOBEL, _SOBEL.t()]).unsqueeze(1).to(x.device)
-    g = F.conv2d(x, kernel).reshape(B, C, 2, H, W)
+    x = F.pad(images.float().reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="reflect").squeeze(1)
+    # The 3x3 kernels k0 = [[1,0,-1],[2,0,-2],[1,0,-1]] and k1 = k0^T, applied separably: a central
+    # difference, then [1, 2, 1] smoothing across it. Same values, and exactly zero on flat regions.
+    dx = x[:, :, :-2] - x[:, :, 2:]  # left - right
+    dy = x[:, :-2, :] - x[:, 2:, :]  # top - bottom
+    g0 = dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]
+    g1 = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
+    g = torch.stack([g0, g1], dim=1).reshape(B, C, 2, H, W)
     if bias is not None:
         g = g + bias.to(g.device).reshape(1, C, 2, 1, 1)
     g0, g1 = g[:, :, 0], g[:, :, 1]
