@@ -1,0 +1,86 @@
+"""Per-stage features of a frozen encoder on full, unmasked images: what k-NN and linear probes read.
+
+Every stage's tap-normalized tokens (`model.encode`) are pooled to one vector per image, either the
+CLS token or the mean of the patch tokens, so each stage gets its own feature matrix and its own
+accuracy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from isolocal.config import ModelConfig, RunConfig
+from isolocal.data import build_dataset
+
+FEATURES = ("cls", "mean")
+
+
+def check_feature(feature: str, has_cls: bool) -> None:
+    """Reject a pooling the model cannot provide, before any images are read."""
+    if feature not in FEATURES:
+        raise ValueError(f"eval.feature must be one of {', '.join(FEATURES)}, got {feature!r}")
+    if feature == "cls" and not has_cls:
+        raise ValueError("eval.feature = 'cls' needs a model with a CLS token and this one has none; use 'mean'")
+
+
+def pool_tokens(tokens: Tensor, feature: str, has_cls: bool) -> Tensor:
+    """(B, N, D) tokens -> (B, D): the CLS token, or the mean of the patch tokens (CLS excluded)."""
+    check_feature(feature, has_cls)
+    if feature == "cls":
+        return tokens[:, 0]
+    return tokens[:, 1:].mean(dim=1) if has_cls else tokens.mean(dim=1)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    feature: str = "cls",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    desc: str = "features",
+    progress: bool = True,
+) -> tuple[list[Tensor], Tensor]:
+    """(one (N, D_k) float32 matrix per stage, (N,) labels), both on the model's device.
+
+    The model runs in eval mode (no drop path) and is put back in its previous mode afterwards, so
+    the trainer can call this between epochs.
+    """
+    check_feature(feature, model.family.has_cls)
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    feats: list[list[Tensor]] = [[] for _ in range(model.num_stages)]
+    labels: list[Tensor] = []
+    try:
+        for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            for k, tokens in enumerate(model.encode(images.to(device, non_blocking=True))):
+                feats[k].append(pool_tokens(tokens, feature, model.family.has_cls).float())
+            labels.append(torch.as_tensor(targets).to(device))
+    finally:
+        model.train(was_training)
+    return [torch.cat(f) for f in feats], torch.cat(labels)
+
+
+def _subset(dataset: Dataset, n: int, what: str) -> Dataset:
+    """The first n items (0 = all); asking for more than exist is an error, not a silent cap."""
+    if n == 0:
+        return dataset
+    if n > len(dataset):
+        raise ValueError(f"eval.{what} = {n} but the dataset holds only {len(dataset)} images")
+    return Subset(dataset, range(n))
+
+
+def eval_datasets(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[Dataset, Dataset]:
+    """(train, test) splits of the run's data with the eval transform (no augmentation), subset per
+    `eval.train_subset` / `eval.test_subset`, sized for the model (which may come from a checkpoint)."""
+    d = cfg.data
+    splits = []
+    for train, what in ((True, "train_subset"), (False, "test_subset")):
+        ds, _, _ = build_dataset(d.name, d.root or None, train, model_cfg.img_size, model_cfg.in_chans,
+                                 transform_train=False, synthetic_size=d.synthetic_size, seed=cfg.train.seed)
+        splits.append(_subset(ds, getattr(cfg.eval, what), what))
+    return splits[0], splits[1]
