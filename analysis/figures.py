@@ -34,9 +34,10 @@ def _save(fig: Figure, path: str | Path, pdf: bool) -> list[Path]:
 
 
 def plot_metric_vs_depth(
-    tables: dict[str, pd.DataFrame], column: str, path: str | Path, pdf: bool = False
+    tables: dict[str, pd.DataFrame], column: str, path: str | Path, pdf: bool = False, caption: str | None = None
 ) -> list[Path]:
-    """Overlay ``column`` against ``layer`` for several runs (e.g. global, isolated, top-only)."""
+    """Overlay ``column`` against ``layer`` for several runs (e.g. global, isolated, top-only);
+    ``caption`` (e.g. how the metric was defined) is printed under the axes."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
     for name, table in tables.items():
@@ -46,6 +47,8 @@ def plot_metric_vs_depth(
     ax.set_ylabel(column.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend()
+    if caption:
+        fig.text(0.5, -0.02, caption, ha="center", va="top", fontsize=7, wrap=True)
     return _save(fig, path, pdf)
 
 

@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from analysis.capture import TokenLayout
+
 
 def patch_attention(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     """Float64 patch-to-patch attention: prefix rows/cols dropped, +1e-8, rows renormalized."""
@@ -66,10 +68,15 @@ def layer_table(
 ) -> pd.DataFrame:
     """One row per layer (1-based ``layer``): head-mean ``nmi`` and ``attention_distance``, plus the
     per-head values as lists in ``nmi_heads`` and ``attention_distance_heads``."""
+    return layout_table(attn_layers, [TokenLayout(num_prefix_tokens, grid, patch)] * len(attn_layers))
+
+
+def layout_table(attn_layers: Sequence[Tensor], layouts: Sequence[TokenLayout]) -> pd.DataFrame:
+    """``layer_table`` with one token layout per layer (Swin: each layer's own window grid and patch)."""
     rows = []
-    for layer, attn in enumerate(attn_layers, start=1):
-        per_head_nmi = nmi(attn, num_prefix_tokens).cpu()
-        per_head_dist = attention_distance(attn, grid, patch, num_prefix_tokens).cpu()
+    for layer, (attn, layout) in enumerate(zip(attn_layers, layouts, strict=True), start=1):
+        per_head_nmi = nmi(attn, layout.num_prefix_tokens).cpu()
+        per_head_dist = attention_distance(attn, layout.grid, layout.patch, layout.num_prefix_tokens).cpu()
         rows.append(
             {
                 "layer": layer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from isolocal import masking, targets
+from isolocal.checkpoint import load_checkpoint
 from isolocal.config import Boundary, ConfigError, ModelConfig, from_dict, to_dict
 from isolocal.export import create_timm_model, export_timm, timm_kwargs
 from isolocal.models.mim import LocalMIM, MIMOutput
@@ -27,5 +28,5 @@ def model_from_config(cfg: ModelConfig) -> LocalMIM:
 
 __all__ = [
     "LocalMIM", "MIMOutput", "ModelConfig", "ConfigError", "create_model", "model_from_config", "list_models",
-    "preset_config", "export_timm", "timm_kwargs", "create_timm_model", "targets", "masking",
+    "preset_config", "export_timm", "timm_kwargs", "create_timm_model", "targets", "masking", "load_checkpoint",
 ]

@@ -66,6 +66,7 @@ class DataConfig:
     synthetic_size: int = 512
     num_workers: int = 0
     crop_scale_min: float = 0.2
+    train_subset: int = 0  # > 0: pre-train on the first N training images only (quick CPU recipes)
 
 
 @dataclass
@@ -158,6 +159,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected a table")
+        return value
     if tp is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
@@ -284,6 +289,7 @@ def validate_run(cfg: RunConfig) -> None:
     _check(d.name in ("fashion_mnist", "folder", "synthetic"),
            f"data.name must be one of fashion_mnist, folder, synthetic; got {d.name!r}")
     _check(d.name != "folder" or bool(d.root), "data.root must name the image folder when data.name = 'folder'")
+    _check(d.train_subset >= 0, f"data.train_subset must be >= 0, got {d.train_subset}")
     _check(0 < d.crop_scale_min <= 1, f"data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     p = cfg.pipeline
     _check(p.stages >= 0, f"pipeline.stages must be >= 0, got {p.stages}")

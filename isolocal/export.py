@@ -12,6 +12,7 @@ import timm
 from torch import Tensor, nn
 
 from isolocal.models.mim import LocalMIM
+from isolocal.models.swin import swin_state_dict, swin_timm_name_and_kwargs
 
 _VIT_NAMES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base", (1024, 24, 16): "vit_large"}
 
@@ -48,10 +49,7 @@ def _vit_name_and_kwargs(model: LocalMIM) -> tuple[str, dict[str, Any]]:
 
 
 def _exporters() -> dict[str, Any]:
-    exporters = {"vit": (_vit_name_and_kwargs, _vit_state_dict)}
-    if hasattr(LocalMIM, "_swin_exporter"):
-        exporters["swin"] = LocalMIM._swin_exporter
-    return exporters
+    return {"vit": (_vit_name_and_kwargs, _vit_state_dict), "swin": (swin_timm_name_and_kwargs, swin_state_dict)}
 
 
 def _exporter(model: LocalMIM) -> Any:

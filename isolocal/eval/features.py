@@ -74,13 +74,15 @@ def _subset(dataset: Dataset, n: int, what: str) -> Dataset:
     return Subset(dataset, range(n))
 
 
-def eval_datasets(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[Dataset, Dataset]:
-    """(train, test) splits of the run's data with the eval transform (no augmentation), subset per
-    `eval.train_subset` / `eval.test_subset`, sized for the model (which may come from a checkpoint)."""
+def eval_datasets(cfg: RunConfig, model_cfg: ModelConfig, augment_train: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, test) splits of the run's data, subset per `eval.train_subset` / `eval.test_subset`,
+    sized for the model (which may come from a checkpoint). Both use the plain eval transform unless
+    `augment_train` (fine-tuning) gives the training split the pre-training augmentation."""
     d = cfg.data
     splits = []
     for train, what in ((True, "train_subset"), (False, "test_subset")):
         ds, _, _ = build_dataset(d.name, d.root or None, train, model_cfg.img_size, model_cfg.in_chans,
-                                 transform_train=False, synthetic_size=d.synthetic_size, seed=cfg.train.seed)
+                                 transform_train=train and augment_train, synthetic_size=d.synthetic_size,
+                                 seed=cfg.train.seed)
         splits.append(_subset(ds, getattr(cfg.eval, what), what))
     return splits[0], splits[1]

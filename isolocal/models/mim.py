@@ -126,6 +126,12 @@ class LocalMIM(nn.Module):
                 w = stage.patch_embed.proj.weight
                 nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
+    @staticmethod
+    def check_config(cfg: ModelConfig) -> None:
+        """Validate a config's geometry and boundaries without allocating any weights."""
+        family = _family(cfg.arch)
+        parse_boundaries(cfg.boundary, len(family.taps(cfg)) - 1)
+
     @property
     def num_stages(self) -> int:
         return len(self.stages)

@@ -1,0 +1,120 @@
+"""End-to-end fine-tuning of the exported encoder (MAE's recipe, the number the LocalMIM paper reports).
+
+The encoder becomes a timm model (`create_timm_model`) with a global-average-pooling head, so the
+whole recipe is timm's: layer-wise lr decay from timm's parameter groups (applied through the
+scheduler's `lr_scale`), drop path, label smoothing or mixup/cutmix with soft targets, cosine
+schedule with warmup.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import timm.optim
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from isolocal.config import EvalConfig
+from isolocal.data import build_loader
+from isolocal.eval.linear import cosine_scheduler
+from isolocal.export import create_timm_model
+from isolocal.models.mim import LocalMIM
+
+
+def build_classifier(model: LocalMIM | nn.Module, cfg: EvalConfig) -> nn.Module:
+    """A timm classifier with an average-pooling head; the source model is copied, never changed.
+
+    A LocalMIM exports its encoder (the last tap's LayerNorm normalizes the tokens before pooling,
+    exactly what the 'mean' probe reads); a timm model, e.g. a loaded export, gets a new head.
+    """
+    if isinstance(model, LocalMIM):
+        clf = create_timm_model(model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path,
+                                global_pool="avg", fc_norm=False)
+        clf.to(next(model.parameters()).device)
+    else:
+        clf = copy.deepcopy(model)
+        clf.reset_classifier(cfg.num_classes, global_pool="avg")
+    head = clf.get_classifier()
+    nn.init.trunc_normal_(head.weight, std=2e-5)  # MAE: near-zero head, so early steps keep the encoder
+    nn.init.zeros_(head.bias)
+    return clf
+
+
+def finetune_optimizer(classifier: nn.Module, cfg: EvalConfig) -> Optimizer:
+    """AdamW with timm's layer-decay groups: block i of L gets lr_scale = layer_decay ** (L - i)."""
+    return timm.optim.create_optimizer_v2(classifier, opt="adamw", lr=cfg.finetune_lr,
+                                          weight_decay=cfg.finetune_weight_decay, layer_decay=cfg.layer_decay)
+
+
+def finetune_criterion(cfg: EvalConfig) -> tuple[nn.Module, Mixup | None]:
+    """(loss, mixup): soft-target CE behind mixup/cutmix (which smooths labels itself), else smoothed CE."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=cfg.num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.label_smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
+                        progress: bool = True) -> float:
+    """Top-1 in percent; the classifier's train/eval mode is restored afterwards."""
+    device = next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    correct = 0
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        for images, labels in tqdm(loader, desc="test", disable=not progress, leave=False):
+            preds = classifier(images.to(device)).argmax(1).cpu()
+            correct += int((preds == torch.as_tensor(labels)).sum())
+    finally:
+        classifier.train(was_training)
+    return 100.0 * correct / len(dataset)
+
+
+def finetune(model: LocalMIM | nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
+             seed: int = 0, num_workers: int = 0, progress: bool = True) -> dict:
+    """Fine-tune a copy of the encoder; {"top1": final test top-1 %, "epochs": per-epoch loss and top-1}.
+
+    Runs on the model's device (bf16 autocast on CUDA). Seeds torch's and numpy's global RNGs, which
+    drop path and timm's Mixup draw from.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    loader = build_loader(train_dataset, cfg.finetune_batch_size, shuffle=True, seed=seed, num_workers=num_workers)
+    clf = build_classifier(model, cfg)
+    device = next(clf.parameters()).device
+    opt = finetune_optimizer(clf, cfg)
+    sched = cosine_scheduler(opt, cfg.finetune_epochs, len(loader), cfg.warmup_epochs)
+    criterion, mixup = finetune_criterion(cfg)
+    history, step = [], 0
+    for epoch in range(cfg.finetune_epochs):
+        clf.train()
+        total = 0.0
+        for images, labels in tqdm(loader, desc=f"finetune epoch {epoch}", disable=not progress, leave=False):
+            images, labels = images.to(device), torch.as_tensor(labels).to(device)
+            if mixup is not None:
+                images, labels = mixup(images, labels)
+            sched.step_update(step)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = criterion(clf(images), labels)
+            if not math.isfinite(loss.item()):
+                raise ValueError(f"fine-tuning diverged at step {step} (loss {loss.item()}); "
+                                 f"lower eval.finetune_lr ({cfg.finetune_lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            step += 1
+        top1 = classifier_accuracy(clf, test_dataset, cfg.linear_batch_size, num_workers, progress)
+        history.append({"epoch": epoch, "train_loss": total / len(loader), "top1": top1})
+    return {"top1": history[-1]["top1"], "epochs": history}

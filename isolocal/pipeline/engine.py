@@ -1,0 +1,156 @@
+"""Two pipeline engines over one `MIMPipe`: DeepSpeed's default schedule and the isolated schedule.
+
+- `DefaultScheduleEngine`: DeepSpeed's 1F1B train schedule (gradients cross rank boundaries), with
+  one fused `torch.autograd.backward(outputs, grads)` per micro-batch instead of DeepSpeed's one
+  backward per float output (which re-traverses the shared graph; measured 0.72x the step time).
+- `IsolatedScheduleEngine`: for models whose boundaries are all isolated. Per micro-batch a rank
+  loads or receives, runs its stages forward, sends, and back-propagates its own local losses at
+  once; no gradient is ever communicated between ranks, only downstream dependencies exist (it
+  cannot deadlock), and a rank holds the activations of at most two micro-batches.
+
+Both measure (and, with `clip_grad > 0`, clip) each stage's gradient norm on its own before the
+optimizer step: DeepSpeed's own `gradient_clipping` uses one norm across the pipeline, which would
+couple isolated stages, so it is always off.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from torch import Tensor
+
+from isolocal.pipeline.module import MIMPipe
+
+
+class StageNormsEngine(PipelineEngine):
+    """Per-stage gradient norms (`grad_norms`, one slot per model stage) and per-stage clipping."""
+
+    clip_grad = 0.0
+    grad_norms: Tensor | None = None
+
+    def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
+        norms = torch.zeros(self.module.model.num_stages)
+        for k, params in self.module.stage_parameters().items():
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if self.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
+            norms[k] = norm.item()
+        self.grad_norms = norms
+        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+
+
+class DefaultScheduleEngine(StageNormsEngine):
+    """DeepSpeed's train schedule with one fused backward per micro-batch on non-last ranks."""
+
+    def _exec_backward_pass(self, buffer_id: int) -> None:
+        if self.is_last_stage():
+            return PipelineEngine._exec_backward_pass(self, buffer_id)
+        outputs = [t for t in self.pipe_buffers["outputs"][buffer_id] if t.is_floating_point()]
+        self._running_engine_backward = True  # DeepSpeed's output hooks accept this backward
+        try:
+            torch.autograd.backward(outputs, grad_tensors=list(self.grad_layer))
+        finally:
+            self._running_engine_backward = False
+        self.pipe_buffers["outputs"][buffer_id] = None
+        self.pipe_buffers["output_tensors"][buffer_id] = None
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        schedule.BackwardPass: _exec_backward_pass,
+        schedule.OptimizerStep: StageNormsEngine._exec_optimizer_step,
+    }
+
+
+class LocalBackward(schedule.BufferOpInstruction):
+    """Back-propagate the local loss of this rank's last stage for one micro-batch."""
+
+
+class IsolatedSchedule(schedule.PipeSchedule):
+    """Per micro-batch: [load | recv] forward [send] local backward; then reduce and step."""
+
+    def steps(self):
+        last = self.stage_id == self.stages - 1
+        for m in range(self.micro_batches):
+            buf = m % 2
+            cmds = [schedule.LoadMicroBatch(buf) if self.stage_id == 0 else schedule.RecvActivation(buf),
+                    schedule.ForwardPass(buf)]
+            if not last:
+                cmds.append(schedule.SendActivation(buf))
+            cmds.append(LocalBackward(buf))
+            if m == self.micro_batches - 1:
+                cmds += [schedule.ReduceGrads(), schedule.OptimizerStep()]
+            yield cmds
+
+    def num_pipe_buffers(self) -> int:
+        return min(2, self.micro_batches)
+
+
+class IsolatedScheduleEngine(StageNormsEngine):
+    """Gradient-isolated pipeline training: each rank trains its stages on their local losses only."""
+
+    def _train_schedule(self) -> IsolatedSchedule:
+        return IsolatedSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id)
+
+    def _backward_local(self, loss: Tensor) -> None:
+        (loss / self.micro_batches).backward()
+
+    def _exec_recv_activations(self, buffer_id: int) -> None:
+        PipelineEngine._exec_recv_activations(self, buffer_id)
+        # Nothing received ever needs a gradient: no gradient goes back to the sender.
+        self.pipe_buffers["inputs"][buffer_id] = tuple(t.detach() for t in self.pipe_buffers["inputs"][buffer_id])
+
+    def _exec_forward_pass(self, buffer_id: int) -> None:
+        if not self.module.training:  # eval_batch: DeepSpeed's own inference path
+            return PipelineEngine._exec_forward_pass(self, buffer_id)
+        outputs = self.module(self.pipe_buffers["inputs"][buffer_id], backward=self._backward_local)
+        self.pipe_buffers["inputs"][buffer_id] = None
+        self.pipe_buffers["outputs"][buffer_id] = tuple(t.detach() for t in outputs)
+        self.pipe_buffers["output_tensors"][buffer_id] = self.module.pending_loss
+        if self.is_last_stage():  # what DeepSpeed's train_batch reports (and broadcasts) as the loss
+            total = outputs[1].detach().sum()
+            self.total_loss = total if self.total_loss is None else self.total_loss + total
+
+    def _exec_local_backward(self, buffer_id: int) -> None:
+        self._backward_local(self.pipe_buffers["output_tensors"][buffer_id])
+        self.pipe_buffers["output_tensors"][buffer_id] = None
+        self.pipe_buffers["outputs"][buffer_id] = None
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        schedule.RecvActivation: _exec_recv_activations,
+        schedule.ForwardPass: _exec_forward_pass,
+        schedule.OptimizerStep: StageNormsEngine._exec_optimizer_step,
+        LocalBackward: _exec_local_backward,
+    }
+
+
+SCHEDULES = ("auto", "default")
+
+
+def build_engine(pipe: MIMPipe, optimizer: torch.optim.Optimizer, micro_batch_size: int, micro_batches: int,
+                 schedule_name: str = "auto", clip_grad: float = 0.0) -> StageNormsEngine:
+    """A DeepSpeed pipeline engine over `pipe` that steps the given torch optimizer.
+
+    `schedule_name`: "auto" takes the isolated schedule when every boundary of the model is isolated
+    and DeepSpeed's default schedule otherwise; "default" always takes DeepSpeed's.
+    """
+    if schedule_name not in SCHEDULES:
+        raise ValueError(f"pipeline schedule must be one of {', '.join(SCHEDULES)}, got {schedule_name!r}")
+    dp = pipe.topology().get_dim("data")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "train_batch_size": micro_batch_size * micro_batches * dp,
+        "gradient_clipping": 0.0,  # DeepSpeed's clips with one norm over all ranks; see module docstring
+        "steps_per_print": 2**62,
+        "pipeline": {"activation_checkpoint_interval": 0},
+    }
+    engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=config)
+    isolated = schedule_name == "auto" and pipe.model.isolated
+    engine.__class__ = IsolatedScheduleEngine if isolated else DefaultScheduleEngine
+    engine.clip_grad = clip_grad
+    return engine

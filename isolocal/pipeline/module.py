@@ -1,0 +1,137 @@
+"""A DeepSpeed `PipelineModule` made of a LocalMIM's own stages: one pipeline layer per stage.
+
+The layers are the model's stage modules themselves, so a pipeline run starts from exactly the
+weights a single-process run of the same seed starts from, and a layer's checkpoint keys are the
+stage's keys (`layer_03` <-> `stages.3.`).
+
+What travels between pipeline ranks (DeepSpeed's rules are in shared/PIPELINE-NOTES.md):
+    (x, losses, images, mask)
+- x: the residual stream (float, the only tensor whose gradient matters across a boundary);
+- losses: one slot per stage, each stage adds its local loss; the last rank's loss is their sum,
+  which is how every local loss reaches the optimizer under DeepSpeed's default schedule;
+- images: int32 bit view of the float images, so DeepSpeed neither asks for their gradient nor
+  corrupts them; each rank recomputes its targets from them (smaller than carrying targets);
+- mask: uint8.
+Float tensors come first: with 3+ ranks DeepSpeed indexes gradient buffers among float tensors
+only, and a float tensor after an int one receives garbage. The first rank's input is
+(images, mask) straight from the loader.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.topology import ProcessTopology
+from deepspeed.runtime.utils import partition_balanced
+from torch import Tensor
+
+from isolocal.models.mim import LocalMIM, _GradScale, cross_boundary
+
+
+def balanced_parts(model: LocalMIM, ranks: int) -> list[int]:
+    """Stage boundaries for `ranks` pipeline ranks, balancing parameter counts (contiguous stages)."""
+    counts = [sum(p.numel() for p in stage.parameters() if p.requires_grad) for stage in model.stages]
+    return partition_balanced(counts, ranks)
+
+
+def check_parts(parts: list[int], num_stages: int, ranks: int) -> None:
+    if (len(parts) != ranks + 1 or parts[0] != 0 or parts[-1] != num_stages
+            or any(b <= a for a, b in zip(parts, parts[1:]))):
+        raise ValueError(
+            f"pipeline parts {parts} must be {ranks + 1} increasing stage indices from 0 to {num_stages} "
+            f"(rank r runs stages parts[r] .. parts[r+1]-1), e.g. {list(range(ranks)) + [num_stages]}"
+        )
+
+
+def enter_stage(x: Tensor, alpha: float, received: bool) -> Tensor:
+    """The boundary in front of a stage.
+
+    DeepSpeed's default schedule must send a gradient back for every float tensor a rank received,
+    so there an isolated boundary lets zeros through instead of detaching.
+    """
+    if received and alpha == 0.0 and x.requires_grad:
+        return _GradScale.apply(x, 0.0)
+    return cross_boundary(x, alpha)
+
+
+def total_loss(outputs: tuple[Tensor, ...], labels: object) -> Tensor:
+    """DeepSpeed's loss on the last rank: the sum of every stage's local loss."""
+    return outputs[1].sum()
+
+
+class MIMPipe(PipelineModule):
+    """The pipeline form of a LocalMIM; this rank holds stages `self.stage_ids`."""
+
+    def __init__(self, model: LocalMIM, topology: ProcessTopology, parts: list[int] | None = None,
+                 amp_dtype: torch.dtype | None = None):
+        ranks = topology.get_dim("pipe")
+        if not 1 <= ranks <= model.num_stages:
+            raise ValueError(f"pipeline stages must be between 1 and the model's {model.num_stages} stages, got {ranks}")
+        parts = balanced_parts(model, ranks) if parts is None else list(parts)
+        check_parts(parts, model.num_stages, ranks)
+        # Plain attributes, set before PipelineModule.__init__ partitions and builds: the model is
+        # shared (its stages become this module's layers), not a submodule with duplicate weights.
+        object.__setattr__(self, "model", model)
+        self.requested_parts = parts
+        self.amp_dtype = amp_dtype
+        super().__init__(layers=list(model.stages), topology=topology, loss_fn=total_loss,
+                         partition_method="explicit")
+        self.stage_ids = list(range(self._local_start, self._local_stop))
+        device = next(self.parameters()).device
+        self.loss_sums = torch.zeros(model.num_stages, device=device)
+        self.pending_loss: Tensor | None = None
+
+    def _partition_layers(self, method: str = "explicit") -> None:
+        self.parts = self.requested_parts
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def forward(self, carry: tuple[Tensor, ...], backward: Callable[[Tensor], None] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Run this rank's stages on one micro-batch.
+
+        With `backward` (the isolated schedule) every stage but the last one here is back-propagated
+        right after its forward, freeing its graph; the last one's loss is left in `pending_loss`
+        so the caller can send the activations first.
+        """
+        if self._local_start == 0:
+            images, mask = carry
+            x = images
+            losses = torch.zeros(self.model.num_stages, device=images.device)
+        else:
+            x, losses, bits, mask = carry
+            images = bits.view(torch.float32)
+        batch = self.model.prepare(images, mask.bool())
+        for k in self.stage_ids:
+            if k > 0:
+                x = enter_stage(x, self.model.alphas[k - 1], received=k == self._local_start)
+            with self._autocast(images.device.type):
+                x, loss, _ = self.model.stage_step(k, x, batch)
+            self.loss_sums[k] += loss.detach()
+            losses = losses.index_add(0, torch.tensor([k], device=losses.device), loss.reshape(1))
+            if backward is not None and k != self.stage_ids[-1]:
+                backward(loss)
+        self.pending_loss = loss
+        return x, losses, _bits(images), mask
+
+    def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, self.amp_dtype)
+
+    def pop_loss_sums(self) -> Tensor:
+        """Sum of each local stage's loss since the last call (zeros for other ranks' stages)."""
+        sums, self.loss_sums = self.loss_sums, torch.zeros_like(self.loss_sums)
+        return sums
+
+    def stage_parameters(self) -> dict[int, list[torch.nn.Parameter]]:
+        """Trainable parameters of each local stage."""
+        return {k: [p for p in self.model.stages[k].parameters() if p.requires_grad] for k in self.stage_ids}
+
+
+def _bits(images: Tensor) -> Tensor:
+    if images.dtype != torch.float32:
+        raise ValueError(f"pipeline images must be float32, got {images.dtype}")
+    return images.contiguous().view(torch.int32)

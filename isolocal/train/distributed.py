@@ -1,0 +1,94 @@
+"""Data parallelism for the trainer: process group set-up, parameter broadcast, gradient averaging.
+
+Gradients are averaged by hand (one flat all-reduce per stage after all local backwards of a step)
+instead of wrapping the model in DistributedDataParallel. DDP hooks `forward()` and expects one
+backward per forward; the isolated trainer runs `stage_step` per stage with one backward each, and
+accumulates micro-batches. The manual all-reduce is correct for every mode, and it runs once per
+optimizer step, which is what DDP's `no_sync` + accumulation would do anyway.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+TIMEOUT = timedelta(minutes=10)  # long enough for rank 0 to write a ViT-L checkpoint
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this trainer created the process group and must destroy it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_type: str) -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
+
+
+def teardown(info: DistInfo, barrier: bool = True) -> None:
+    """Barrier then destroy: without the barrier, gloo processes sometimes abort at interpreter exit.
+    After an error there is no barrier (the other ranks may never reach it)."""
+    if info.owns_group and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Start every rank from rank 0's weights (they match already when built from one seed)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(param_lists: list[list[nn.Parameter]], world: int) -> None:
+    """Average gradients over ranks: one flat all-reduce per parameter list (one list per stage)."""
+    for params in param_lists:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
+def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean of a small tensor across ranks (for logged losses)."""
+    if world > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world
+    return values
+
+
+def gather_objects(obj: object, world: int) -> list:
+    """Every rank's `obj`, in rank order (RNG states for checkpoints)."""
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

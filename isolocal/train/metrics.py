@@ -1,0 +1,90 @@
+"""Run-directory outputs: metrics as JSON lines, the resolved config as TOML, peak memory.
+
+Peak memory is what the training loop adds, in MiB:
+- CUDA: `torch.cuda.max_memory_allocated` since the loop started (tensors only: weights, optimizer
+  state, activations; allocator caching excluded).
+- CPU: the process's peak resident set size (VmHWM) since the loop started minus its resident size
+  at that moment. Linux lets a process reset its high-water mark (`/proc/self/clear_refs` <- "5"),
+  so this is the true peak of the training loop (activations, gradients, optimizer state), not an
+  estimate, and costs nothing per step. It counts real pages, so it includes allocator slack; where
+  the reset is not permitted, the mark covers the whole process lifetime and may read high.
+"""
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+
+from isolocal.config import RunConfig, to_dict
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+
+
+def write_config(cfg: RunConfig, out_dir: Path) -> Path:
+    """The resolved config, loadable again with `isolocal pretrain -c <out_dir>/config.toml`."""
+    path = out_dir / CONFIG
+    path.write_text(tomli_w.dumps(to_dict(cfg)))
+    return path
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory (MiB) the training loop added since `reset()`; see the module docstring."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base_kib = 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base_kib = _rss_kib()
+        except OSError:
+            self.base_kib = 0
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return max(peak_kib - self.base_kib, 0) / 1024
+
+
+class MetricsLog:
+    """Append-only JSON lines (`pandas.read_json(path, lines=True)` reads it)."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.path = out_dir / METRICS
+        self.enabled = enabled
+
+    def start(self, resume_step: int | None) -> None:
+        """A fresh run starts an empty file; a resumed one drops records past its checkpoint (a run
+        killed after its last checkpoint logged steps it will now redo)."""
+        if not self.enabled:
+            return
+        if resume_step is None or not self.path.exists():
+            self.path.write_text("")
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] < resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,121 @@
+"""One rank of a pipeline test launch (tests/test_pipeline.py starts N of these with RANK etc. set).
+
+usage: pipeline_worker.py TASK OUT_DIR [ARGS...]; results go to OUT_DIR/<task>_rank<r>.pt or .json.
+- grads CASES: for each case "P,dp,M,boundary,schedule,clip", a real DeepSpeed engine trains 3 steps
+  on `case_data`; saves every step's gradients (captured just before the optimizer step) and the
+  parameters after the last step, keyed by LocalMIM parameter name.
+- ckpt: trains 2 steps, saves a DeepSpeed checkpoint, reports the eval loss on `eval_data`.
+- run RUNS_JSON: a list of [RunConfig dict, resume] run one after another in the same processes, the
+  last through `pretrain_pipeline` (which also shuts the process group down); its summary is saved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+PRESET = "localmim_vit_nano"
+MICRO = 4  # images per micro-batch
+STEPS = 3
+
+
+def make_optimizer(params) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+
+
+def case_data(model, dp: int, micro_batches: int, steps: int = STEPS, seed: int = 1) -> list:
+    """data[step][replica][micro] = (images, mask), the same in the workers and the reference."""
+    g = torch.Generator().manual_seed(seed)
+    return [[[(torch.randn(MICRO, 1, 32, 32, generator=g), model.random_mask(MICRO, generator=g))
+              for _ in range(micro_batches)] for _ in range(dp)] for _ in range(steps)]
+
+
+def parse_case(case: str) -> tuple[int, int, int, str, str, float]:
+    p, dp, m, boundary, schedule, clip = case.split(",")
+    return int(p), int(dp), int(m), boundary, schedule, float(clip)
+
+
+def build(p: int, dp: int, m: int, boundary: str, schedule: str, clip: float):
+    import isolocal
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    from isolocal.pipeline.engine import build_engine
+    from isolocal.pipeline.module import MIMPipe
+
+    torch.manual_seed(0)
+    model = isolocal.create_model(PRESET, boundary=boundary)
+    pipe = MIMPipe(model, PipeDataParallelTopology(num_pp=p, num_dp=dp), parts=[round(i * 4 / p) for i in range(p + 1)])
+    optimizer = make_optimizer([q for q in pipe.parameters() if q.requires_grad])
+    return model, pipe, build_engine(pipe, optimizer, MICRO, m, schedule, clip)
+
+
+def feed(engine, pipe, micro_batches: list) -> object:
+    """What this rank's `train_batch` / `eval_batch` reads (only the first and last ranks read)."""
+    if not (engine.is_first_stage() or engine.is_last_stage()):
+        return None
+    return iter([((x, mask.to(torch.uint8)), torch.zeros(1)) for x, mask in micro_batches])
+
+
+def local_names(model, pipe) -> list[str]:
+    return [f"stages.{k}.{n}" for k in pipe.stage_ids for n, q in model.stages[k].named_parameters() if q.requires_grad]
+
+
+def run_case(case: str) -> dict:
+    p, dp, m, boundary, schedule, clip = parse_case(case)
+    model, pipe, engine = build(p, dp, m, boundary, schedule, clip)
+    params = dict(model.named_parameters())
+    names = local_names(model, pipe)
+    grads: list[dict] = []
+    engine.optimizer.register_step_pre_hook(lambda *_: grads.append({n: params[n].grad.clone() for n in names}))
+    replica = pipe.mpu().get_data_parallel_id()
+    for step in case_data(model, dp, m):
+        engine.train_batch(feed(engine, pipe, step[replica]))
+    return {"engine": type(engine).__name__, "stages": pipe.stage_ids, "grads": grads,
+            "params": {n: params[n].detach().clone() for n in names}}
+
+
+def eval_data(model, micro_batches: int) -> list:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(MICRO, 1, 32, 32, generator=g), model.random_mask(MICRO, generator=g))
+            for _ in range(micro_batches)]
+
+
+def run_ckpt(out: Path, boundary: str) -> dict:
+    model, pipe, engine = build(2, 1, 2, boundary, "auto", 0.0)
+    for step in case_data(model, 1, 2, steps=2):
+        engine.train_batch(feed(engine, pipe, step[0]))
+    engine.save_checkpoint(str(out / f"ckpt_{boundary}"), tag="t2", client_state={"config": {"preset": PRESET}})
+    loss = engine.eval_batch(feed(engine, pipe, eval_data(model, 2)), num_micro_batches=2)
+    return {"eval_loss": float(loss)}
+
+
+def main() -> None:
+    task, out = sys.argv[1], Path(sys.argv[2])
+    rank = int(os.environ["RANK"])
+    if task == "run":
+        from isolocal.config import RunConfig, from_dict
+        from isolocal.pipeline.runner import PipelineRun, pretrain_pipeline
+
+        runs = [(from_dict(RunConfig, cfg), resume) for cfg, resume in json.loads(sys.argv[3])]
+        for cfg, resume in runs[:-1]:
+            PipelineRun(cfg, resume).fit()
+        result = pretrain_pipeline(*runs[-1])
+        (out / f"run_rank{rank}.json").write_text(json.dumps(result))
+        return
+
+    from isolocal.pipeline.runner import init_distributed, shutdown
+
+    init_distributed(torch.device("cpu"), timeout_s=60)
+    if task == "grads":
+        torch.save({case: run_case(case) for case in sys.argv[3:]}, out / f"grads_rank{rank}.pt")
+    elif task == "ckpt":
+        result = {b: run_ckpt(out, b) for b in ("global", "isolated")}
+        (out / f"ckpt_rank{rank}.json").write_text(json.dumps(result))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Evaluation: k-NN, per-stage linear probes, fine-tuning with layer decay, and the `isolocal eval` CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import isolocal
+from isolocal.cli import main
+from isolocal.config import ConfigError, EvalConfig, load_run_config
+from isolocal.data import FASHION_MNIST_ROOT, SyntheticImages
+from isolocal.eval import (build_classifier, extract_features, finetune, finetune_optimizer, knn_accuracy,
+                           knn_predict, linear_per_stage, online_knn, train_linear_probe)
+from isolocal.eval.finetune import finetune_criterion
+from isolocal.eval.linear import cosine_scheduler
+
+
+def _clusters(n: int, noise: float = 0.1, seed: int = 0, num_classes: int = 10, dim: int = 32):
+    """Features around one fixed random unit centre per class (noise drawn from `seed`)."""
+    centres = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.arange(n) % num_classes
+    return centres[labels] + noise * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed + 1)), labels
+
+
+def _nano() -> isolocal.LocalMIM:
+    torch.manual_seed(0)
+    return isolocal.create_model("localmim_vit_nano")
+
+
+def test_knn_separable_features_are_classified_perfectly():
+    train_x, train_y = _clusters(1000, seed=0)
+    test_x, test_y = _clusters(500, seed=1)
+    assert knn_accuracy(train_x, train_y, test_x, test_y, num_classes=10) > 99.0
+
+
+def test_knn_shuffled_labels_are_near_chance():
+    train_x, train_y = _clusters(2000, seed=0)
+    test_x, test_y = _clusters(2000, seed=1)
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(3))]
+    acc = knn_accuracy(train_x, shuffled, test_x, test_y, num_classes=10)
+    assert abs(acc - 10.0) < 4.0, acc
+
+
+def test_knn_votes_are_weighted_by_exp_similarity():
+    # Two neighbours of class 0 at similarity 0.5, one of class 1 at similarity ~1.
+    train = torch.tensor([[1.0, 0.0], [0.5, 0.75 ** 0.5], [0.5, -(0.75 ** 0.5)]])
+    labels = torch.tensor([1, 0, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    # DINO's T = 0.07: exp(1/T) outweighs 2 exp(0.5/T); a near-uniform weighting is a majority vote.
+    assert knn_predict(train, labels, query, num_classes=2, k=3, t=0.07).item() == 1
+    assert knn_predict(train, labels, query, num_classes=2, k=3, t=100.0).item() == 0
+    with pytest.raises(ValueError, match="k must be in"):
+        knn_predict(train, labels, query, num_classes=2, k=4)
+
+
+def test_features_match_encode_and_restore_train_mode():
+    model = _nano().train()
+    data = SyntheticImages(12, 32, in_chans=1)
+    images = torch.stack([data[i][0] for i in range(12)])
+    for feature, pool in (("cls", lambda t: t[:, 0]), ("mean", lambda t: t[:, 1:].mean(1))):
+        feats, labels = extract_features(model, data, feature=feature, batch_size=5, progress=False)
+        assert model.training
+        model.eval()
+        with torch.no_grad():
+            expected = [pool(t) for t in model.encode(images)]
+        model.train()
+        assert len(feats) == model.num_stages
+        for f, e in zip(feats, expected):
+            assert f.shape == (12, 64)
+            torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
+        assert labels.tolist() == data.targets
+
+
+def test_linear_probe_learns_separable_features():
+    train_x, train_y = _clusters(1000, noise=0.2, seed=0)
+    test_x, test_y = _clusters(500, noise=0.2, seed=1)
+    cfg = EvalConfig(linear_epochs=5, linear_batch_size=100)
+    assert train_linear_probe(train_x, train_y, test_x, test_y, cfg, progress=False) > 99.0
+    assert train_linear_probe(train_x, train_y[torch.randperm(1000)], test_x, test_y, cfg, progress=False) < 25.0
+
+
+def test_linear_probe_leaves_encoder_bit_identical():
+    model = _nano()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    data = SyntheticImages(64, 32, in_chans=1)
+    cfg = EvalConfig(linear_epochs=2, linear_batch_size=16, feature="mean")
+    accs = linear_per_stage(model, data, SyntheticImages(32, 32, in_chans=1, train=False), cfg, progress=False)
+    assert len(accs) == model.num_stages and all(0.0 <= a <= 100.0 for a in accs)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert grads_before == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_finetune_layer_decay_scales_first_and_last_block():
+    model = _nano()
+    cfg = EvalConfig(layer_decay=0.5, finetune_lr=1e-3)
+    clf = build_classifier(model, cfg)
+    opt = finetune_optimizer(clf, cfg)
+    names = {id(p): n for n, p in clf.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    depth = model.cfg.depth  # timm layers: stem 0, blocks 1..depth, head depth + 1
+    assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** depth)
+    assert scale[f"blocks.{depth - 1}.mlp.fc2.weight"] == pytest.approx(0.5)
+    assert scale["head.weight"] == 1.0
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.5 ** (depth + 1))
+    # The scheduler applies the scale to the group's lr (timm's optimizer alone does not).
+    sched = cosine_scheduler(opt, epochs=2, steps_per_epoch=5, warmup_epochs=0)
+    sched.step_update(0)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
+
+
+def test_finetune_criterion_follows_config():
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    assert isinstance(finetune_criterion(EvalConfig(label_smoothing=0.1))[0], LabelSmoothingCrossEntropy)
+    loss, mixup = finetune_criterion(EvalConfig(mixup=0.8, cutmix=1.0))
+    assert isinstance(loss, SoftTargetCrossEntropy) and mixup is not None
+    assert isinstance(finetune_criterion(EvalConfig(label_smoothing=0.0))[0], torch.nn.CrossEntropyLoss)
+
+
+def test_finetune_runs_with_mixup_and_leaves_source_model_unchanged():
+    model = _nano()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = EvalConfig(finetune_epochs=1, finetune_batch_size=16, mixup=0.8, cutmix=1.0, drop_path=0.1)
+    out = finetune(model, SyntheticImages(48, 32, in_chans=1), SyntheticImages(20, 32, in_chans=1, train=False),
+                   cfg, progress=False)
+    assert 0.0 <= out["top1"] <= 100.0 and len(out["epochs"]) == 1
+    assert torch.isfinite(torch.tensor(out["epochs"][0]["train_loss"]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_online_knn_reports_every_stage():
+    model = _nano()
+    cfg = EvalConfig(knn_k=5, feature="mean")
+    out = online_knn(model, SyntheticImages(60, 32, in_chans=1), SyntheticImages(20, 32, in_chans=1, train=False), cfg)
+    assert sorted(out) == [f"knn_top1_stage{k}" for k in range(model.num_stages)]
+
+
+def test_eval_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="eval.knn_t"):
+        load_run_config(None, ["eval.knn_t=0"])
+    with pytest.raises(ConfigError, match="eval.layer_decay"):
+        load_run_config(None, ["eval.layer_decay=1.5"])
+
+
+def test_cli_rejects_bad_input_before_work(tmp_path, capsys):
+    assert main(["eval", "knn", "--ckpt", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    assert main(["eval", "linear", "--ckpt", "random", "--set", "eval.linear_optimizer=sgdd"]) == 2
+    err = capsys.readouterr().err
+    assert "'sgdd'" in err and "adamw" in err
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="Fashion-MNIST is not installed")
+@pytest.mark.parametrize("mode", ["knn", "linear"])
+def test_cli_fashion_mnist_random_init(mode, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    rc = main(["eval", mode, "--ckpt", "random", "--set", "eval.train_subset=1000", "--set", "eval.test_subset=300",
+               "--set", "eval.linear_epochs=30", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["train_images"] == 1000 and result["test_images"] == 300
+    accs = [row[f"{mode}_top1"] for row in result["results"]]
+    assert [row["stage"] for row in result["results"]] == [0, 1, 2, 3]
+    assert all(a > 40.0 for a in accs), accs  # random-init features already beat chance (10%) by far
+    assert f"{mode}_top1" in capsys.readouterr().out
+
+
+def test_cli_finetune_synthetic(tmp_path):
+    out = tmp_path / "ft.json"
+    rc = main(["eval", "finetune", "--ckpt", "random", "--set", "data.name='synthetic'", "--set",
+               "data.synthetic_size=64", "--set", "eval.finetune_epochs=1", "--set", "eval.finetune_batch_size=32",
+               "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["results"][0]["stages"] == "0-3" and len(result["epochs"]) == 1

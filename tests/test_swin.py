@@ -1,0 +1,214 @@
+"""Swin LocalMIM: visible-token encoder vs a dense masked Swin, timm export, isolation, presets."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.models.swin_transformer import window_partition, window_reverse
+
+import isolocal
+from isolocal.masking import random_mask
+from isolocal.models.swin import swin_context
+
+SWIN_PRESETS = [n for n in isolocal.list_models() if "_swin_" in n]
+
+
+def narrow_tiny(dtype: torch.dtype = torch.float64) -> isolocal.LocalMIM:
+    """Swin-T's published geometry (224 px, patch 4, window 7, 32 px units) at a test-sized width."""
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_swin_tiny", embed_dim=12, depths=[2, 2, 2, 2],
+                                  stage_heads=[1, 2, 2, 4]).to(dtype)
+    with torch.no_grad():  # large relative position biases, so a wrong bias index cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(std=1.0)
+    return model
+
+
+def reference_block(block, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """timm's block on the full (B, H, W, C) grid (cyclic roll, its shift mask) with masked tokens as no keys."""
+    B, H, W, C = x.shape
+    ws, shift = block.window_size, block.shift_size
+    h, vis = block.norm1(x), visible.unsqueeze(-1).to(x.dtype)
+    if any(shift):
+        h = torch.roll(h, (-shift[0], -shift[1]), (1, 2))
+        vis = torch.roll(vis, (-shift[0], -shift[1]), (1, 2))
+    windows = window_partition(h, ws).view(-1, ws[0] * ws[1], C)
+    keys = window_partition(vis, ws).view(-1, 1, ws[0] * ws[1])
+    attn_mask = ((1 - keys) * -1e9).expand(-1, keys.shape[-1], -1)
+    if block.attn_mask is not None:
+        attn_mask = attn_mask + block.attn_mask.to(x.dtype).repeat(B, 1, 1)
+    out = window_reverse(block.attn(windows, mask=attn_mask).view(-1, *ws, C), ws, H, W)
+    if any(shift):
+        out = torch.roll(out, shift, (1, 2))
+    x = x + out
+    return x + block.mlp(block.norm2(x))
+
+
+def reference_stage_outputs(model: isolocal.LocalMIM, images: torch.Tensor, mask: torch.Tensor) -> list:
+    """Each stage's output on the full grid and the visibility at its grid."""
+    x = model.stages[0].patch_embed(images)
+    B, H, W, _ = x.shape
+    visible = ~mask.view(B, H, W)
+    outs = []
+    for stage in model.stages:
+        for layer in stage.layers:
+            for block in layer.blocks:
+                x = reference_block(block, x, visible)
+            if layer.downsample is not None:
+                x, visible = layer.downsample(x), visible[:, ::2, ::2]
+        outs.append((x, visible))
+    return outs
+
+
+def _masks(model, B: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    cfg = model.cfg
+    masks = {f"per_batch_{i}": model.random_mask(B, g) for i in range(3)}
+    masks["per_image"] = random_mask(B, model.mask_grid, cfg.mask_ratio, g, cfg.mask_unit, per_batch=False)
+    masks["all_visible"] = torch.zeros(B, model.mask_grid ** 2, dtype=torch.bool)
+    return masks
+
+
+@torch.no_grad()
+def test_visible_encoder_equals_dense_swin_with_masked_keys():
+    model = narrow_tiny()
+    shifts = {block.shift_size for stage in model.stages for layer in stage.layers for block in layer.blocks}
+    assert shifts == {(0, 0), (3, 3)}
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    for name, mask in _masks(model, 2).items():
+        ctx = swin_context(model.cfg, mask)
+        x = images
+        for stage, (ref, visible) in zip(model.stages, reference_stage_outputs(model, images, mask)):
+            x = stage(x, ctx)
+            expected = ref.flatten(1, 2)[visible.flatten(1)].view(2, -1, ref.shape[-1])
+            assert x.shape == expected.shape, name
+            torch.testing.assert_close(x, expected, rtol=1e-9, atol=1e-9, msg=f"mask {name}")
+
+
+def test_packing_is_dense_and_per_image_masks_work():
+    model = narrow_tiny(torch.float32)
+    mask = model.random_mask(3, torch.Generator().manual_seed(0))
+    plans = swin_context(model.cfg, mask).plans
+    assert plans[0].ids_keep.shape == (1, 12 * 64)  # one plan shared by the batch; 12 of 49 units visible
+    assert all(p.fill > 0.9 for p in plans[0].packs.values())
+    per_image = random_mask(3, 56, 0.75, torch.Generator().manual_seed(0), unit=8)
+    plans = swin_context(model.cfg, per_image).plans
+    assert plans[0].ids_keep.shape == (3, 12 * 64)
+    out = model(torch.randn(3, 3, 224, 224), per_image)
+    assert torch.isfinite(out.loss)
+
+
+def test_swin_tiny_export_gives_timm_features():
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_swin_tiny").eval()
+    name, sd = isolocal.export_timm(model)
+    assert name == "swin_tiny_patch4_window7_224" and isolocal.timm_kwargs(model) == {}
+    timm_model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    timm_model.load_state_dict(sd, strict=True)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = timm_model.forward_features(images).flatten(1, 2)
+        feats = model.encode(images)
+    assert [tuple(f.shape) for f in feats] == [(1, 784, 192), (1, 196, 384), (1, 49, 768), (1, 49, 768)]
+    torch.testing.assert_close(feats[-1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_swin_base_export_loads_strictly():
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_swin_base")
+    name, sd = isolocal.export_timm(model)
+    assert name == "swin_base_patch4_window7_224"
+    timm_model = timm.create_model(name, pretrained=False, num_classes=0)
+    timm_model.load_state_dict(sd, strict=True)
+    loaded = timm_model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+    assert torch.equal(loaded["layers.3.downsample.reduction.weight"], model.stages[2].layers[0].downsample.reduction.weight)
+    assert torch.equal(loaded["norm.weight"], model.stages[3].norm.weight)
+
+
+def test_nonstandard_swin_export_uses_kwargs():
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_swin_nano").eval()
+    assert isolocal.timm_kwargs(model)["in_chans"] == 1
+    timm_model = isolocal.create_timm_model(model).eval()
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(images)[-1], timm_model.forward_features(images).flatten(1, 2))
+
+
+def _grads(model, loss) -> dict[str, torch.Tensor]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+    return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(named, grads)}
+
+
+@pytest.mark.parametrize("boundary", ["isolated", "global"])
+def test_isolation_on_nano_swin(boundary):
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_swin_nano", boundary=boundary)
+    images = torch.randn(2, 1, 32, 32)
+    out = model(images, model.random_mask(2, torch.Generator().manual_seed(0)))
+    for k, loss in enumerate(out.losses):
+        grads = _grads(model, loss)
+        for j in range(model.num_stages):
+            norm = sum(g.abs().sum() for n, g in grads.items() if model.stage_of(n) == j and ".decoder." not in n)
+            if j == k or (boundary == "global" and j < k):
+                assert norm > 0, (k, j)
+            else:
+                assert norm == 0, (k, j)
+
+
+@pytest.mark.parametrize("name", SWIN_PRESETS)
+def test_preset_shapes(name):
+    torch.manual_seed(0)
+    small = {} if name.split("_")[2] == "nano" else {"img_size": 64, "window_size": 4}
+    model = isolocal.create_model(name, **small)
+    cfg, B = model.cfg, 2
+    images = torch.randn(B, cfg.in_chans, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        out = model(images, model.random_mask(B, torch.Generator().manual_seed(0)), return_pred=True)
+        feats = model.encode(images)
+    for tap, pred, feat in zip(model.taps, out.preds, feats):
+        assert pred.shape[:2] == (B, tap.out_grid ** 2) and tap.out_grid * tap.cell == cfg.img_size
+        assert feat.shape == (B, tap.grid ** 2, tap.dim)
+    assert torch.isfinite(out.loss)
+
+
+def test_published_swin_base_geometry():
+    cfg = isolocal.preset_config("localmim_swin_base")
+    model_taps = isolocal.models.swin.swin_taps(cfg)
+    assert [(t.dim, t.grid, t.cell) for t in model_taps] == [(256, 28, 8), (512, 14, 16), (1024, 7, 32), (1024, 7, 32)]
+    mask = random_mask(1, 56, cfg.mask_ratio, torch.Generator().manual_seed(0), cfg.mask_unit, cfg.mask_per_batch)
+    assert int(mask.view(7, 8, 7, 8)[:, 0, :, 0].sum()) == 37 and cfg.mask_per_batch
+    assert cfg.hog_nbins == 18 and cfg.hog_bias and cfg.decoder_dim == [64, 128, 128, 128]
+
+
+def test_simmim_dense_encoder_trains_mask_token():
+    torch.manual_seed(0)
+    model = isolocal.create_model("simmim_swin_nano")
+    assert model.num_stages == 1 and model.cfg.dense_encoder
+    out = model(torch.randn(2, 1, 32, 32), model.random_mask(2, torch.Generator().manual_seed(0)))
+    out.loss.backward()
+    assert model.stages[0].mask_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"window_size": 6}, "window_size 6 does not tile"),
+    ({"scales": [1.0, 1.0, 2.0, 1.0]}, "scales must all be 1.0"),
+    ({"mask_unit": 4}, "mask_unit 4 must be a multiple of 2^3"),
+    ({"taps": [0, 1, 2], "scales": [1.0, 1.0, 1.0]}, "the last tap must be the last Swin stage"),
+    ({"img_size": 200}, "50 tokens must be divisible by 2^3"),
+    ({"stage_heads": [3, 6]}, "stage_heads must have one entry per Swin stage"),
+])
+def test_bad_swin_configs_are_rejected(override, message):
+    with pytest.raises(ValueError, match=message.replace("^", r"\^")):
+        isolocal.create_model("localmim_swin_tiny", **override)
+
+
+def test_misaligned_mask_is_rejected():
+    model = isolocal.create_model("localmim_swin_nano")
+    mask = torch.zeros(1, 32 * 32, dtype=torch.bool)
+    mask[0, 1] = True
+    with pytest.raises(ValueError, match="not aligned"):
+        model(torch.randn(1, 1, 32, 32), mask)
