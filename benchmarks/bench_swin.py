@@ -18,17 +18,14 @@ import isolocal
 from isolocal.models.swin import swin_context
 
 
-def step_times(model: isolocal.LocalMIM, images: torch.Tensor, mask: torch.Tensor, warmup: int, steps: int) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        model(images, mask).loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+def timed_step(model: isolocal.LocalMIM, opt: torch.optim.Optimizer, images: torch.Tensor,
+               mask: torch.Tensor) -> float:
+    """Seconds for one forward + backward + optimizer step."""
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    model(images, mask).loss.backward()
+    opt.step()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -50,11 +47,18 @@ def main() -> None:
     fills = ", ".join(f"{min(p.fill for p in plan.packs.values()):.2f}" for plan in plans)
     print(f"{args.preset} batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{int((~mask[0]).sum())}/{mask.shape[1]} tokens visible, packed-group fill per stage: {fills}")
-    results = {}
-    for name, model in (("visible", visible), ("dense", dense)):
-        times = step_times(model, images, mask, args.warmup, args.steps)
-        results[name] = statistics.median(times)
-        print(f"{name:8s} median step {results[name]:.3f} s  (steps: {', '.join(f'{t:.3f}' for t in times)})")
+    # Alternate the two models step by step so that both see the same machine load.
+    runs = {"visible": visible, "dense": dense}
+    opts = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.warmup + args.steps):
+        for name, model in runs.items():
+            t = timed_step(model, opts[name], images, mask)
+            if i >= args.warmup:
+                times[name].append(t)
+    results = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"{name:8s} median step {results[name]:.3f} s  (steps: {', '.join(f'{x:.3f}' for x in t)})")
     print(f"ratio visible / dense step time: {results['visible'] / results['dense']:.3f}")
 
 

@@ -27,6 +27,7 @@ from isolocal.config import ConfigError, RunConfig, apply_overrides, from_dict, 
 
 VARIANT_LOG = "variant.log"
 RESULT = "result.json"
+EVAL = "eval.json"
 
 
 @dataclass
@@ -113,9 +114,9 @@ def run_variant(study: Study, name: str) -> dict:
     ckpt = str(run_dir / LAST)
     result: dict[str, Any] = {"name": name, "status": "ok", "train": summary, "config": to_dict(cfg),
                               "boundary": cfg.model.boundary, "stages": len(cfg.model.taps)}
+    out = evaluate(study.evals, cfg, ckpt, progress=False)
+    (run_dir / EVAL).write_text(json.dumps(out, indent=2) + "\n")
     for mode in study.evals:
-        out = evaluate(mode, cfg, ckpt, progress=False)
-        (run_dir / f"eval_{mode}.json").write_text(json.dumps(out, indent=2) + "\n")
         result[mode] = [row[f"{mode}_top1"] for row in out["results"]]
     result["analysis"] = analyse_variant(study, ckpt, run_dir)
     result["wall_time"] = time.perf_counter() - start

@@ -49,7 +49,8 @@ def _vit_name_and_kwargs(model: LocalMIM) -> tuple[str, dict[str, Any]]:
 
 
 def _exporters() -> dict[str, Any]:
-    return {"vit": (_vit_name_and_kwargs, _vit_state_dict), "swin": (swin_timm_name_and_kwargs, swin_state_dict)}
+    return {"vit": (_vit_name_and_kwargs, _vit_state_dict),
+            "swin": (swin_timm_name_and_kwargs, swin_state_dict)}
 
 
 def _exporter(model: LocalMIM) -> Any:

@@ -26,7 +26,7 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
 
 
 def variant_row(name: str, run_dir: Path) -> dict[str, Any]:
-    """One summary row from a variant's result.json, metrics.jsonl, eval_*.json and analysis.csv."""
+    """One summary row from a variant's result.json, metrics.jsonl, eval.json and analysis.csv."""
     result_path = run_dir / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {"status": "missing"}
     row: dict[str, Any] = {"variant": name, "status": result["status"]}
@@ -40,12 +40,12 @@ def variant_row(name: str, run_dir: Path) -> dict[str, Any]:
     for k, loss in enumerate(last["loss_stage"]):
         row[f"loss_s{k}"] = loss
     row["loss"] = last["loss"]
+    evals = json.loads((run_dir / "eval.json").read_text())["results"]
     for mode in ("knn", "linear"):
-        path = run_dir / f"eval_{mode}.json"
-        if path.exists():
-            accs = [r[f"{mode}_top1"] for r in json.loads(path.read_text())["results"]]
-            for k, acc in enumerate(accs):
-                row[f"{mode}_s{k}"] = acc
+        accs = [r[f"{mode}_top1"] for r in evals if f"{mode}_top1" in r]
+        for k, acc in enumerate(accs):
+            row[f"{mode}_s{k}"] = acc
+        if accs:
             row[f"{mode}_best"] = max(accs)
     analysis = pd.read_csv(run_dir / "analysis.csv").set_index("layer")
     for layer in NMI_LAYERS:
@@ -121,7 +121,7 @@ def build_report(study: "Study") -> Path:
         figures += plot_metric_vs_depth(analyses, "attention_distance", out / "distance_vs_depth")
     lines = [f"# Study: {study.name}", "",
              "Every variant used the same seed, data order and masks; numbers below are read from each run's "
-             "`metrics.jsonl` (last logged step), `eval_*.json` and `analysis.csv` under `runs/<variant>/`.", "",
+             "`metrics.jsonl` (last logged step), `eval.json` and `analysis.csv` under `runs/<variant>/`.", "",
              "`loss_s<k>`: stage k's local loss; `knn_s<k>` / `linear_s<k>`: top-1 (%) of stage k's features; "
              f"`nmi_l<n>`: query/key NMI at encoder layer n (1-based); `img_per_s`: median pre-training "
              "throughput; `peak_mem_mb`: peak memory the training loop added; `pretrain_s`: pre-training wall-clock.",

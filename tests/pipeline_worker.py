@@ -1,12 +1,12 @@
 """One rank of a pipeline test launch (tests/test_pipeline.py starts N of these with RANK etc. set).
 
-usage: pipeline_worker.py TASK OUT_DIR [ARGS...]; results go to OUT_DIR/<task>_rank<r>.pt or .json.
-- grads CASES: for each case "P,dp,M,boundary,schedule,clip", a real DeepSpeed engine trains 3 steps
-  on `case_data`; saves every step's gradients (captured just before the optimizer step) and the
+usage: pipeline_worker.py OUT_DIR SPEC_JSON; SPEC holds any of these tasks, run in this order, each
+writing OUT_DIR/<task>_rank<r>.pt or .json:
+- "grads": cases "P,dp,M,boundary,schedule,clip"; for each a real DeepSpeed engine trains 3 steps on
+  `case_data` and records every step's gradients (captured just before the optimizer step) and the
   parameters after the last step, keyed by LocalMIM parameter name.
-- ckpt: trains 2 steps, saves a DeepSpeed checkpoint, reports the eval loss on `eval_data`.
-- run RUNS_JSON: a list of [RunConfig dict, resume] run one after another in the same processes, the
-  last through `pretrain_pipeline` (which also shuts the process group down); its summary is saved.
+- "runs": a list of [RunConfig dict, resume], run one after another through the runner, the last
+  through `pretrain_pipeline` (which also shuts the process group down); its summary is saved.
 """
 from __future__ import annotations
 
@@ -77,44 +77,23 @@ def run_case(case: str) -> dict:
             "params": {n: params[n].detach().clone() for n in names}}
 
 
-def eval_data(model, micro_batches: int) -> list:
-    g = torch.Generator().manual_seed(7)
-    return [(torch.randn(MICRO, 1, 32, 32, generator=g), model.random_mask(MICRO, generator=g))
-            for _ in range(micro_batches)]
-
-
-def run_ckpt(out: Path, boundary: str) -> dict:
-    model, pipe, engine = build(2, 1, 2, boundary, "auto", 0.0)
-    for step in case_data(model, 1, 2, steps=2):
-        engine.train_batch(feed(engine, pipe, step[0]))
-    engine.save_checkpoint(str(out / f"ckpt_{boundary}"), tag="t2", client_state={"config": {"preset": PRESET}})
-    loss = engine.eval_batch(feed(engine, pipe, eval_data(model, 2)), num_micro_batches=2)
-    return {"eval_loss": float(loss)}
-
-
 def main() -> None:
-    task, out = sys.argv[1], Path(sys.argv[2])
+    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
     rank = int(os.environ["RANK"])
-    if task == "run":
-        from isolocal.config import RunConfig, from_dict
-        from isolocal.pipeline.runner import PipelineRun, pretrain_pipeline
-
-        runs = [(from_dict(RunConfig, cfg), resume) for cfg, resume in json.loads(sys.argv[3])]
-        for cfg, resume in runs[:-1]:
-            PipelineRun(cfg, resume).fit()
-        result = pretrain_pipeline(*runs[-1])
-        (out / f"run_rank{rank}.json").write_text(json.dumps(result))
-        return
-
-    from isolocal.pipeline.runner import init_distributed, shutdown
+    from isolocal.config import RunConfig, from_dict
+    from isolocal.pipeline.runner import PipelineRun, init_distributed, pretrain_pipeline, shutdown
 
     init_distributed(torch.device("cpu"), timeout_s=60)
-    if task == "grads":
-        torch.save({case: run_case(case) for case in sys.argv[3:]}, out / f"grads_rank{rank}.pt")
-    elif task == "ckpt":
-        result = {b: run_ckpt(out, b) for b in ("global", "isolated")}
-        (out / f"ckpt_rank{rank}.json").write_text(json.dumps(result))
-    shutdown()
+    if "grads" in spec:
+        torch.save({case: run_case(case) for case in spec["grads"]}, out / f"grads_rank{rank}.pt")
+    if "runs" not in spec:
+        shutdown()
+        return
+    runs = [(from_dict(RunConfig, cfg), resume) for cfg, resume in spec["runs"]]
+    for cfg, resume in runs[:-1]:
+        PipelineRun(cfg, resume).fit()
+    result = pretrain_pipeline(*runs[-1])
+    (out / f"runs_rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import Subset
 
 import isolocal
 from isolocal.cli import main
 from isolocal.config import ConfigError, EvalConfig, load_run_config
 from isolocal.data import FASHION_MNIST_ROOT, SyntheticImages
 from isolocal.eval import (build_classifier, extract_features, finetune, finetune_optimizer, knn_accuracy,
-                           knn_predict, linear_per_stage, online_knn, train_linear_probe)
+                           knn_predict, linear_per_stage, online_knn, split_features, train_linear_probe)
 from isolocal.eval.finetune import finetune_criterion
 from isolocal.eval.linear import cosine_scheduler
 
@@ -88,7 +87,8 @@ def test_linear_probe_leaves_encoder_bit_identical():
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     data = SyntheticImages(64, 32, in_chans=1)
     cfg = EvalConfig(linear_epochs=2, linear_batch_size=16, feature="mean")
-    accs = linear_per_stage(model, data, SyntheticImages(32, 32, in_chans=1, train=False), cfg, progress=False)
+    feats = split_features(model, data, SyntheticImages(32, 32, in_chans=1, train=False), cfg, progress=False)
+    accs = linear_per_stage(feats, cfg, progress=False)
     assert len(accs) == model.num_stages and all(0.0 <= a <= 100.0 for a in accs)
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -156,21 +156,24 @@ def test_cli_rejects_bad_input_before_work(tmp_path, capsys):
     assert main(["eval", "linear", "--ckpt", "random", "--set", "eval.linear_optimizer=sgdd"]) == 2
     err = capsys.readouterr().err
     assert "'sgdd'" in err and "adamw" in err
+    assert main(["eval", "finetune", "knn", "--ckpt", "random"]) == 2
+    assert "finetune alone" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="Fashion-MNIST is not installed")
-@pytest.mark.parametrize("mode", ["knn", "linear"])
-def test_cli_fashion_mnist_random_init(mode, tmp_path, capsys):
+def test_cli_fashion_mnist_random_init(tmp_path, capsys):
     out = tmp_path / "results.json"
-    rc = main(["eval", mode, "--ckpt", "random", "--set", "eval.train_subset=1000", "--set", "eval.test_subset=300",
-               "--set", "eval.linear_epochs=30", "--out", str(out)])
+    rc = main(["eval", "knn", "linear", "--ckpt", "random", "--set", "eval.train_subset=1000",
+               "--set", "eval.test_subset=300", "--set", "eval.linear_epochs=30", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["train_images"] == 1000 and result["test_images"] == 300
-    accs = [row[f"{mode}_top1"] for row in result["results"]]
     assert [row["stage"] for row in result["results"]] == [0, 1, 2, 3]
-    assert all(a > 40.0 for a in accs), accs  # random-init features already beat chance (10%) by far
-    assert f"{mode}_top1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    for mode in ("knn", "linear"):
+        accs = [row[f"{mode}_top1"] for row in result["results"]]
+        assert all(a > 40.0 for a in accs), (mode, accs)  # random-init features already beat chance (10%) by far
+        assert f"{mode}_top1" in printed
 
 
 def test_cli_finetune_synthetic(tmp_path):

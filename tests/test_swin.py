@@ -123,7 +123,8 @@ def test_swin_base_export_loads_strictly():
     timm_model.load_state_dict(sd, strict=True)
     loaded = timm_model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
-    assert torch.equal(loaded["layers.3.downsample.reduction.weight"], model.stages[2].layers[0].downsample.reduction.weight)
+    merge = model.stages[2].layers[0].downsample  # stage 2's tap reads after timm's layers.3 merging
+    assert torch.equal(loaded["layers.3.downsample.reduction.weight"], merge.reduction.weight)
     assert torch.equal(loaded["norm.weight"], model.stages[3].norm.weight)
 
 
@@ -197,7 +198,7 @@ def test_simmim_dense_encoder_trains_mask_token():
     ({"window_size": 6}, "window_size 6 does not tile"),
     ({"scales": [1.0, 1.0, 2.0, 1.0]}, "scales must all be 1.0"),
     ({"mask_unit": 4}, "mask_unit 4 must be a multiple of 2^3"),
-    ({"taps": [0, 1, 2], "scales": [1.0, 1.0, 1.0]}, "the last tap must be the last Swin stage"),
+    ({"taps": [0, 2], "scales": [1.0, 1.0], "decoder_dim": [64]}, "the last tap must be the last Swin stage"),
     ({"img_size": 200}, "50 tokens must be divisible by 2^3"),
     ({"stage_heads": [3, 6]}, "stage_heads must have one entry per Swin stage"),
 ])

@@ -1,14 +1,20 @@
 """`isolocal eval knn|linear|finetune -c run.toml --ckpt PATH|random [--set k=v] [--out results.json]`.
 
-Prints one table row per stage (k-NN, linear) or one for the whole encoder (fine-tuning) and writes
-the same numbers, with the model and eval settings that produced them, as JSON. `--ckpt random`
-evaluates the config's model at its seeded random init: the baseline every number is judged against.
+`eval knn linear` runs both on features extracted once. Prints one table row per stage (k-NN,
+linear) or one for the whole encoder (fine-tuning) and writes the same numbers, with the model and
+eval settings that produced them, as JSON. `--ckpt random` evaluates the config's model at its
+seeded random init: the baseline every number is judged against.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from isolocal.config import RunConfig
+    from isolocal.models.mim import LocalMIM
 
 MODES = ("knn", "linear", "finetune")
 
@@ -16,7 +22,8 @@ MODES = ("knn", "linear", "finetune")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate an encoder: k-NN, per-stage linear probes, fine-tuning",
                               description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=MODES)
+    p.add_argument("modes", nargs="+", choices=MODES, metavar="{knn,linear,finetune}",
+                   help="knn and/or linear (sharing one feature extraction), or finetune")
     p.add_argument("-c", "--config", default=None, help="run config TOML (data and [eval] settings)")
     p.add_argument("--ckpt", required=True, help="isolocal checkpoint, or 'random' for the config's model at init")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -31,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from isolocal.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
-    result = evaluate(args.mode, cfg, args.ckpt)
+    result = evaluate(args.modes, cfg, args.ckpt)
     print(pd.DataFrame(result["results"]).to_string(index=False, float_format="{:.2f}".format))
     if args.out:
         out = Path(args.out)
@@ -40,15 +47,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device("cuda" if name == "cuda" or name == "auto" and torch.cuda.is_available() else "cpu")
-
-
-def load_model(ckpt: str, cfg):
+def load_model(ckpt: str, cfg: RunConfig) -> LocalMIM:
     """The checkpoint's model, or with 'random' the config's model at its seeded init."""
     import torch
 
@@ -62,37 +61,42 @@ def load_model(ckpt: str, cfg):
     return isolocal.load_checkpoint(ckpt)
 
 
-def evaluate(mode: str, cfg, ckpt: str, progress: bool = True) -> dict:
-    """Run one protocol on `cfg`'s data; returns {"results": rows, ...} with the settings used."""
+def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True) -> dict:
+    """Run the protocols on `cfg`'s data; returns {"results": rows, ...} with the settings used."""
     from isolocal.config import to_dict
-    from isolocal.eval.features import check_feature, eval_datasets
+    from isolocal.eval.features import check_feature, eval_datasets, split_features
     from isolocal.eval.finetune import finetune
-    from isolocal.eval.knn import knn_per_stage
+    from isolocal.eval.knn import check_knn, knn_per_stage
     from isolocal.eval.linear import check_optimizer, linear_per_stage
+    from isolocal.train.trainer import resolve_device
 
-    if mode not in MODES:
-        raise ValueError(f"eval mode must be one of {', '.join(MODES)}, got {mode!r}")
-    e, workers = cfg.eval, cfg.data.num_workers
-    if mode == "linear":
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or "finetune" in modes and len(modes) > 1:
+        raise ValueError(f"eval modes must be knn and/or linear, or finetune alone; got {modes}")
+    e, workers, finetuning = cfg.eval, cfg.data.num_workers, modes == ["finetune"]
+    if "linear" in modes:
         check_optimizer(e.linear_optimizer)
-    model = load_model(ckpt, cfg).to(_device(cfg.train.device))
-    if mode != "finetune":
-        check_feature(e.feature, model.family.has_cls)
-    train_ds, test_ds = eval_datasets(cfg, model.cfg, augment_train=mode == "finetune")
+    model = load_model(ckpt, cfg).to(resolve_device(cfg.train.device))
+    train_ds, test_ds = eval_datasets(cfg, model.cfg, augment_train=finetuning)
     extra: dict = {}
-    if mode == "finetune":
+    if finetuning:
         out = finetune(model, train_ds, test_ds, e, cfg.train.seed, workers, progress)
         rows = [{"stages": f"0-{model.num_stages - 1}", "finetune_top1": out["top1"]}]
         extra["epochs"] = out["epochs"]
     else:
-        if mode == "knn":
-            accs = knn_per_stage(model, train_ds, test_ds, e, workers, progress)
-        else:
-            accs = linear_per_stage(model, train_ds, test_ds, e, cfg.train.seed, workers, progress)
-        rows = [{"stage": k, "tap": tap.index, "dim": tap.dim, f"{mode}_top1": acc}
-                for k, (tap, acc) in enumerate(zip(model.taps, accs))]
+        check_feature(e.feature, model.family.has_cls)
+        if "knn" in modes:
+            check_knn(e, len(train_ds))
+        feats = split_features(model, train_ds, test_ds, e, workers, progress)
+        rows = [{"stage": k, "tap": tap.index, "dim": tap.dim} for k, tap in enumerate(model.taps)]
+        if "knn" in modes:
+            for row, acc in zip(rows, knn_per_stage(feats, e)):
+                row["knn_top1"] = acc
+        if "linear" in modes:
+            for row, acc in zip(rows, linear_per_stage(feats, e, cfg.train.seed, progress)):
+                row["linear_top1"] = acc
     return {
-        "mode": mode,
+        "modes": modes,
         "ckpt": ckpt,
         "model": to_dict(model.cfg),
         "data": cfg.data.name,

@@ -6,12 +6,14 @@ accuracy.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from isolocal.config import ModelConfig, RunConfig
+from isolocal.config import EvalConfig, ModelConfig, RunConfig
 from isolocal.data import build_dataset
 
 FEATURES = ("cls", "mean")
@@ -63,6 +65,25 @@ def extract_features(
     finally:
         model.train(was_training)
     return [torch.cat(f) for f in feats], torch.cat(labels)
+
+
+@dataclass
+class StageFeatures:
+    """Per-stage feature matrices of a train and a test split, extracted once for k-NN and probes."""
+
+    train: list[Tensor]
+    train_labels: Tensor
+    test: list[Tensor]
+    test_labels: Tensor
+
+
+def split_features(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
+                   num_workers: int = 0, progress: bool = True) -> StageFeatures:
+    """Both splits through `extract_features` with the eval config's pooling and batch size."""
+    kw = dict(feature=cfg.feature, batch_size=cfg.linear_batch_size, num_workers=num_workers, progress=progress)
+    train, train_labels = extract_features(model, train_dataset, desc="train features", **kw)
+    test, test_labels = extract_features(model, test_dataset, desc="test features", **kw)
+    return StageFeatures(train, train_labels, test, test_labels)
 
 
 def _subset(dataset: Dataset, n: int, what: str) -> Dataset:

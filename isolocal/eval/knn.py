@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from isolocal.config import EvalConfig
-from isolocal.eval.features import check_feature, extract_features
+from isolocal.eval.features import StageFeatures, split_features
 
 
 def knn_predict(
@@ -50,17 +50,16 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     return 100.0 * (preds == test_labels).float().mean().item()
 
 
-def knn_per_stage(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
-                  num_workers: int = 0, progress: bool = True) -> list[float]:
-    """k-NN top-1 (percent) of every stage's features; the model is left unchanged."""
-    check_feature(cfg.feature, model.family.has_cls)
-    if cfg.knn_k > len(train_dataset):
-        raise ValueError(f"eval.knn_k = {cfg.knn_k} exceeds the {len(train_dataset)} training images")
-    extract = dict(feature=cfg.feature, batch_size=cfg.linear_batch_size, num_workers=num_workers, progress=progress)
-    train_feats, train_labels = extract_features(model, train_dataset, desc="train features", **extract)
-    test_feats, test_labels = extract_features(model, test_dataset, desc="test features", **extract)
-    return [knn_accuracy(a, train_labels, b, test_labels, cfg.num_classes, cfg.knn_k, cfg.knn_t)
-            for a, b in zip(train_feats, test_feats)]
+def knn_per_stage(feats: StageFeatures, cfg: EvalConfig) -> list[float]:
+    """k-NN top-1 (percent) of every stage's features."""
+    return [knn_accuracy(a, feats.train_labels, b, feats.test_labels, cfg.num_classes, cfg.knn_k, cfg.knn_t)
+            for a, b in zip(feats.train, feats.test)]
+
+
+def check_knn(cfg: EvalConfig, train_size: int) -> None:
+    """k must not exceed the training set; checked before features are extracted."""
+    if cfg.knn_k > train_size:
+        raise ValueError(f"eval.knn_k = {cfg.knn_k} exceeds the {train_size} training images")
 
 
 def online_knn(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
@@ -68,7 +67,8 @@ def online_knn(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, 
     """k-NN during pre-training: {"knn_top1_stage<k>": percent, ...}, ready for a JSON-lines log.
 
     Pass eval-transform datasets (`eval_datasets(run_cfg, model.cfg)`), not the augmented training
-    loader's; the model's train/eval mode is restored afterwards.
+    loader's; the model is not changed and its train/eval mode is restored afterwards.
     """
-    accs = knn_per_stage(model, train_dataset, test_dataset, cfg, num_workers, progress=False)
-    return {f"knn_top1_stage{k}": acc for k, acc in enumerate(accs)}
+    check_knn(cfg, len(train_dataset))
+    feats = split_features(model, train_dataset, test_dataset, cfg, num_workers, progress=False)
+    return {f"knn_top1_stage{k}": acc for k, acc in enumerate(knn_per_stage(feats, cfg))}

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from isolocal.config import EvalConfig
-from isolocal.eval.features import check_feature, extract_features
+from isolocal.eval.features import StageFeatures
 
 
 def check_optimizer(name: str) -> None:
@@ -80,15 +79,10 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     return 100.0 * (preds == test_y).float().mean().item()
 
 
-def linear_per_stage(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
-                     seed: int = 0, num_workers: int = 0, progress: bool = True) -> list[float]:
-    """Linear-probe top-1 (percent) of every stage; the encoder only runs forward under no_grad."""
-    check_feature(cfg.feature, model.family.has_cls)
-    check_optimizer(cfg.linear_optimizer)
-    extract = dict(feature=cfg.feature, batch_size=cfg.linear_batch_size, num_workers=num_workers, progress=progress)
-    train_feats, train_y = extract_features(model, train_dataset, desc="train features", **extract)
-    test_feats, test_y = extract_features(model, test_dataset, desc="test features", **extract)
-    if int(train_y.max()) >= cfg.num_classes:
-        raise ValueError(f"labels go up to {int(train_y.max())} but eval.num_classes = {cfg.num_classes}")
-    return [train_linear_probe(a, train_y, b, test_y, cfg, seed, f"linear probe stage {k}", progress)
-            for k, (a, b) in enumerate(zip(train_feats, test_feats))]
+def linear_per_stage(feats: StageFeatures, cfg: EvalConfig, seed: int = 0, progress: bool = True) -> list[float]:
+    """Linear-probe top-1 (percent) of every stage, each probe trained on its stage's features alone."""
+    if int(feats.train_labels.max()) >= cfg.num_classes:
+        raise ValueError(f"labels go up to {int(feats.train_labels.max())} but eval.num_classes = {cfg.num_classes}")
+    return [train_linear_probe(a, feats.train_labels, b, feats.test_labels, cfg, seed, f"linear probe stage {k}",
+                               progress)
+            for k, (a, b) in enumerate(zip(feats.train, feats.test))]

@@ -45,11 +45,13 @@ def swin_levels(cfg: ModelConfig) -> list[Level]:
 def _check_swin(cfg: ModelConfig) -> None:
     check_common(cfg)
     n = len(cfg.depths)
-    require(n >= 1 and all(d >= 1 for d in cfg.depths), f"depths must list >= 1 block per Swin stage, got {cfg.depths}")
+    require(n >= 1 and all(d >= 1 for d in cfg.depths),
+            f"depths must list >= 1 block per Swin stage, got {cfg.depths}")
     require(len(cfg.stage_heads) == n, f"stage_heads must have one entry per Swin stage ({n}), got {cfg.stage_heads}")
     for s, heads in enumerate(cfg.stage_heads):
         dim = cfg.embed_dim << s
-        require(heads >= 1 and dim % heads == 0, f"stage {s} width {dim} must be divisible by stage_heads[{s}] = {heads}")
+        require(heads >= 1 and dim % heads == 0,
+                f"stage {s} width {dim} must be divisible by stage_heads[{s}] = {heads}")
     require(cfg.window_size >= 1, f"window_size must be >= 1, got {cfg.window_size}")
     grid = cfg.img_size // cfg.patch_size
     require(grid % (1 << (n - 1)) == 0,
@@ -60,7 +62,8 @@ def _check_swin(cfg: ModelConfig) -> None:
                 f"window_size {cfg.window_size} does not tile Swin stage {s}'s {level.grid}x{level.grid} grid; "
                 f"use a window dividing {[lv.grid for lv in swin_levels(cfg) if lv.grid > cfg.window_size]} "
                 f"or an img_size that is a multiple of patch_size * 2^{n - 1} * window_size")
-    require(all(0 <= t < n for t in cfg.taps), f"taps must be Swin stage indices in [0, {n - 1}], got {cfg.taps}")
+    require(all(0 <= t < n for t in cfg.taps),
+            f"taps must be Swin stage indices in [0, {n - 1}], got {cfg.taps}")
     require(cfg.taps[-1] == n - 1,
             f"the last tap must be the last Swin stage ({n - 1}), got {cfg.taps[-1]}; stages after it would never train")
     require(all(s == 1.0 for s in cfg.scales),

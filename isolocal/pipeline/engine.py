@@ -18,6 +18,7 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import Tensor
@@ -98,6 +99,26 @@ class IsolatedScheduleEngine(StageNormsEngine):
     def _backward_local(self, loss: Tensor) -> None:
         (loss / self.micro_batches).backward()
 
+    def _exec_send_activations(self, buffer_id: int) -> None:
+        """Send without waiting for the receiver (its previous backward), so this rank goes on with
+        its own backward; the previous send is finished first, so at most one is in flight."""
+        self._finish_sends()
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        if self.first_output_send:
+            self.first_output_send = False
+            self._send_tensor_meta(outputs, self.next_stage)
+        dest = self.grid.stage_to_global(self.next_stage)
+        self._in_flight = (outputs, [dist.isend(t, dest) for t in outputs])  # tensors live until waited
+
+    def _finish_sends(self) -> None:
+        for work in getattr(self, "_in_flight", ((), []))[1]:
+            work.wait()
+        self._in_flight = ((), [])
+
+    def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
+        self._finish_sends()
+        StageNormsEngine._exec_optimizer_step(self, lr_kwargs)
+
     def _exec_recv_activations(self, buffer_id: int) -> None:
         PipelineEngine._exec_recv_activations(self, buffer_id)
         # Nothing received ever needs a gradient: no gradient goes back to the sender.
@@ -121,9 +142,10 @@ class IsolatedScheduleEngine(StageNormsEngine):
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
+        schedule.SendActivation: _exec_send_activations,
         schedule.RecvActivation: _exec_recv_activations,
         schedule.ForwardPass: _exec_forward_pass,
-        schedule.OptimizerStep: StageNormsEngine._exec_optimizer_step,
+        schedule.OptimizerStep: _exec_optimizer_step,
         LocalBackward: _exec_local_backward,
     }
 

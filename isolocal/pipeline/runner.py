@@ -336,7 +336,7 @@ def pretrain_pipeline(cfg: RunConfig, resume: bool = False, init: str | None = N
     except BaseException as err:  # noqa: BLE001 - any failure must end this rank now, see module docstring
         if not dist.is_initialized():
             raise
-        rank = dist.get_rank()
-        print(f"isolocal pipeline: rank {rank} of {dist.get_world_size()} failed: {type(err).__name__}: {err}\n"
-              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+        print(f"{traceback.format_exc()}\nisolocal pipeline: rank {dist.get_rank()} of {dist.get_world_size()} "
+              f"failed: {type(err).__name__}: {err}\n(an error about a closed or reset connection means another "
+              "rank failed first: its log has the cause)", file=sys.stderr, flush=True)
         os._exit(1)

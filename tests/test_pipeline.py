@@ -1,0 +1,296 @@
+"""DeepSpeed pipeline: real engines on CPU (gloo), one subprocess per rank (tests/pipeline_worker.py).
+
+Each launch costs seconds of imports per process on 2 cores, so checks are grouped: one 2-rank
+launch (gradient cases with 2 pipeline ranks, then runner runs: metrics, checkpoint conversion,
+resume), one 4-rank launch (4 pipeline ranks; 2 ranks x 2 replicas), one 2-rank launch killed
+mid-run. References are computed here, in one process, from the same seed, data and masks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import isolocal
+from isolocal.config import RunConfig, load_run_config, to_dict
+from isolocal.pipeline.checkpoint import load_pipeline_state, pipeline_state_dict
+from isolocal.pipeline.engine import IsolatedSchedule, LocalBackward
+from isolocal.pipeline.runner import eval_batches
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_worker import PRESET, STEPS, case_data, make_optimizer, parse_case  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).parent / "pipeline_worker.py"
+TOL = 1e-5
+
+CASES_2 = ["2,1,1,global,auto,0", "2,1,3,global,auto,0", "2,1,1,isolated,auto,0", "2,1,3,isolated,auto,0",
+           "2,1,2,isolated,default,0", "2,1,2,global,auto,0.05"]
+CASES_4 = ["4,1,2,global,auto,0", "4,1,5,global,auto,0", "4,1,2,isolated,auto,0", "4,1,5,isolated,auto,0",
+           "2,2,2,global,auto,0", "2,2,2,isolated,auto,0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(n: int, out: Path, spec: dict) -> list[subprocess.Popen]:
+    """n worker processes wired like torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        log = open(out / f"log_rank{rank}.txt", "w")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), json.dumps(spec)], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes (None: still running at the deadline, then killed with its process group)."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return codes
+
+
+def launch(n: int, out: Path, spec: dict, timeout: float = 240) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    codes = wait_all(start_ranks(n, out, spec), timeout)
+    logs = "\n".join((out / f"log_rank{r}.txt").read_text()[-3000:] for r in range(n))
+    assert codes == [0] * n, f"exit codes {codes}\n{logs}"
+
+
+def merged(out: Path, n: int) -> dict:
+    """Per case: the engine class per rank, gradients per step and final parameters over all ranks."""
+    results: dict = {}
+    for rank in range(n):
+        for case, r in torch.load(out / f"grads_rank{rank}.pt").items():
+            entry = results.setdefault(case, {"engines": set(), "grads": [{} for _ in r["grads"]], "params": {}})
+            entry["engines"].add(r["engine"])
+            for step, grads in enumerate(r["grads"]):
+                entry["grads"][step].update(grads)
+            entry["params"].update(r["params"])
+    return results
+
+
+def reference(case: str) -> dict:
+    """Single process: the sum of local losses (detached at boundaries when isolated), averaged over
+    micro-batches, each replica's gradient computed alone and then averaged, as data parallelism does."""
+    p, dp, m, boundary, _, clip = parse_case(case)
+    torch.manual_seed(0)
+    model = isolocal.create_model(PRESET, boundary=boundary)
+    named = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    optimizer = make_optimizer(list(named.values()))
+    grads = []
+    for step in case_data(model, dp, m):
+        per_replica = []
+        for replica in step:
+            optimizer.zero_grad()
+            for images, mask in replica:
+                (model(images, mask).loss / m).backward()
+            per_replica.append({n: q.grad.clone() for n, q in named.items()})
+        for n, q in named.items():
+            q.grad = sum(g[n] for g in per_replica) * (1.0 / dp)
+        if clip > 0:
+            for stage in model.stages:
+                torch.nn.utils.clip_grad_norm_([q for q in stage.parameters() if q.requires_grad], clip)
+        grads.append({n: q.grad.clone() for n, q in named.items()})
+        optimizer.step()
+    return {"grads": grads, "params": {n: q.detach().clone() for n, q in named.items()}}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def max_rel(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(rel(a[n], b[n]) for n in b)
+
+
+def check_against_reference(results: dict) -> None:
+    for case, got in results.items():
+        ref = reference(case)
+        _, _, _, boundary, schedule, _ = parse_case(case)
+        engine = "IsolatedScheduleEngine" if boundary == "isolated" and schedule == "auto" else "DefaultScheduleEngine"
+        assert got["engines"] == {engine}, case
+        assert len(got["grads"]) == STEPS
+        for step in range(STEPS):
+            assert max_rel(got["grads"][step], ref["grads"][step]) < TOL, (case, step)
+        assert max_rel(got["params"], ref["params"]) < TOL, case
+
+
+def check_modes_differ(results: dict, global_case: str, isolated_case: str) -> None:
+    """Lower stages get other gradients in the two modes; the top stage (own loss only) the same."""
+    g, i = results[global_case]["grads"][0], results[isolated_case]["grads"][0]
+    for name in g:
+        diff = rel(i[name], g[name])
+        if name.startswith("stages.3."):
+            assert diff < TOL, name
+        elif ".blocks." in name and "decoder" not in name:
+            assert diff > 0.05, name
+
+
+@pytest.fixture(scope="module")
+def two_rank_launch(tmp_path_factory) -> Path:
+    """2 ranks: gradient cases, then runner runs (isolated run; interrupted + resumed; global run)."""
+    out = tmp_path_factory.mktemp("pipe2")
+    base = load_run_config(None, ["preset=" + PRESET, "data.name=synthetic", "data.synthetic_size=64",
+                                  "train.batch_size=16", "train.epochs=2", "train.log_every=1",
+                                  "train.warmup_epochs=0.5", "train.base_lr=0.01", "pipeline.stages=2",
+                                  "pipeline.micro_batches=2", "pipeline.timeout_s=60", "model.boundary=isolated"])
+
+    def cfg(name: str, **train) -> dict:
+        d = to_dict(base)
+        d["out_dir"] = str(out / name)
+        d["train"].update(train)
+        return d
+
+    glob = cfg("global", epochs=1)
+    glob["model"]["boundary"] = "global"
+    runs = [[cfg("full"), False], [cfg("cut", max_steps=6), False], [cfg("cut"), True], [glob, False]]
+    launch(2, out, {"grads": CASES_2, "runs": runs})
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_match_single_process_gradients_and_params(two_rank_launch):
+    results = merged(two_rank_launch, 2)
+    assert set(results) == set(CASES_2)
+    check_against_reference(results)
+    check_modes_differ(results, "2,1,3,global,auto,0", "2,1,3,isolated,auto,0")
+
+
+@pytest.mark.slow
+def test_four_ranks_and_data_parallel_match_single_process(tmp_path):
+    launch(4, tmp_path, {"grads": CASES_4})
+    results = merged(tmp_path, 4)
+    assert set(results) == set(CASES_4)
+    check_against_reference(results)
+    check_modes_differ(results, "4,1,5,global,auto,0", "4,1,5,isolated,auto,0")
+    check_modes_differ(results, "2,2,2,global,auto,0", "2,2,2,isolated,auto,0")
+
+
+def single_process_eval(run_dir: Path) -> tuple[float, list[float]]:
+    """Eval loss of the converted checkpoint on the runner's held-out micro-batches."""
+    cfg, state = load_pipeline_state(run_dir / "pipeline")
+    model = isolocal.LocalMIM(cfg.model)
+    model.load_state_dict(state)
+    model.eval()
+    m, dp = cfg.pipeline.micro_batches, 1
+    batches = eval_batches(cfg, model, cfg.train.batch_size // (m * dp), m * dp)
+    with torch.no_grad():
+        losses = torch.stack([torch.stack(model(x, mask).losses) for x, mask in batches]).mean(0)
+    return float(losses.sum()), losses.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["full", "global"])
+def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_launch, run):
+    log = pd.read_json(two_rank_launch / run / "metrics.jsonl", lines=True)
+    steps = log[log.kind == "step"]
+    assert steps.step.tolist() == list(range(8 if run == "full" else 4))
+    for rec in steps.itertuples():
+        assert len(rec.loss_stage) == len(rec.grad_norm_stage) == len(rec.lr_stage) == 4
+        assert all(n > 0 for n in rec.grad_norm_stage) and math.isclose(rec.loss, sum(rec.loss_stage))
+        assert rec.img_per_s > 0 and rec.peak_mem_mb >= 0
+    assert steps.loss.iloc[-1] < steps.loss.iloc[0]
+    assert (log.kind == "epoch").sum() == (2 if run == "full" else 1)
+    (ev,) = log[log.kind == "eval"].itertuples()
+    loss, per_stage = single_process_eval(two_rank_launch / run)
+    assert math.isclose(ev.loss, loss, rel_tol=TOL)
+    assert all(math.isclose(a, b, rel_tol=TOL) for a, b in zip(ev.loss_stage, per_stage))
+    summary = json.loads((two_rank_launch / "runs_rank0.json").read_text())
+    assert summary["mode"] == "global" and summary["steps"] == 4
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(two_rank_launch):
+    full, cut = two_rank_launch / "full", two_rank_launch / "cut"
+    a, b = pipeline_state_dict(full / "pipeline"), pipeline_state_dict(cut / "pipeline")
+    assert a.keys() == b.keys()
+    assert max(rel(b[k], a[k]) for k in a if a[k].is_floating_point() and a[k].norm() > 0) < TOL
+    log_a = pd.read_json(full / "metrics.jsonl", lines=True).query("kind == 'step'")
+    log_b = pd.read_json(cut / "metrics.jsonl", lines=True).query("kind == 'step'")
+    assert log_b.step.tolist() == list(range(8))  # the resumed run rewrote nothing twice
+    assert log_b.loss.tolist() == pytest.approx(log_a.loss.tolist(), rel=TOL)
+    tags = sorted(p.name for p in (cut / "pipeline").iterdir() if p.is_dir())
+    assert tags == ["step_00000006", "step_00000008"]  # keep_last = 2
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_run_with_a_clear_error_within_the_timeout(tmp_path):
+    timeout_s = 20
+    cfg = load_run_config(None, ["preset=" + PRESET, "data.name=synthetic", "data.synthetic_size=64",
+                                 "train.batch_size=16", "train.epochs=1000", "train.log_every=1",
+                                 "pipeline.stages=2", f"pipeline.timeout_s={timeout_s}", f"out_dir={tmp_path / 'run'}"])
+    procs = start_ranks(2, tmp_path, {"runs": [[to_dict(cfg), False]]})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run never got going"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    codes = wait_all(procs, timeout_s + 10)
+    assert codes[0] not in (None, 0) and time.monotonic() - killed < timeout_s
+    log = (tmp_path / "log_rank0.txt").read_text()
+    assert "isolocal pipeline: rank 0 of 2 failed" in log and "connection" in log.lower()
+
+
+def test_isolated_schedule_only_sends_forward_and_holds_two_micro_batches():
+    for stages in (1, 2, 4):
+        for stage_id in range(stages):
+            sched = IsolatedSchedule(micro_batches=5, stages=stages, stage_id=stage_id)
+            cmds = [c for step in sched.steps() for c in step]
+            names = [type(c).__name__ for c in cmds]
+            assert not {"SendGrad", "RecvGrad", "BackwardPass"} & set(names)
+            assert names.count("ForwardPass") == names.count("LocalBackward") == 5
+            assert names.count("SendActivation") == (0 if stage_id == stages - 1 else 5)
+            assert names[-2:] == ["ReduceGrads", "OptimizerStep"]
+            assert sched.num_pipe_buffers() == 2 and {c.buffer_id for c in cmds if isinstance(c, LocalBackward)} == {0, 1}
+            # each micro-batch's backward runs before the next micro-batch is received or loaded
+            order = [n for n in names if n in ("ForwardPass", "LocalBackward")]
+            assert order == ["ForwardPass", "LocalBackward"] * 5
+
+
+def test_bad_pipeline_settings_fail_before_any_work(monkeypatch):
+    from isolocal.config import ConfigError
+    from isolocal.pipeline.runner import check_launch
+
+    cfg = load_run_config(None, ["pipeline.stages=2"])
+    with pytest.raises(ConfigError, match="torchrun"):
+        check_launch(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="multiple of pipeline.stages"):
+        check_launch(cfg)
+    with pytest.raises(ConfigError, match="between 1 and the model's 4 stages, got 5"):
+        check_launch(load_run_config(None, ["pipeline.stages=5"]))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="divisible by pipeline.micro_batches"):
+        check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=12", "pipeline.micro_batches=4"]))
+    assert check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=16"])) == (2, 2)

@@ -1,0 +1,330 @@
+"""The trainer: exact resume, crash-safe checkpoints, shared masks across modes, isolated memory, DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import isolocal
+from isolocal.config import ConfigError, RunConfig, load_run_config
+from isolocal.models.mim import LocalMIM
+from isolocal.train import Trainer, train
+from isolocal.train.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
+from isolocal.train.optim import build_optimizers, build_scheduler
+
+TINY = ["data.name=synthetic", "data.synthetic_size=48", "train.batch_size=8", "train.epochs=2",
+        "train.log_every=1", "train.warmup_epochs=0.5"]  # nano preset: 4 stages, 32 px, 64 tokens
+
+
+def tiny(out: Path, *overrides: str) -> RunConfig:
+    cfg = load_run_config(None, [*TINY, *overrides])
+    cfg.out_dir = str(out)
+    return cfg
+
+
+def records(out: Path, kind: str = "step") -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("boundary", ["global", "isolated"])
+def test_resume_gives_the_uninterrupted_losses(tmp_path, boundary):
+    """Stopped mid-epoch twice and resumed: every step's losses equal the uninterrupted run's, bit for bit."""
+    opts = [f"model.boundary={boundary!r}", "train.accum_steps=2"]  # 6 steps per epoch, 12 in all
+    train(tiny(tmp_path / "whole", *opts))
+    train(tiny(tmp_path / "parts", *opts, "train.max_steps=4"))
+    assert load_state(tmp_path / "parts" / LAST)["step"] == 4
+    train(tiny(tmp_path / "parts", *opts, "train.max_steps=9"), resume=True)
+    train(tiny(tmp_path / "parts", *opts), resume=True)
+
+    whole, parts = records(tmp_path / "whole"), records(tmp_path / "parts")
+    assert [r["step"] for r in parts] == list(range(12))
+    for a, b in zip(whole, parts):
+        assert (a["loss_stage"], a["lr"], a["grad_norm_stage"]) == (b["loss_stage"], b["lr"], b["grad_norm_stage"])
+    epochs = [(r["epoch"], r["loss_stage"]) for r in records(tmp_path / "whole", "epoch")]
+    assert epochs == [(r["epoch"], r["loss_stage"]) for r in records(tmp_path / "parts", "epoch")]
+    assert_same_weights(load_state(tmp_path / "whole" / LAST)["model"], load_state(tmp_path / "parts" / LAST)["model"])
+
+
+def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_old_dir(tmp_path):
+    train(tiny(tmp_path, "train.max_steps=2"))
+    with pytest.raises(ValueError, match="embed_dim"):
+        Trainer(tiny(tmp_path, "model.embed_dim=32"), resume=True)
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(tiny(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(tiny(tmp_path / "empty"), resume=True)
+
+
+def test_checkpoints_rotate_and_load_into_a_model(tmp_path):
+    summary = train(tiny(tmp_path, "train.epochs=3", "train.keep_last=2"))
+    assert summary["steps"] == 18 and summary["epochs_completed"] == 3
+    assert [p.name for p in epoch_checkpoints(tmp_path)] == ["epoch_0002.pt", "epoch_0003.pt"]
+    last = load_state(tmp_path / LAST)
+    assert last["step"] == 18 and last["epoch"] == 3
+    model = isolocal.load_checkpoint(tmp_path / LAST)
+    assert isinstance(model, LocalMIM) and not model.training
+    assert_same_weights(model.state_dict(), last["model"])
+    cfg = load_run_config(tmp_path / "config.toml")  # the run directory's config reproduces the run
+    assert cfg == tiny(tmp_path, "train.epochs=3", "train.keep_last=2")
+
+
+# ----------------------------------------------------------------------------- crash-safe writes
+
+def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    old = {"step": 1, "w": torch.arange(1000.0)}
+    save_checkpoint(old, tmp_path, epoch_end=1, keep_last=2)
+    real_save = torch.save
+
+    def half_then_fail(obj, f):  # the disk fills up halfway through the new checkpoint
+        real_save(obj, tmp_path / "full.bin")
+        f.write((tmp_path / "full.bin").read_bytes()[: 2000])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"step": 2, "w": torch.zeros(1000)}, tmp_path, epoch_end=2, keep_last=2)
+    monkeypatch.undo()
+    assert torch.equal(load_state(tmp_path / LAST)["w"], old["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.pt", "full.bin", LAST]  # no temp file left
+
+
+def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL in the middle of torch.save: no cleanup code runs, the old file must still load."""
+    atomic_save({"step": 1}, tmp_path / LAST)
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from isolocal.train.checkpoint import atomic_save
+        real_save = torch.save
+        def save_then_die(obj, f):
+            real_save(obj, f)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # the bytes are out, the rename never happens
+        torch.save = save_then_die
+        atomic_save({{"step": 2, "w": torch.zeros(10_000)}}, {str(tmp_path / LAST)!r})
+    """)
+    repo = str(Path(isolocal.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL
+    assert load_state(tmp_path / LAST) == {"step": 1}
+
+
+# ------------------------------------------------------------------------------ global vs isolated
+
+def test_global_and_isolated_runs_consume_identical_images_and_masks(tmp_path):
+    seen: dict[str, list] = {"global": [], "isolated": []}
+    for mode, batches in seen.items():
+        hook = (lambda b: lambda images, mask: b.append((images.clone(), mask.clone())))(batches)
+        train(tiny(tmp_path / mode, f"model.boundary={mode!r}", "train.accum_steps=2", "train.max_steps=5"), on_batch=hook)
+    assert len(seen["global"]) == len(seen["isolated"]) == 10
+    for (img_g, mask_g), (img_i, mask_i) in zip(seen["global"], seen["isolated"]):
+        assert torch.equal(img_g, img_i) and torch.equal(mask_g, mask_i)
+    assert not torch.equal(seen["global"][0][1], seen["global"][1][1])  # masks do change per micro-batch
+    g, i = records(tmp_path / "global"), records(tmp_path / "isolated")
+    assert g[0]["loss_stage"] == i[0]["loss_stage"]  # same weights, data and masks: same first losses
+    lower = zip(g[0]["grad_norm_stage"][:-1], i[0]["grad_norm_stage"][:-1])
+    assert all(a != pytest.approx(b, rel=1e-3) for a, b in lower)  # but lower stages get other gradients
+    assert g[0]["grad_norm_stage"][-1] == pytest.approx(i[0]["grad_norm_stage"][-1], rel=1e-5)  # top: own loss only
+
+
+class SavedActivationPeak:
+    """Peak bytes of activations autograd holds for backward, via saved_tensors_hooks.
+
+    What gradient isolation changes is how many activations are alive at once; weights, gradients
+    and optimizer state are the same in both modes. Counting the tensors autograd saves (once per
+    storage, weights excluded) measures exactly that, deterministically, unaffected by the allocator
+    and by other processes on the machine, unlike RSS.
+    """
+
+    def __init__(self, weights: set[int] | None = None):
+        self.weights = weights or set()
+        self.refs: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if t.requires_grad and t.is_leaf or key in self.weights:
+            return t
+        if self.refs.get(key, 0) == 0:
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.refs[key] = self.refs.get(key, 0) + 1
+        return _Saved(t, key, self, storage.nbytes())
+
+    @staticmethod
+    def unpack(saved):
+        return saved.t if isinstance(saved, _Saved) else saved
+
+    def release(self, key: int, nbytes: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= nbytes
+
+
+class _Saved:
+    def __init__(self, t, key, probe, nbytes):
+        self.t, self.key, self.probe, self.nbytes = t, key, probe, nbytes
+
+    def __del__(self):
+        self.probe.release(self.key, self.nbytes)
+
+
+def test_isolated_training_holds_fewer_activations_than_global(tmp_path):
+    peaks = {}
+    for mode in ("global", "isolated"):
+        cfg = tiny(tmp_path / mode, f"model.boundary={mode!r}", "train.batch_size=32", "data.synthetic_size=32",
+                   "train.max_steps=1")
+        probe = SavedActivationPeak()
+        with torch.autograd.graph.saved_tensors_hooks(probe.pack, probe.unpack):
+            train(cfg)
+        assert probe.live == 0  # every saved activation was released by the end of the step
+        peaks[mode] = probe.peak
+    ratio = peaks["isolated"] / peaks["global"]
+    print(f"\npeak saved activations, 4-stage nano, batch 32: global {peaks['global'] / 2**20:.2f} MiB, "
+          f"isolated {peaks['isolated'] / 2**20:.2f} MiB, ratio {ratio:.3f}")
+    assert ratio < 0.6
+
+
+# ------------------------------------------------------------------------------------- optimizer
+
+def test_param_groups_lr_scaling_and_schedule():
+    cfg = tiny(Path("unused"), "train.batch_size=512", "train.base_lr=1e-3", "train.min_lr=1e-5",
+               "train.epochs=10", "train.warmup_epochs=2", "train.stage_lr_scale=[1.0, 0.5, 0.5, 0.25]").train
+    model = isolocal.create_model("localmim_vit_nano")
+    (opt,) = build_optimizers(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        decayed = group["weight_decay"] > 0
+        for p in group["params"]:
+            assert decayed == (p.ndim > 1 and not names[id(p)].endswith(".bias")), names[id(p)]
+            assert model.stage_of(names[id(p)]) == group["stage"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)  # 20 warmup steps, 100 in all
+    peak = 1e-3 * 512 / 256
+
+    def lr_at(step: int, stage: int) -> float:
+        sched.step_update(step)
+        return next(g["lr"] for g in opt.param_groups if g["stage"] == stage)
+
+    assert lr_at(0, 0) == 0.0
+    assert lr_at(10, 0) == pytest.approx(peak / 2)
+    assert lr_at(20, 0) == pytest.approx(peak)
+    assert lr_at(60, 0) == pytest.approx(1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * 40 / 80)))
+    assert lr_at(99, 0) == pytest.approx(1e-5, rel=0.1)
+    assert lr_at(20, 3) == pytest.approx(peak * 0.25)
+
+
+def test_per_stage_optimizers_and_bad_stage_scales():
+    model = isolocal.create_model("localmim_vit_nano")
+    cfg = tiny(Path("unused"), "train.per_stage_optimizers=true").train
+    opts = build_optimizers(model, cfg)
+    assert len(opts) == model.num_stages
+    for k, opt in enumerate(opts):
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+            id(p) for p in model.stages[k].parameters() if p.requires_grad}
+    with pytest.raises(ConfigError, match="stage_lr_scale has 2 values but the model has 4 stages"):
+        build_optimizers(model, tiny(Path("unused"), "train.stage_lr_scale=[1.0, 2.0]").train)
+
+
+def test_gradients_are_clipped_per_stage(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "train.clip_grad=0.05", "model.boundary='isolated'"))
+    try:
+        micro = [torch.randn(8, 1, 32, 32)]
+        _, norms = trainer.train_step(micro)
+        after = [torch.nn.utils.get_total_norm([p.grad for p in ps]).item() for ps in trainer.stage_params]
+        assert all(n > 0.05 for n in norms.tolist())  # all were above the limit before clipping
+        assert after == pytest.approx([0.05] * 4, rel=1e-4)  # and each stage is clipped on its own norm
+    finally:
+        trainer.close()
+
+
+# -------------------------------------------------------------------------- export to timm
+
+def test_export_cli_writes_a_timm_state_dict(tmp_path):
+    from isolocal.cli import main
+
+    train(tiny(tmp_path, "train.max_steps=2"))
+    assert main(["export", "--ckpt", str(tmp_path / LAST), "--out", str(tmp_path / "enc.pt")]) == 0
+    meta = json.loads((tmp_path / "enc.json").read_text())
+    vit = timm.create_model(meta["timm_model"], pretrained=False, **meta["kwargs"])
+    vit.load_state_dict(torch.load(tmp_path / "enc.pt", weights_only=True))
+    model = isolocal.load_checkpoint(tmp_path / LAST)
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(vit.forward_features(images), model.encode(images)[-1], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ data parallel
+
+DDP_SCRIPT = """
+import sys, torch
+from isolocal.config import load_run_config
+from isolocal.train import Trainer
+out = sys.argv[1]
+cfg = load_run_config(None, sys.argv[2:])
+cfg.out_dir = out
+seen = []
+trainer = Trainer(cfg, on_batch=lambda images, mask: seen.append((images.clone(), mask.clone())))
+try:
+    trainer.fit()
+    torch.save({"model": trainer.model.state_dict(), "seen": seen}, f"{out}/rank{trainer.dist.rank}.pt")
+finally:
+    trainer.close()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_ends_with_identical_parameters(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = [*TINY, "model.boundary='isolated'", "train.accum_steps=2", "train.clip_grad=1.0", "train.max_steps=3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), str(tmp_path), *overrides]
+    repo = str(Path(isolocal.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{output.decode()[-3000:]}")
+    assert proc.returncode == 0, output.decode()[-3000:]
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(r0["model"], r1["model"])
+    torch.manual_seed(0)
+    init = LocalMIM(load_run_config(None, overrides).model).state_dict()
+    assert any(not torch.equal(init[k], r0["model"][k]) for k in init)  # it did train
+    assert len(r0["seen"]) == len(r1["seen"]) == 6 and r0["seen"][0][0].shape[0] == 2  # 8 = 2 ranks x 2 x 2
+    for (img0, mask0), (img1, mask1) in zip(r0["seen"], r1["seen"]):
+        assert not torch.equal(img0, img1) and not torch.equal(mask0, mask1)  # each rank its own data and masks
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == [0, 1, 2]  # rank 0 alone writes the log
+    assert_same_weights(load_state(tmp_path / LAST)["model"], r0["model"])
