@@ -2,9 +2,10 @@
 
 Both models are LocalMIM Swin-T at 224 px with the same four local heads, targets and mask; the
 only difference is the encoder: visible tokens in packed windows, or the full grid with mask
-tokens. A step is forward + backward + AdamW update. Prints the median step times and their ratio.
+tokens. A step is forward + backward + AdamW update. Prints the median step times and their ratio,
+in wall-clock seconds and in this process's CPU seconds (the steadier number on a shared machine).
 
-    OMP_NUM_THREADS=2 python -m benchmarks.bench_swin --batch 4 --steps 5
+    python -m benchmarks.bench_swin --batch 4 --steps 7 --threads 1
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from isolocal.models.swin import swin_context
 
 
 def timed_step(model: isolocal.LocalMIM, opt: torch.optim.Optimizer, images: torch.Tensor,
-               mask: torch.Tensor) -> float:
-    """Seconds for one forward + backward + optimizer step."""
-    start = time.perf_counter()
+               mask: torch.Tensor) -> tuple[float, float]:
+    """(wall, CPU) seconds for one forward + backward + optimizer step."""
+    wall, cpu = time.perf_counter(), time.process_time()
     opt.zero_grad(set_to_none=True)
     model(images, mask).loss.backward()
     opt.step()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -34,7 +35,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 avoids OpenMP spin-waits skewing times on a shared machine")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     visible = isolocal.create_model(args.preset)
@@ -50,17 +54,18 @@ def main() -> None:
     # Alternate the two models step by step so that both see the same machine load.
     runs = {"visible": visible, "dense": dense}
     opts = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in runs.items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for i in range(args.warmup + args.steps):
         for name, model in runs.items():
             t = timed_step(model, opts[name], images, mask)
             if i >= args.warmup:
                 times[name].append(t)
-    results = {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: [statistics.median(x) for x in zip(*t)] for name, t in times.items()}
     for name, t in times.items():
-        print(f"{name:8s} median step {results[name]:.3f} s  (steps: {', '.join(f'{x:.3f}' for x in t)})")
-    print(f"ratio visible / dense step time: {results['visible'] / results['dense']:.3f}")
-
+        print(f"{name:8s} median step {medians[name][0]:.3f} s wall, {medians[name][1]:.3f} s CPU  "
+              f"(wall per step: {', '.join(f'{w:.3f}' for w, _ in t)})")
+    wall, cpu = (medians["visible"][i] / medians["dense"][i] for i in (0, 1))
+    print(f"ratio visible / dense step time: {wall:.3f} (wall), {cpu:.3f} (CPU)")
 
 if __name__ == "__main__":
     main()

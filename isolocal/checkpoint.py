@@ -25,7 +25,9 @@ def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tens
 
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory (a pipeline checkpoint); reading those is not supported yet")
+        from isolocal.pipeline.checkpoint import load_pipeline_state
+
+        return load_pipeline_state(path)
     state = load_state(path)
     if "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not an isolocal checkpoint (it lacks 'model' or 'config')")

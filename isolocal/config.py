@@ -109,7 +109,7 @@ class EvalConfig:
     linear_epochs: int = 10
     linear_lr: float = 0.1
     linear_batch_size: int = 256  # also the feature-extraction batch
-    linear_optimizer: str = "sgd"  # any timm optimizer name: "sgd" (momentum 0.9), "adamw", "lars", ...
+    linear_optimizer: str = "sgd"  # any timm optimizer name: "sgd" (Nesterov momentum 0.9), "adamw", "lars", ...
     warmup_epochs: float = 1.0  # linear warmup before the cosine decay (linear probe and fine-tuning)
     finetune_epochs: int = 10
     finetune_lr: float = 1e-3
@@ -146,9 +146,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            if option is type(None) and value is None:
-                return None
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:  # `X | None`: X's own error names the exact key (e.g. model.depth)
+            return _coerce(value, options[0], key)
+        for option in options:
             try:
                 return _coerce(value, option, key)
             except ConfigError:

@@ -5,8 +5,8 @@ writing OUT_DIR/<task>_rank<r>.pt or .json:
 - "grads": cases "P,dp,M,boundary,schedule,clip"; for each a real DeepSpeed engine trains 3 steps on
   `case_data` and records every step's gradients (captured just before the optimizer step) and the
   parameters after the last step, keyed by LocalMIM parameter name.
-- "runs": a list of [RunConfig dict, resume], run one after another through the runner, the last
-  through `pretrain_pipeline` (which also shuts the process group down); its summary is saved.
+- "runs": a list of [RunConfig dict, resume, init], run one after another through the runner, the
+  last through `pretrain_pipeline` (which also shuts the process group down); its summary is saved.
 """
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ def main() -> None:
     if "runs" not in spec:
         shutdown()
         return
-    runs = [(from_dict(RunConfig, cfg), resume) for cfg, resume in spec["runs"]]
-    for cfg, resume in runs[:-1]:
-        PipelineRun(cfg, resume).fit()
+    runs = [(from_dict(RunConfig, cfg), resume, init) for cfg, resume, init in spec["runs"]]
+    for run in runs[:-1]:
+        PipelineRun(*run).fit()
     result = pretrain_pipeline(*runs[-1])
     (out / f"runs_rank{rank}.json").write_text(json.dumps(result))
 

@@ -116,6 +116,17 @@ def test_finetune_layer_decay_scales_first_and_last_block():
         assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
 
 
+def test_classifier_pools_the_last_stage_mean_feature():
+    model = _nano().eval()
+    images = torch.randn(3, 1, 32, 32)
+    for source in (model, isolocal.create_timm_model(model)):  # a LocalMIM or its timm export
+        clf = build_classifier(source, EvalConfig(num_classes=7)).eval()
+        with torch.no_grad():
+            pooled = clf.forward_head(clf.forward_features(images), pre_logits=True)
+            assert clf(images).shape == (3, 7)
+            torch.testing.assert_close(pooled, model.encode(images)[-1][:, 1:].mean(1), rtol=1e-5, atol=1e-5)
+
+
 def test_finetune_criterion_follows_config():
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -184,3 +195,18 @@ def test_cli_finetune_synthetic(tmp_path):
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["results"][0]["stages"] == "0-3" and len(result["epochs"]) == 1
+
+
+def test_cli_evaluates_a_pretrained_checkpoint(tmp_path):
+    from isolocal.train import train
+
+    sets = ["data.name='synthetic'", "data.synthetic_size=64", "train.batch_size=32", "train.max_steps=1"]
+    cfg = load_run_config(None, sets + ["model.boundary='isolated'", f"out_dir='{tmp_path / 'run'}'"])
+    train(cfg)
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "knn", "--ckpt", str(tmp_path / "run" / "last.pt"), "--set", "eval.knn_k=5", "--out", str(out)]
+              + [arg for s in sets for arg in ("--set", s)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["boundary"] == "isolated"  # the checkpoint's model, not the eval config's
+    assert len(result["results"]) == 4

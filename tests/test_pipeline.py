@@ -22,10 +22,13 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.config import RunConfig, load_run_config, to_dict
-from isolocal.pipeline.checkpoint import load_pipeline_state, pipeline_state_dict
+from isolocal.config import RunConfig, from_dict, load_run_config, to_dict
+from isolocal.checkpoint import load_model_state
+from isolocal.pipeline.checkpoint import convert_pipeline_checkpoint, pipeline_state_dict
 from isolocal.pipeline.engine import IsolatedSchedule, LocalBackward
 from isolocal.pipeline.runner import eval_batches
+from isolocal.train import train
+from isolocal.train.checkpoint import LAST
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_worker import PRESET, STEPS, case_data, make_optimizer, parse_case  # noqa: E402
@@ -155,8 +158,10 @@ def check_modes_differ(results: dict, global_case: str, isolated_case: str) -> N
 
 
 @pytest.fixture(scope="module")
-def two_rank_launch(tmp_path_factory) -> Path:
-    """2 ranks: gradient cases, then runner runs (isolated run; interrupted + resumed; global run)."""
+def two_rank_launch(tmp_path_factory) -> tuple[Path, list]:
+    """The single-process trainer's run of a config, then one 2-rank launch: gradient cases, then
+    pipeline runs of the same config (isolated; interrupted + resumed; started from the trainer's
+    checkpoint; global). Returns the directory and the trainer's micro-batches (images, mask)."""
     out = tmp_path_factory.mktemp("pipe2")
     base = load_run_config(None, ["preset=" + PRESET, "data.name=synthetic", "data.synthetic_size=64",
                                   "train.batch_size=16", "train.epochs=2", "train.log_every=1",
@@ -169,16 +174,21 @@ def two_rank_launch(tmp_path_factory) -> Path:
         d["train"].update(train)
         return d
 
+    single = cfg("single", accum_steps=2)
+    single["pipeline"]["stages"] = 0
+    micro_batches: list = []
+    train(from_dict(RunConfig, single), on_batch=lambda x, mask: micro_batches.append((x.clone(), mask.clone())))
     glob = cfg("global", epochs=1)
     glob["model"]["boundary"] = "global"
-    runs = [[cfg("full"), False], [cfg("cut", max_steps=6), False], [cfg("cut"), True], [glob, False]]
+    runs = [[cfg("full"), False, None], [cfg("cut", max_steps=6), False, None], [cfg("cut"), True, None],
+            [cfg("init", max_steps=1), False, str(out / "single" / LAST)], [glob, False, None]]
     launch(2, out, {"grads": CASES_2, "runs": runs})
-    return out
+    return out, micro_batches
 
 
 @pytest.mark.slow
 def test_two_ranks_match_single_process_gradients_and_params(two_rank_launch):
-    results = merged(two_rank_launch, 2)
+    results = merged(two_rank_launch[0], 2)
     assert set(results) == set(CASES_2)
     check_against_reference(results)
     check_modes_differ(results, "2,1,3,global,auto,0", "2,1,3,isolated,auto,0")
@@ -194,14 +204,13 @@ def test_four_ranks_and_data_parallel_match_single_process(tmp_path):
     check_modes_differ(results, "2,2,2,global,auto,0", "2,2,2,isolated,auto,0")
 
 
-def single_process_eval(run_dir: Path) -> tuple[float, list[float]]:
-    """Eval loss of the converted checkpoint on the runner's held-out micro-batches."""
-    cfg, state = load_pipeline_state(run_dir / "pipeline")
-    model = isolocal.LocalMIM(cfg.model)
-    model.load_state_dict(state)
-    model.eval()
-    m, dp = cfg.pipeline.micro_batches, 1
-    batches = eval_batches(cfg, model, cfg.train.batch_size // (m * dp), m * dp)
+def single_process_eval(run_dir: Path, tmp: Path) -> tuple[float, list[float]]:
+    """Eval loss of the run's checkpoint, converted to a single-process file, on the held-out micro-batches."""
+    cfg, state = load_model_state(run_dir)  # the pipeline directory, read directly
+    model = isolocal.load_checkpoint(convert_pipeline_checkpoint(run_dir, tmp / "converted.pt"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    m = cfg.pipeline.micro_batches
+    batches = eval_batches(cfg, model, cfg.train.batch_size // m, m)
     with torch.no_grad():
         losses = torch.stack([torch.stack(model(x, mask).losses) for x, mask in batches]).mean(0)
     return float(losses.sum()), losses.tolist()
@@ -209,8 +218,9 @@ def single_process_eval(run_dir: Path) -> tuple[float, list[float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["full", "global"])
-def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_launch, run):
-    log = pd.read_json(two_rank_launch / run / "metrics.jsonl", lines=True)
+def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_launch, run, tmp_path):
+    out = two_rank_launch[0]
+    log = pd.read_json(out / run / "metrics.jsonl", lines=True)
     steps = log[log.kind == "step"]
     assert steps.step.tolist() == list(range(8 if run == "full" else 4))
     for rec in steps.itertuples():
@@ -220,21 +230,53 @@ def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_laun
     assert steps.loss.iloc[-1] < steps.loss.iloc[0]
     assert (log.kind == "epoch").sum() == (2 if run == "full" else 1)
     (ev,) = log[log.kind == "eval"].itertuples()
-    loss, per_stage = single_process_eval(two_rank_launch / run)
+    loss, per_stage = single_process_eval(out / run, tmp_path)
     assert math.isclose(ev.loss, loss, rel_tol=TOL)
     assert all(math.isclose(a, b, rel_tol=TOL) for a, b in zip(ev.loss_stage, per_stage))
-    summary = json.loads((two_rank_launch / "runs_rank0.json").read_text())
-    assert summary["mode"] == "global" and summary["steps"] == 4
+    if run == "global":  # the last run of the launch returned its summary
+        summary = json.loads((out / "runs_rank0.json").read_text())
+        assert summary["mode"] == "global" and summary["steps"] == 4
+        assert math.isclose(summary["eval_loss"], ev.loss)
+
+
+def step_log(run_dir: Path) -> pd.DataFrame:
+    log = pd.read_json(run_dir / "metrics.jsonl", lines=True)
+    return log[log.kind == "step"].reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_pipeline_run_follows_the_single_process_trainer_step_by_step(two_rank_launch):
+    """Same config, pipeline.micro_batches = train.accum_steps: same data, masks, lr, losses."""
+    out, _ = two_rank_launch
+    single, pipe = step_log(out / "single"), step_log(out / "full")
+    assert pipe.step.tolist() == single.step.tolist() == list(range(8))
+    assert pipe.lr.tolist() == pytest.approx(single.lr.tolist(), rel=1e-12)
+    for a, b in zip(pipe.loss_stage, single.loss_stage):
+        assert a == pytest.approx(b, rel=TOL)
+    for a, b in zip(pipe.grad_norm_stage, single.grad_norm_stage):
+        assert a == pytest.approx(b, rel=TOL)
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_starts_a_pipeline_run(two_rank_launch):
+    """A run started from the trainer's final checkpoint: its first loss is that model's loss on the
+    first micro-batches (the same ones the trainer's first step drew)."""
+    out, micro_batches = two_rank_launch
+    model = isolocal.load_checkpoint(out / "single" / LAST)
+    with torch.no_grad():
+        expected = torch.stack([torch.stack(model(x, mask).losses) for x, mask in micro_batches[:2]]).mean(0)
+    (first,) = step_log(out / "init").loss_stage
+    assert first == pytest.approx(expected.tolist(), rel=TOL)
+    assert sum(first) < step_log(out / "full").loss[0] * 0.9  # a trained start, not a fresh one
 
 
 @pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(two_rank_launch):
-    full, cut = two_rank_launch / "full", two_rank_launch / "cut"
+    full, cut = two_rank_launch[0] / "full", two_rank_launch[0] / "cut"
     a, b = pipeline_state_dict(full / "pipeline"), pipeline_state_dict(cut / "pipeline")
     assert a.keys() == b.keys()
     assert max(rel(b[k], a[k]) for k in a if a[k].is_floating_point() and a[k].norm() > 0) < TOL
-    log_a = pd.read_json(full / "metrics.jsonl", lines=True).query("kind == 'step'")
-    log_b = pd.read_json(cut / "metrics.jsonl", lines=True).query("kind == 'step'")
+    log_a, log_b = step_log(full), step_log(cut)
     assert log_b.step.tolist() == list(range(8))  # the resumed run rewrote nothing twice
     assert log_b.loss.tolist() == pytest.approx(log_a.loss.tolist(), rel=TOL)
     tags = sorted(p.name for p in (cut / "pipeline").iterdir() if p.is_dir())

@@ -86,6 +86,25 @@ def test_visible_encoder_equals_dense_swin_with_masked_keys():
             torch.testing.assert_close(x, expected, rtol=1e-9, atol=1e-9, msg=f"mask {name}")
 
 
+def test_visible_encoder_gradients_match_reference():
+    model = narrow_tiny()
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    mask = _masks(model, 2)["per_image"]
+    ctx, x = swin_context(model.cfg, mask), images
+    for stage in model.stages:
+        x = stage(x, ctx)
+    ref, visible = reference_stage_outputs(model, images, mask)[-1]
+    weights = torch.randn_like(x)
+    params = [p for n, p in model.named_parameters() if ".decoder." not in n]
+    got = torch.autograd.grad((x * weights).sum(), params, allow_unused=True)
+    expected = torch.autograd.grad((ref[visible].view_as(x) * weights).sum(), params, allow_unused=True)
+    assert sum(g is not None for g in got) > 100
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
+
+
 def test_packing_is_dense_and_per_image_masks_work():
     model = narrow_tiny(torch.float32)
     mask = model.random_mask(3, torch.Generator().manual_seed(0))

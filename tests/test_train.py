@@ -22,6 +22,7 @@ from isolocal.train import Trainer, train
 from isolocal.train.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
 from isolocal.train.optim import build_optimizers, build_scheduler
 
+REPO = Path(isolocal.__file__).resolve().parents[1]
 TINY = ["data.name=synthetic", "data.synthetic_size=48", "train.batch_size=8", "train.epochs=2",
         "train.log_every=1", "train.warmup_epochs=0.5"]  # nano preset: 4 stages, 32 px, 64 tokens
 
@@ -121,8 +122,7 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
         torch.save = save_then_die
         atomic_save({{"step": 2, "w": torch.zeros(10_000)}}, {str(tmp_path / LAST)!r})
     """)
-    repo = str(Path(isolocal.__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-c", script], timeout=120, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL
     assert load_state(tmp_path / LAST) == {"step": 1}
 
@@ -306,8 +306,7 @@ def test_two_process_data_parallel_ends_with_identical_parameters(tmp_path):
     overrides = [*TINY, "model.boundary='isolated'", "train.accum_steps=2", "train.clip_grad=1.0", "train.max_steps=3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(script), str(tmp_path), *overrides]
-    repo = str(Path(isolocal.__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=240)

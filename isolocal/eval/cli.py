@@ -26,8 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="knn and/or linear (sharing one feature extraction), or finetune")
     p.add_argument("-c", "--config", default=None, help="run config TOML (data and [eval] settings)")
     p.add_argument("--ckpt", required=True, help="isolocal checkpoint, or 'random' for the config's model at init")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. eval.train_subset=10000 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set eval.train_subset=10000 eval.feature=mean")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run)
 

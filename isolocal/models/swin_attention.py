@@ -2,8 +2,8 @@
 
 A masked image leaves each (shifted) window with anywhere from 0 to window^2 visible tokens.
 Attention runs on *groups*: dense sequences of at most window^2 slots, each holding whole windows,
-filled by first-fit-decreasing bin packing, with an additive mask that lets a token attend only to tokens
-of its own window and adds Swin's relative position bias from the tokens' true coordinates. This is
+filled by first-fit-decreasing bin packing, with an additive mask that lets a token attend only to
+tokens of its own window and adds Swin's relative position bias from the tokens' true coordinates. This is
 the published code's knapsack packing with the window and coordinate bugs of METHOD.md section 5
 fixed. Every index tensor is planned once per batch (`plan_levels`), not once per block.
 
@@ -161,8 +161,7 @@ def _to(plan: LevelPlan, device: torch.device) -> LevelPlan:
 
 def packed_window_attention(attn: WindowAttention, x: Tensor, pack: WindowPack) -> Tensor:
     """timm's WindowAttention (same weights) over the visible tokens x (B, N, C), by groups."""
-    B, N, C = x.shape
-    G, S, H = pack.groups, pack.size, attn.num_heads
+    B, G, S, H = x.shape[0], pack.groups, pack.size, attn.num_heads
     xp = take(F.pad(x, (0, 0, 0, 1)), pack.gather)  # (B, G*S, C), padding slots read a zero row
     q, k, v = attn.qkv(xp).view(B, G, S, 3, H, -1).permute(3, 0, 1, 4, 2, 5).flatten(2, 3).unbind(0)
     table = attn.relative_position_bias_table

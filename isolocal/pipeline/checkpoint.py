@@ -16,14 +16,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from isolocal.config import RunConfig, from_dict
+from isolocal.config import RunConfig, from_dict, to_dict
+from isolocal.models.mim import LocalMIM
 
+RUN_SUBDIR = "pipeline"  # where the runner keeps a run's checkpoints: <out_dir>/pipeline/<tag>/
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt")
 
 
 def checkpoint_dir(path: str | os.PathLike, tag: str | None = None) -> Path:
-    """The tag directory of a pipeline checkpoint root (`tag` None: the one `latest` names)."""
+    """The tag directory of a pipeline checkpoint (`tag` None: the one `latest` names); `path` may be
+    the tag directory, the checkpoint root or the run directory holding it."""
     root = Path(path)
+    if (root / RUN_SUBDIR / "latest").is_file():
+        root = root / RUN_SUBDIR
     if tag is None:
         if any(_LAYER_FILE.fullmatch(p.name) for p in root.glob("layer_*")):
             return root  # already a tag directory
@@ -65,16 +70,26 @@ def pipeline_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict
 
 
 def load_pipeline_state(path: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, dict[str, Tensor]]:
-    """(the run's config, a LocalMIM state dict): what `isolocal.checkpoint.load_model_state` returns."""
+    """(the run's config, a full LocalMIM state dict): what `isolocal.checkpoint.load_model_state` returns.
+
+    Layer files hold only the stages; the model's other state (the seeded HOG bias) is rebuilt from
+    the config.
+    """
     state = client_state(path, tag)
     if "config" not in state:
         raise ValueError(f"{checkpoint_dir(path, tag)} was not written by isolocal's pipeline runner (no config)")
-    return from_dict(RunConfig, state["config"]), pipeline_state_dict(path, tag)
+    cfg = from_dict(RunConfig, state["config"])
+    full = LocalMIM(cfg.model).state_dict()
+    stages = pipeline_state_dict(path, tag)
+    if not stages.keys() <= full.keys():
+        raise ValueError(f"{checkpoint_dir(path, tag)}: layer keys {sorted(stages.keys() - full.keys())[:3]} "
+                         "do not belong to the model its config describes")
+    return cfg, {**full, **stages}
 
 
 def convert_pipeline_checkpoint(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> Path:
     """Write a single-process checkpoint file (`{"model", "config"}`) from a pipeline checkpoint."""
     from isolocal.train.checkpoint import atomic_save
 
-    cfg_state = client_state(path, tag)["config"]
-    return atomic_save({"model": pipeline_state_dict(path, tag), "config": cfg_state}, out)
+    cfg, state = load_pipeline_state(path, tag)
+    return atomic_save({"model": state, "config": to_dict(cfg)}, out)

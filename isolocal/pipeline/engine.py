@@ -43,6 +43,9 @@ class StageNormsEngine(PipelineEngine):
         self.grad_norms = norms
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
+    # Handlers are looked up in this map, not by method name: subclasses extend it.
+    _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: _exec_optimizer_step}
+
 
 class DefaultScheduleEngine(StageNormsEngine):
     """DeepSpeed's train schedule with one fused backward per micro-batch on non-last ranks."""
@@ -59,11 +62,7 @@ class DefaultScheduleEngine(StageNormsEngine):
         self.pipe_buffers["outputs"][buffer_id] = None
         self.pipe_buffers["output_tensors"][buffer_id] = None
 
-    _INSTRUCTION_MAP = {
-        **PipelineEngine._INSTRUCTION_MAP,
-        schedule.BackwardPass: _exec_backward_pass,
-        schedule.OptimizerStep: StageNormsEngine._exec_optimizer_step,
-    }
+    _INSTRUCTION_MAP = {**StageNormsEngine._INSTRUCTION_MAP, schedule.BackwardPass: _exec_backward_pass}
 
 
 class LocalBackward(schedule.BufferOpInstruction):
@@ -93,6 +92,8 @@ class IsolatedSchedule(schedule.PipeSchedule):
 class IsolatedScheduleEngine(StageNormsEngine):
     """Gradient-isolated pipeline training: each rank trains its stages on their local losses only."""
 
+    _in_flight: tuple = ((), ())  # (outputs being sent, their isend handles)
+
     def _train_schedule(self) -> IsolatedSchedule:
         return IsolatedSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id)
 
@@ -111,9 +112,9 @@ class IsolatedScheduleEngine(StageNormsEngine):
         self._in_flight = (outputs, [dist.isend(t, dest) for t in outputs])  # tensors live until waited
 
     def _finish_sends(self) -> None:
-        for work in getattr(self, "_in_flight", ((), []))[1]:
+        for work in self._in_flight[1]:
             work.wait()
-        self._in_flight = ((), [])
+        self._in_flight = ((), ())
 
     def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
         self._finish_sends()
@@ -130,7 +131,7 @@ class IsolatedScheduleEngine(StageNormsEngine):
         outputs = self.module(self.pipe_buffers["inputs"][buffer_id], backward=self._backward_local)
         self.pipe_buffers["inputs"][buffer_id] = None
         self.pipe_buffers["outputs"][buffer_id] = tuple(t.detach() for t in outputs)
-        self.pipe_buffers["output_tensors"][buffer_id] = self.module.pending_loss
+        self.pipe_buffers["output_tensors"][buffer_id] = self.module.pending_loss  # graph kept for LocalBackward
         if self.is_last_stage():  # what DeepSpeed's train_batch reports (and broadcasts) as the loss
             total = outputs[1].detach().sum()
             self.total_loss = total if self.total_loss is None else self.total_loss + total
@@ -141,7 +142,7 @@ class IsolatedScheduleEngine(StageNormsEngine):
         self.pipe_buffers["outputs"][buffer_id] = None
 
     _INSTRUCTION_MAP = {
-        **PipelineEngine._INSTRUCTION_MAP,
+        **StageNormsEngine._INSTRUCTION_MAP,
         schedule.SendActivation: _exec_send_activations,
         schedule.RecvActivation: _exec_recv_activations,
         schedule.ForwardPass: _exec_forward_pass,

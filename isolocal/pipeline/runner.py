@@ -38,12 +38,12 @@ from tqdm import tqdm
 from isolocal.config import ConfigError, RunConfig, to_dict
 from isolocal.data import build_dataset, build_loader
 from isolocal.models.mim import LocalMIM
+from isolocal.pipeline.checkpoint import RUN_SUBDIR
 from isolocal.train.distributed import gather_objects
 from isolocal.train.metrics import MetricsLog, PeakMemory, write_config
 from isolocal.train.optim import build_scheduler, scaled_lr, stage_param_groups
 from isolocal.train.trainer import build_train_dataset, derive_seed, resolve_amp, resolve_device
 
-CKPT_DIR = "pipeline"
 _MASK_STREAM, _DATA_STREAM, _EVAL_STREAM = 0, 1, 2  # the trainer's stream ids, so streams match it
 
 
@@ -120,7 +120,7 @@ class PipelineRun:
         self.rank = dist.get_rank()
         self.micro_batch = t.batch_size // (p.micro_batches * self.dp)
         self.out_dir = Path(cfg.out_dir)
-        self.ckpt_root = self.out_dir / CKPT_DIR
+        self.ckpt_root = self.out_dir / RUN_SUBDIR
         if not resume and (self.ckpt_root / "latest").exists():
             raise ValueError(f"{self.out_dir} already holds a pipeline run; resume it or choose another out_dir")
 

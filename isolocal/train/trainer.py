@@ -85,6 +85,8 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.amp_dtype = resolve_amp(t.amp, self.device)
         self.dist = distributed.setup(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         try:
             self._build(resume)
         except BaseException:
@@ -122,7 +124,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.mask_gen = torch.Generator().manual_seed(derive_seed(t.seed, _MASK_STREAM, self.dist.rank))
         self.step = self.epoch = self.step_in_epoch = 0
-        self.epoch_loss_sum = torch.zeros(self.model.num_stages)  # this epoch's steps so far
+        self.epoch_loss_sum = torch.zeros(self.model.num_stages, device=self.device)  # this epoch so far
         self.elapsed_before = 0.0
         self.saved_step = -1
         if resume:
@@ -145,7 +147,7 @@ class Trainer:
         self.memory.reset()
         self.start = time.perf_counter()
         last_log, logged_steps = time.perf_counter(), 0
-        losses = torch.zeros(self.model.num_stages)
+        losses = torch.zeros(self.model.num_stages, device=self.device)
         while self.epoch < t.epochs and not self._done():
             epoch_start, epoch_first_step = time.perf_counter(), self.step
             for micro in self._epoch_batches():
@@ -169,7 +171,7 @@ class Trainer:
         if self.saved_step != self.step and self.step > 0:
             self.save()
         bar.close()
-        final = distributed.mean_over_ranks(losses.to(self.device), self.dist.world).tolist()
+        final = distributed.mean_over_ranks(losses, self.dist.world).tolist()
         return {"steps": self.step, "epochs_completed": self.epoch, "final_loss": sum(final),
                 "final_loss_stage": final, "peak_mem_mb": self.memory.peak_mb(),
                 "time": self._elapsed(), "out_dir": str(self.out_dir), "mode": mode}
@@ -207,7 +209,8 @@ class Trainer:
                 yield group
 
     def train_step(self, micro_batches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """One optimizer step -> (per-stage losses averaged over micro-batches, per-stage grad norms)."""
+        """One optimizer step -> (per-stage losses averaged over micro-batches, per-stage grad norms),
+        both left on the device: reading them is a host sync, done only when logging."""
         for sched in self.schedulers:
             sched.step_update(self.step)
         for opt in self.optimizers:
@@ -228,7 +231,7 @@ class Trainer:
         for opt in self.optimizers:
             self.scaler.step(opt)
         self.scaler.update()
-        return losses.cpu(), norms.cpu()
+        return losses, norms
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -273,7 +276,7 @@ class Trainer:
 
     def _record(self, kind: str, losses: Tensor, seconds: float, steps: int) -> dict:
         """A log record; every rank calls it (the losses are averaged over ranks)."""
-        stage = distributed.mean_over_ranks(losses.to(self.device), self.dist.world).tolist()
+        stage = distributed.mean_over_ranks(losses, self.dist.world).tolist()
         lr, lr_stage = self._lrs()
         return {"kind": kind, "step": self.step, "epoch": self.epoch, "loss": math.fsum(stage),
                 "loss_stage": stage, "lr": lr, "lr_stage": lr_stage,
@@ -327,7 +330,7 @@ class Trainer:
             sched.load_state_dict(s)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.epoch_loss_sum = state["epoch_loss_sum"]
+        self.epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
         self.elapsed_before = state["elapsed"]
         self.saved_step = self.step
         rank = self.dist.rank
