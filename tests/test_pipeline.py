@@ -289,7 +289,7 @@ def test_killed_rank_ends_the_run_with_a_clear_error_within_the_timeout(tmp_path
     cfg = load_run_config(None, ["preset=" + PRESET, "data.name=synthetic", "data.synthetic_size=64",
                                  "train.batch_size=16", "train.epochs=1000", "train.log_every=1",
                                  "pipeline.stages=2", f"pipeline.timeout_s={timeout_s}", f"out_dir={tmp_path / 'run'}"])
-    procs = start_ranks(2, tmp_path, {"runs": [[to_dict(cfg), False]]})
+    procs = start_ranks(2, tmp_path, {"runs": [[to_dict(cfg), False, None]]})
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):

@@ -65,6 +65,36 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, boundary):
     assert_same_weights(load_state(tmp_path / "whole" / LAST)["model"], load_state(tmp_path / "parts" / LAST)["model"])
 
 
+KILL_SCRIPT = """
+import os, signal, sys
+from isolocal.config import load_run_config
+from isolocal.train import train
+cfg = load_run_config(None, sys.argv[3:])
+cfg.out_dir = sys.argv[1]
+seen = []
+def die_at(images, mask):
+    seen.append(1)
+    if len(seen) == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+train(cfg, on_batch=die_at)
+"""
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    """SIGKILL in epoch 2 (6 steps per epoch): resume redoes it from epoch 1's checkpoint, dropping
+    the log records past the checkpoint, and ends exactly where an uninterrupted run ends."""
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), "9", *TINY], cwd=REPO, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [r["step"] for r in records(out)] == list(range(8)) and load_state(out / LAST)["step"] == 6
+    train(tiny(out), resume=True)
+    train(tiny(tmp_path / "whole"))
+    assert records(out) == [{**r, "time": r2["time"], "img_per_s": r2["img_per_s"], "peak_mem_mb": r2["peak_mem_mb"]}
+                            for r, r2 in zip(records(tmp_path / "whole"), records(out))]
+    assert_same_weights(load_state(tmp_path / "whole" / LAST)["model"], load_state(out / LAST)["model"])
+
+
 def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_old_dir(tmp_path):
     train(tiny(tmp_path, "train.max_steps=2"))
     with pytest.raises(ValueError, match="embed_dim"):
