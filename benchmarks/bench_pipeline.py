@@ -51,16 +51,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank: build every (micro-batches, variant) engine, then time them alternately."""
+    """One launched rank."""
+    from isolocal.pipeline.runner import exit_on_failure, init_distributed, shutdown
+
+    init_distributed(torch.device("cpu"), timeout_s=300)
+    with exit_on_failure():
+        time_engines(args)
+    shutdown()
+
+
+def time_engines(args: argparse.Namespace) -> None:
+    """Build every (micro-batches, variant) engine, time them alternately; rank 0 writes the times."""
     import torch.distributed as dist
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     import isolocal
     from isolocal.pipeline.engine import build_engine
     from isolocal.pipeline.module import MIMPipe
-    from isolocal.pipeline.runner import init_distributed, shutdown
 
-    init_distributed(torch.device("cpu"), timeout_s=300)
     world, rank = dist.get_world_size(), dist.get_rank()
     engines, feeds = {}, {}
     for m in args.micro_batches:
@@ -94,7 +102,6 @@ def worker(args: argparse.Namespace) -> None:
             times[f"{key[0]},{key[1]}"].append(block(key, args.steps))
     if rank == 0:
         Path(args.worker).write_text(json.dumps(times))
-    shutdown()
 
 
 def free_port() -> int:

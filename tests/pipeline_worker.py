@@ -26,11 +26,11 @@ def make_optimizer(params) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
 
 
-def case_data(model, dp: int, micro_batches: int, steps: int = STEPS, seed: int = 1) -> list:
+def case_data(model, dp: int, micro_batches: int) -> list:
     """data[step][replica][micro] = (images, mask), the same in the workers and the reference."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(1)
     return [[[(torch.randn(MICRO, 1, 32, 32, generator=g), model.random_mask(MICRO, generator=g))
-              for _ in range(micro_batches)] for _ in range(dp)] for _ in range(steps)]
+              for _ in range(micro_batches)] for _ in range(dp)] for _ in range(STEPS)]
 
 
 def parse_case(case: str) -> tuple[int, int, int, str, str, float]:
@@ -81,17 +81,18 @@ def main() -> None:
     out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
     rank = int(os.environ["RANK"])
     from isolocal.config import RunConfig, from_dict
-    from isolocal.pipeline.runner import PipelineRun, init_distributed, pretrain_pipeline, shutdown
+    from isolocal.pipeline.runner import PipelineRun, exit_on_failure, init_distributed, pretrain_pipeline, shutdown
 
-    init_distributed(torch.device("cpu"), timeout_s=60)
-    if "grads" in spec:
-        torch.save({case: run_case(case) for case in spec["grads"]}, out / f"grads_rank{rank}.pt")
-    if "runs" not in spec:
-        shutdown()
-        return
-    runs = [(from_dict(RunConfig, cfg), resume, init) for cfg, resume, init in spec["runs"]]
-    for run in runs[:-1]:
-        PipelineRun(*run).fit()
+    init_distributed(torch.device("cpu"), timeout_s=30)
+    with exit_on_failure():
+        if "grads" in spec:
+            torch.save({case: run_case(case) for case in spec["grads"]}, out / f"grads_rank{rank}.pt")
+        if "runs" not in spec:
+            shutdown()
+            return
+        runs = [(from_dict(RunConfig, cfg), resume, init) for cfg, resume, init in spec["runs"]]
+        for run in runs[:-1]:
+            PipelineRun(*run).fit()
     result = pretrain_pipeline(*runs[-1])
     (out / f"runs_rank{rank}.json").write_text(json.dumps(result))
 

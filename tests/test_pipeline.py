@@ -1,9 +1,11 @@
 """DeepSpeed pipeline: real engines on CPU (gloo), one subprocess per rank (tests/pipeline_worker.py).
 
 Each launch costs seconds of imports per process on 2 cores, so checks are grouped: one 2-rank
-launch (gradient cases with 2 pipeline ranks, then runner runs: metrics, checkpoint conversion,
-resume), one 4-rank launch (4 pipeline ranks; 2 ranks x 2 replicas), one 2-rank launch killed
-mid-run. References are computed here, in one process, from the same seed, data and masks.
+launch (gradient cases with 2 pipeline ranks, then runner runs of one config also run by the
+single-process trainer: logs, checkpoint conversion, resume, start from a single-process
+checkpoint), one 4-rank launch (4 pipeline ranks; 2 ranks x 2 replicas), one 2-rank launch with a
+rank killed mid-run. References are computed here, in one process, from the same seed, data and
+masks.
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
     return codes
 
 
-def launch(n: int, out: Path, spec: dict, timeout: float = 240) -> None:
+def launch(n: int, out: Path, spec: dict, timeout: float = 180) -> None:
     out.mkdir(parents=True, exist_ok=True)
     codes = wait_all(start_ranks(n, out, spec), timeout)
     logs = "\n".join((out / f"log_rank{r}.txt").read_text()[-3000:] for r in range(n))
@@ -313,7 +315,8 @@ def test_isolated_schedule_only_sends_forward_and_holds_two_micro_batches():
             assert names.count("ForwardPass") == names.count("LocalBackward") == 5
             assert names.count("SendActivation") == (0 if stage_id == stages - 1 else 5)
             assert names[-2:] == ["ReduceGrads", "OptimizerStep"]
-            assert sched.num_pipe_buffers() == 2 and {c.buffer_id for c in cmds if isinstance(c, LocalBackward)} == {0, 1}
+            assert sched.num_pipe_buffers() == 2
+            assert {c.buffer_id for c in cmds if isinstance(c, LocalBackward)} == {0, 1}
             # each micro-batch's backward runs before the next micro-batch is received or loaded
             order = [n for n in names if n in ("ForwardPass", "LocalBackward")]
             assert order == ["ForwardPass", "LocalBackward"] * 5

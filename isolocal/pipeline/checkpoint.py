@@ -34,7 +34,8 @@ def checkpoint_dir(path: str | os.PathLike, tag: str | None = None) -> Path:
             return root  # already a tag directory
         latest = root / "latest"
         if not latest.is_file():
-            raise FileNotFoundError(f"{root} is not a pipeline checkpoint: it has neither layer files nor a 'latest' file")
+            raise FileNotFoundError(f"{root} is not a pipeline checkpoint: it has neither layer files "
+                                    "nor a 'latest' file")
         tag = latest.read_text().strip()
     tag_dir = root / tag
     if not tag_dir.is_dir():
@@ -49,7 +50,7 @@ def client_state(path: str | os.PathLike, tag: str | None = None) -> dict:
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir} has no mp_rank_*_model_states.pt (the run's client state)")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
+    return torch.load(files[0], map_location="cpu", weights_only=True)
 
 
 def pipeline_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict[str, Tensor]:

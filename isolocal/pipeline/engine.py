@@ -2,11 +2,13 @@
 
 - `DefaultScheduleEngine`: DeepSpeed's 1F1B train schedule (gradients cross rank boundaries), with
   one fused `torch.autograd.backward(outputs, grads)` per micro-batch instead of DeepSpeed's one
-  backward per float output (which re-traverses the shared graph; measured 0.72x the step time).
+  backward per float output, which re-traverses the shared graph (shared/PIPELINE-NOTES.md: the
+  fused call gave identical gradients at 0.72x the step time).
 - `IsolatedScheduleEngine`: for models whose boundaries are all isolated. Per micro-batch a rank
-  loads or receives, runs its stages forward, sends, and back-propagates its own local losses at
-  once; no gradient is ever communicated between ranks, only downstream dependencies exist (it
-  cannot deadlock), and a rank holds the activations of at most two micro-batches.
+  loads or receives, runs its stages forward, sends (asynchronously), and back-propagates its own
+  local losses at once; no gradient is ever communicated between ranks, only downstream
+  dependencies exist (it cannot deadlock), a rank holds the activations of at most two
+  micro-batches, and a batch does not end in DeepSpeed's pipeline-wide loss broadcast.
 
 Both measure (and, with `clip_grad > 0`, clip) each stage's gradient norm on its own before the
 optimizer step: DeepSpeed's own `gradient_clipping` uses one norm across the pipeline, which would
@@ -101,9 +103,9 @@ class IsolatedScheduleEngine(StageNormsEngine):
         (loss / self.micro_batches).backward()
 
     def _exec_send_activations(self, buffer_id: int) -> None:
-        """Send without waiting for the receiver (its previous backward), so this rank goes on with
-        its own backward; the previous send is finished first, so at most one is in flight."""
-        self._finish_sends()
+        """Send without waiting for the receiver (busy with its previous micro-batch), so this rank goes
+        on with its own backward; the previous send is finished first, so at most one is in flight."""
+        self._finish_send()
         outputs = self.pipe_buffers["outputs"][buffer_id]
         if self.first_output_send:
             self.first_output_send = False
@@ -111,14 +113,16 @@ class IsolatedScheduleEngine(StageNormsEngine):
         dest = self.grid.stage_to_global(self.next_stage)
         self._in_flight = (outputs, [dist.isend(t, dest) for t in outputs])  # tensors live until waited
 
-    def _finish_sends(self) -> None:
+    def _finish_send(self) -> None:
         for work in self._in_flight[1]:
             work.wait()
         self._in_flight = ((), ())
 
-    def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
-        self._finish_sends()
-        StageNormsEngine._exec_optimizer_step(self, lr_kwargs)
+    def _exec_schedule(self, pipe_schedule: schedule.PipeSchedule) -> None:
+        """Every batch ends with its last send finished: gloo drops a send whose handle is destroyed
+        (say with the engine), and the receiver then waits forever."""
+        PipelineEngine._exec_schedule(self, pipe_schedule)
+        self._finish_send()
 
     def _exec_recv_activations(self, buffer_id: int) -> None:
         PipelineEngine._exec_recv_activations(self, buffer_id)
@@ -136,6 +140,14 @@ class IsolatedScheduleEngine(StageNormsEngine):
             total = outputs[1].detach().sum()
             self.total_loss = total if self.total_loss is None else self.total_loss + total
 
+    def _aggregate_total_loss(self) -> Tensor:
+        """The last rank's mean loss, not broadcast (NaN elsewhere): DeepSpeed's broadcast would make
+        every step end in a pipeline-wide sync, while nothing here depends on a later rank, so a rank
+        may start its next batch as soon as its own work is done. (Runners gather losses when they log.)"""
+        if not self.is_last_stage():
+            return torch.tensor(float("nan"))
+        return self._scale_loss_by_gas(self.total_loss)
+
     def _exec_local_backward(self, buffer_id: int) -> None:
         self._backward_local(self.pipe_buffers["output_tensors"][buffer_id])
         self.pipe_buffers["output_tensors"][buffer_id] = None
@@ -146,7 +158,6 @@ class IsolatedScheduleEngine(StageNormsEngine):
         schedule.SendActivation: _exec_send_activations,
         schedule.RecvActivation: _exec_recv_activations,
         schedule.ForwardPass: _exec_forward_pass,
-        schedule.OptimizerStep: _exec_optimizer_step,
         LocalBackward: _exec_local_backward,
     }
 

@@ -68,7 +68,8 @@ class MIMPipe(PipelineModule):
                  amp_dtype: torch.dtype | None = None):
         ranks = topology.get_dim("pipe")
         if not 1 <= ranks <= model.num_stages:
-            raise ValueError(f"pipeline stages must be between 1 and the model's {model.num_stages} stages, got {ranks}")
+            raise ValueError(f"pipeline stages must be between 1 and the model's {model.num_stages} stages, "
+                             f"got {ranks}")
         parts = balanced_parts(model, ranks) if parts is None else list(parts)
         check_parts(parts, model.num_stages, ranks)
         # Plain attributes, set before PipelineModule.__init__ partitions and builds: the model is

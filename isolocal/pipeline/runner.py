@@ -19,6 +19,7 @@ collective; the process-group timeout `pipeline.timeout_s` bounds any remaining 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -42,9 +43,10 @@ from isolocal.pipeline.checkpoint import RUN_SUBDIR
 from isolocal.train.distributed import gather_objects
 from isolocal.train.metrics import MetricsLog, PeakMemory, write_config
 from isolocal.train.optim import build_scheduler, scaled_lr, stage_param_groups
-from isolocal.train.trainer import build_train_dataset, derive_seed, resolve_amp, resolve_device
+from isolocal.train.trainer import (_DATA_STREAM, _MASK_STREAM, build_train_dataset, derive_seed, resolve_amp,
+                                    resolve_device)
 
-_MASK_STREAM, _DATA_STREAM, _EVAL_STREAM = 0, 1, 2  # the trainer's stream ids, so streams match it
+_EVAL_STREAM = 2  # masks of the held-out micro-batches (the trainer's streams: masks 0, data 1)
 
 
 def check_launch(cfg: RunConfig) -> tuple[int, int]:
@@ -100,7 +102,8 @@ def eval_batches(cfg: RunConfig, model: LocalMIM, micro_batch: int, count: int) 
                           f"({micro_batch * count}) for the pipeline's eval loss")
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, _EVAL_STREAM))
     loader = iter(build_loader(dataset, micro_batch, shuffle=False, seed=cfg.train.seed))
-    return [(images, model.random_mask(len(images), generator=gen)) for images, _ in (next(loader) for _ in range(count))]
+    images = [next(loader)[0] for _ in range(count)]
+    return [(x, model.random_mask(len(x), generator=gen)) for x in images]
 
 
 class PipelineRun:
@@ -319,6 +322,20 @@ def _dummy_labels(count: int) -> Iterator:
     return iter([(None, _LABEL)] * count)
 
 
+@contextlib.contextmanager
+def exit_on_failure() -> Iterator[None]:
+    """Inside a process group, any exception prints and ends this process at once (see module docstring)."""
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - a failing rank must not linger in a collective
+        if not dist.is_initialized():
+            raise
+        print(f"{traceback.format_exc()}\nisolocal pipeline: rank {dist.get_rank()} of {dist.get_world_size()} "
+              f"failed: {type(err).__name__}: {err}\n(an error about a closed or reset connection means another "
+              "rank failed first: its log has the cause)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def pretrain_pipeline(cfg: RunConfig, resume: bool = False, init: str | None = None) -> dict:
     """Pre-train `cfg` as a pipeline of `cfg.pipeline.stages` ranks; call it in every launched process.
 
@@ -328,15 +345,7 @@ def pretrain_pipeline(cfg: RunConfig, resume: bool = False, init: str | None = N
     check_launch(cfg)
     if resolve_device(cfg.train.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-    try:
-        run = PipelineRun(cfg, resume, init)
-        summary = run.fit()
+    with exit_on_failure():
+        summary = PipelineRun(cfg, resume, init).fit()
         shutdown()
-        return summary
-    except BaseException as err:  # noqa: BLE001 - any failure must end this rank now, see module docstring
-        if not dist.is_initialized():
-            raise
-        print(f"{traceback.format_exc()}\nisolocal pipeline: rank {dist.get_rank()} of {dist.get_world_size()} "
-              f"failed: {type(err).__name__}: {err}\n(an error about a closed or reset connection means another "
-              "rank failed first: its log has the cause)", file=sys.stderr, flush=True)
-        os._exit(1)
+    return summary
