@@ -25,6 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _config_args(p)
     p.add_argument("--out", help="run directory (overrides out_dir)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run directory from last.pt")
+    p.add_argument("--pipeline-stages", type=int, default=None, metavar="N",
+                   help="DeepSpeed pipeline over N ranks (launch with torchrun or deepspeed); sets pipeline.stages")
+    p.add_argument("--init", default=None, help="pipeline runs: start from this single-process checkpoint's weights")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.set_defaults(func=pretrain)
 
     p = subparsers.add_parser("export", help="export a checkpoint's encoder as a timm state dict")
@@ -42,10 +46,20 @@ def pretrain(args: argparse.Namespace) -> int:
     from isolocal.config import load_run_config
     from isolocal.train import train
 
-    cfg = load_run_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"pipeline.stages={args.pipeline_stages}"] if args.pipeline_stages is not None else [])
+    cfg = load_run_config(args.config, overrides)
     if args.out:
         cfg.out_dir = args.out
-    summary = train(cfg, resume=args.resume)
+    if cfg.pipeline.stages > 0:
+        from isolocal.pipeline.runner import pretrain_pipeline
+
+        summary = pretrain_pipeline(cfg, resume=args.resume, init=args.init)
+        if summary["rank"] != 0:
+            return 0
+    elif args.init:
+        raise ValueError("--init starts a pipeline run from a checkpoint; use --resume for single-process runs")
+    else:
+        summary = train(cfg, resume=args.resume)
     print(f"{summary['mode']} run: {summary['steps']} steps, {summary['epochs_completed']} epochs, "
           f"final loss {summary['final_loss']:.4f}, {summary['time']:.0f} s; "
           f"logs and checkpoints in {summary['out_dir']}")
