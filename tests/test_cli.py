@@ -41,10 +41,10 @@ def test_info_prints_one_row_per_stage(capsys):
     code, out, _ = run_cli(capsys, "info", "--set", "preset=localmim_vit_nano", "--repeats", "1")
     assert code == 0
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "blocks"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["stage", "tap", "blocks"])
     rows = [line.split() for line in lines[header + 1:header + 5]]
-    assert [r[:2] for r in rows] == [["0", "0-0"], ["1", "1-1"], ["2", "2-2"], ["3", "3-3"]]
-    gflops = [float(r[6]) for r in rows]
+    assert [r[:3] for r in rows] == [["0", "0", "1"], ["1", "1", "1"], ["2", "2", "1"], ["3", "3", "1"]]
+    gflops = [float(r[7]) for r in rows]
     assert all(g > 0 for g in gflops)
     assert "total: 459,940 parameters" in out
 

@@ -86,7 +86,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
-    """One row per stage: its blocks, parameters (encoder and local head), forward FLOPs and median
+    """One row per stage: its tap (block or Swin stage index), encoder blocks, parameters (encoder and local head), forward FLOPs and median
     forward time for one masked training image (the work a stage does per image in pre-training)."""
     import pandas as pd
     import torch
@@ -98,7 +98,6 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
     m = cfg.model
     images = torch.randn(1, m.in_chans, m.img_size, m.img_size)
     batch = model.prepare(images, model.random_mask(1, generator=torch.Generator().manual_seed(0)))
-    starts = [0] + [t.index + 1 for t in model.taps[:-1]]
     rows, x = [], images
     with torch.no_grad():
         for k, (stage, tap) in enumerate(zip(model.stages, model.taps)):
@@ -112,7 +111,9 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
             times = times[1:]
             head = sum(p.numel() for name, p in stage.named_parameters() if name.startswith(("decoder.", "norm.")))
             total = sum(p.numel() for p in stage.parameters())
-            rows.append({"stage": k, "blocks": f"{starts[k]}-{tap.index}", "scale": tap.scale,
+            blocks = sum(type(mod).__name__.endswith("Block") for name, mod in stage.named_modules()
+                         if not name.startswith("decoder"))  # timm's ViT Block / SwinTransformerBlock
+            rows.append({"stage": k, "tap": tap.index, "blocks": blocks, "scale": tap.scale,
                          "target_cell": tap.cell, "params_encoder": total - head, "params_head": head,
                          "gflops": counter.get_total_flops() / 1e9,
                          "fwd_ms": 1e3 * statistics.median(times)})

@@ -47,6 +47,7 @@ def derive_seed(*keys: int) -> int:
 
 
 _MASK_STREAM, _DATA_STREAM = 0, 1
+_FIXED_ON_RESUME = ("batch_size", "accum_steps", "seed")  # they define which batches and masks step n sees
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,11 +105,6 @@ class Trainer:
             raise ValueError(f"{self.out_dir} already holds a run ({LAST}); pass --resume to continue it "
                              f"or choose another out_dir")
 
-        torch.manual_seed(t.seed)  # same initial weights on every rank and in every mode
-        self.model = LocalMIM(cfg.model).to(self.device).train()
-        if world > 1:
-            distributed.broadcast_parameters(self.model)
-        self.stage_params = [[p for p in s.parameters() if p.requires_grad] for s in self.model.stages]
         self.dataset = build_train_dataset(cfg)
         per_rank = len(self.dataset) // world
         self.steps_per_epoch = per_rank // self.micro_batch // t.accum_steps
@@ -119,6 +115,12 @@ class Trainer:
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
 
+        torch.manual_seed(t.seed)  # same initial weights on every rank and in every mode
+        self.model = LocalMIM(cfg.model).to(self.device).train()
+        if world > 1:
+            distributed.broadcast_parameters(self.model)
+        self.stage_params = [[p for p in s.parameters() if p.requires_grad] for s in self.model.stages]
+        self.stagewise = self.model.isolated and self.model.num_stages > 1  # one stage (MAE) is plain global
         self.optimizers = build_optimizers(self.model, t)
         self.schedulers = [build_scheduler(opt, t, self.steps_per_epoch) for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -141,7 +143,7 @@ class Trainer:
 
     def fit(self) -> dict:
         t = self.cfg.train
-        mode = "isolated" if self.model.isolated else "global"
+        mode = "isolated" if self.stagewise else "global"
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.main,
                    desc=f"pretrain ({mode})", unit="step", dynamic_ncols=True)
         self.memory.reset()
@@ -156,7 +158,7 @@ class Trainer:
                 logged_steps += 1
                 if self.step % t.log_every == 0:
                     now = time.perf_counter()
-                    rec = self._record("step", losses, now - last_log, logged_steps)
+                    rec = self._record("step", self.step, losses, now - last_log, logged_steps)
                     rec["grad_norm_stage"] = norms.tolist()
                     self.log.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -180,7 +182,7 @@ class Trainer:
         """Log the epoch's mean losses (over all its steps, also across a resume), checkpoint it.
         Its time and speed cover the steps this process ran (all of them unless it resumed)."""
         t = self.cfg.train
-        rec = self._record("epoch", self.epoch_loss_sum / self.steps_per_epoch, seconds, steps_here)
+        rec = self._record("epoch", self.step - 1, self.epoch_loss_sum / self.steps_per_epoch, seconds, steps_here)
         rec["epoch_time"] = seconds
         self.log.write(rec)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -215,7 +217,7 @@ class Trainer:
             sched.step_update(self.step)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        backward = self._isolated_backward if self.model.isolated else self._global_backward
+        backward = self._isolated_backward if self.stagewise else self._global_backward
         losses = torch.zeros(self.model.num_stages, device=self.device)
         for images in micro_batches:
             images = images.to(self.device, non_blocking=True)
@@ -274,11 +276,12 @@ class Trainer:
         per_stage = {g["stage"]: g["lr"] for g in groups}
         return groups[0]["lr"] / groups[0]["lr_scale"], [per_stage[k] for k in sorted(per_stage)]
 
-    def _record(self, kind: str, losses: Tensor, seconds: float, steps: int) -> dict:
-        """A log record; every rank calls it (the losses are averaged over ranks)."""
+    def _record(self, kind: str, step: int, losses: Tensor, seconds: float, steps: int) -> dict:
+        """A log record; every rank calls it (the losses are averaged over ranks). `step` is the
+        0-based index of the last optimizer step it covers, which is how a resume trims the log."""
         stage = distributed.mean_over_ranks(losses, self.dist.world).tolist()
         lr, lr_stage = self._lrs()
-        return {"kind": kind, "step": self.step, "epoch": self.epoch, "loss": math.fsum(stage),
+        return {"kind": kind, "step": step, "epoch": self.epoch, "loss": math.fsum(stage),
                 "loss_stage": stage, "lr": lr, "lr_stage": lr_stage,
                 "img_per_s": steps * self.cfg.train.batch_size / max(seconds, 1e-9),
                 "peak_mem_mb": self.memory.peak_mb(), "time": self._elapsed()}
@@ -314,10 +317,11 @@ class Trainer:
         return {"mask_generator": self.mask_gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
 
     def _restore(self, state: dict) -> None:
-        saved_model, model = state["config"].get("model"), to_dict(self.cfg.model)
-        if saved_model != model:
-            diff = sorted(k for k in model if saved_model.get(k) != model[k])
-            raise ValueError(f"cannot resume: model config differs from the checkpoint's in {', '.join(diff)}")
+        saved, now = state["config"], to_dict(self.cfg)
+        diff = [f"model.{k}" for k in now["model"] if saved["model"].get(k) != now["model"][k]]
+        diff += [f"train.{k}" for k in _FIXED_ON_RESUME if saved["train"][k] != now["train"][k]]
+        if diff:
+            raise ValueError(f"cannot resume: the config differs from the checkpoint's in {', '.join(diff)}")
         if state["world_size"] != self.dist.world:
             raise ValueError(f"cannot resume exactly: the checkpoint was written by {state['world_size']} "
                              f"process(es), this run has {self.dist.world}")
