@@ -359,6 +359,7 @@ def build_dataset(
     transform_train: bool,
     synthetic_size: int = 512,
     seed: int = 0,
+    crop_scale_min: float = 0.2,
 ) -> tuple[Dataset, tuple[float, ...], tuple[float, ...]]:
     """Dataset ``name`` with its transform, plus the per-channel (mean, std) its images were normalized by.
 
@@ -370,8 +371,9 @@ def build_dataset(
     - ``synthetic``: ``SyntheticImages`` of ``synthetic_size`` items keyed by ``seed``; already
       standardized, so (mean, std) is (0, 1), and never augmented.
 
-    ``transform_train`` picks the random augmentation (pre-training) over the eval resize (feature
-    extraction, k-NN), independently of which split ``train`` selects.
+    ``transform_train`` picks the random augmentation (pre-training, RandomResizedCrop with scale
+    (``crop_scale_min``, 1)) over the eval resize (feature extraction, k-NN), independently of which
+    split ``train`` selects.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -381,7 +383,7 @@ def build_dataset(
     if name == "fashion_mnist":
         mean = _per_channel(FASHION_MNIST_MEAN, in_chans, "mean")
         std = _per_channel(FASHION_MNIST_STD, in_chans, "std")
-        tf = build_transform(img_size, in_chans, mean, std, train=transform_train)
+        tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0))
         return FashionMNIST(root or FASHION_MNIST_ROOT, train=train, transform=tf), mean, std
     if root is None:
         raise ValueError("dataset 'folder' needs a root directory (data.root=<ImageFolder dir>)")
@@ -390,7 +392,7 @@ def build_dataset(
     else:
         mean, std = _per_channel(IMAGENET_MEAN, in_chans, "mean"), _per_channel(IMAGENET_STD, in_chans, "std")
     split_dir = os.path.join(root, "train" if train else "val")
-    tf = build_transform(img_size, in_chans, mean, std, train=transform_train)
+    tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0))
     return ImageFolderDataset(split_dir if os.path.isdir(split_dir) else root, tf), mean, std
 
 

@@ -388,3 +388,18 @@ def test_two_process_data_parallel_ends_with_identical_parameters(tmp_path):
     steps = records(tmp_path)
     assert [r["step"] for r in steps] == [0, 1, 2]  # rank 0 alone writes the log
     assert_same_weights(load_state(tmp_path / LAST)["model"], r0["model"])
+
+
+def test_probes_log_attention_and_knn_without_changing_training(tmp_path):
+    probed = tiny(tmp_path / "probed", "train.analysis_every=2", "train.knn_every_epochs=1", "eval.knn_k=3",
+                  "eval.train_subset=32", "eval.test_subset=16")
+    train(probed)
+    train(tiny(tmp_path / "plain"))
+    analysis = records(tmp_path / "probed", "analysis")
+    steps = len(records(tmp_path / "plain"))  # log_every = 1: one record per step
+    assert [r["step"] for r in analysis] == list(range(0, steps, 2))
+    assert analysis and all(len(r["nmi_layer"]) == probed.model.depth == len(r["attn_dist_layer"]) for r in analysis)
+    knn = records(tmp_path / "probed", "knn")
+    assert [r["epoch"] for r in knn] == list(range(1, probed.train.epochs + 1))
+    assert all(0 <= r[f"knn_top1_stage{k}"] <= 100 for r in knn for k in range(4))
+    assert [r["loss_stage"] for r in records(tmp_path / "probed")] == [r["loss_stage"] for r in records(tmp_path / "plain")]

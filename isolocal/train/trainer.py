@@ -37,6 +37,8 @@ from isolocal.train import distributed
 from isolocal.train.checkpoint import LAST, load_state, save_checkpoint
 from isolocal.train.metrics import MetricsLog, PeakMemory, write_config
 from isolocal.train.optim import build_optimizers, build_scheduler
+from isolocal.train.probes import Probes
+from isolocal.train.step import backward_step, is_stagewise
 
 BatchHook = Callable[[Tensor, Tensor], None]  # (images, mask) of every micro-batch, before its forward
 
@@ -69,7 +71,8 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
     """The pre-training set (missing files fail here, before any training), cut to `data.train_subset`."""
     d, m = cfg.data, cfg.model
     dataset, _, _ = build_dataset(d.name, d.root or None, train=True, img_size=m.img_size, in_chans=m.in_chans,
-                                  transform_train=True, synthetic_size=d.synthetic_size, seed=cfg.train.seed)
+                                  transform_train=True, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
+                                  crop_scale_min=d.crop_scale_min)
     if d.train_subset:
         if d.train_subset > len(dataset):
             raise ConfigError(f"data.train_subset ({d.train_subset}) exceeds the {len(dataset)} training images")
@@ -120,7 +123,7 @@ class Trainer:
         if world > 1:
             distributed.broadcast_parameters(self.model)
         self.stage_params = [[p for p in s.parameters() if p.requires_grad] for s in self.model.stages]
-        self.stagewise = self.model.isolated and self.model.num_stages > 1  # one stage (MAE) is plain global
+        self.stagewise = is_stagewise(self.model)
         self.optimizers = build_optimizers(self.model, t)
         self.schedulers = [build_scheduler(opt, t, self.steps_per_epoch) for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -138,6 +141,8 @@ class Trainer:
             write_config(cfg, self.out_dir)
             self.log.start(self.step if resume else None)
         self.memory = PeakMemory(self.device)
+        wanted = t.analysis_every or t.knn_every_epochs
+        self.probes = Probes(cfg, self.model) if wanted and self.dist.main else None
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -154,6 +159,8 @@ class Trainer:
             epoch_start, epoch_first_step = time.perf_counter(), self.step
             for micro in self._epoch_batches():
                 losses, norms = self.train_step(micro)
+                if self.probes is not None:
+                    self._log_probe(self.probes.after_step(self.step, self.model))
                 self.epoch_loss_sum += losses
                 logged_steps += 1
                 if self.step % t.log_every == 0:
@@ -187,8 +194,14 @@ class Trainer:
         self.log.write(rec)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.epoch_loss_sum.zero_()
+        if self.probes is not None:
+            self._log_probe(self.probes.after_epoch(self.epoch, self.model))
         if self.epoch % t.ckpt_every_epochs == 0 or self.epoch == t.epochs:
             self.save()
+
+    def _log_probe(self, record: dict | None) -> None:
+        if record is not None:
+            self.log.write({**record, "time": self._elapsed()})
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.step >= self.cfg.train.max_steps
@@ -217,14 +230,13 @@ class Trainer:
             sched.step_update(self.step)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        backward = self._isolated_backward if self.stagewise else self._global_backward
         losses = torch.zeros(self.model.num_stages, device=self.device)
         for images in micro_batches:
             images = images.to(self.device, non_blocking=True)
             mask = self.model.random_mask(images.shape[0], generator=self.mask_gen)
             if self.on_batch is not None:
                 self.on_batch(images, mask)
-            losses += backward(images, mask, len(micro_batches))
+            losses += backward_step(self.model, images, mask, self.scaler.scale, len(micro_batches), self._autocast)
         if self.dist.world > 1:
             distributed.average_gradients(self.stage_params, self.dist.world)
         for opt in self.optimizers:
@@ -238,24 +250,6 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                               enabled=self.amp_dtype is not None)
-
-    def _global_backward(self, images: Tensor, mask: Tensor, accum: int) -> Tensor:
-        with self._autocast():
-            out = self.model(images, mask)
-        self.scaler.scale(out.loss / accum).backward()
-        return torch.stack(out.losses).detach().float() / accum
-
-    def _isolated_backward(self, images: Tensor, mask: Tensor, accum: int) -> Tensor:
-        with self._autocast():
-            batch = self.model.prepare(images, mask)
-        x, losses = images, []
-        for k in range(self.model.num_stages):
-            with self._autocast():
-                x, loss, _ = self.model.stage_step(k, x, batch)
-            self.scaler.scale(loss / accum).backward()  # frees stage k's graph before stage k+1 runs
-            x = x.detach()
-            losses.append(loss.detach().float())
-        return torch.stack(losses) / accum
 
     def _clip(self, params: list[torch.nn.Parameter]) -> Tensor:
         """One stage's gradient norm, clipped to `clip_grad` when set (stages never share a norm)."""

@@ -1,0 +1,44 @@
+"""Forward + backward of one micro-batch, global or stage-wise isolated: the step every runner shares.
+
+Global (some boundary lets gradient through): one forward of the whole model, one backward of the
+summed loss. Isolated (every boundary detached, several stages): stage by stage, forward, backward of
+that stage's loss, then the detached output feeds the next stage, so each stage's graph is freed
+before the next one is built and peak activation memory is about one stage's.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from isolocal.models.mim import LocalMIM
+
+Scale = Callable[[Tensor], Tensor]
+
+
+def is_stagewise(model: LocalMIM) -> bool:
+    """Stage-wise backward is exact only when no gradient crosses any boundary."""
+    return model.isolated and model.num_stages > 1
+
+
+def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = lambda x: x, accum: int = 1,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Tensor:
+    """Accumulate gradients of one micro-batch (losses divided by `accum`, then `scale`d, e.g. by a
+    GradScaler); returns the detached per-stage losses divided by `accum`."""
+    if not is_stagewise(model):
+        with autocast():
+            out = model(images, mask)
+        scale(out.loss / accum).backward()
+        return torch.stack(out.losses).detach().float() / accum
+    with autocast():
+        batch = model.prepare(images, mask)
+    x, losses = images, []
+    for k in range(model.num_stages):
+        with autocast():
+            x, loss, _ = model.stage_step(k, x, batch)
+        scale(loss / accum).backward()  # frees stage k's graph before stage k+1 runs
+        x = x.detach()
+        losses.append(loss.detach().float())
+    return torch.stack(losses) / accum
