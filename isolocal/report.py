@@ -76,7 +76,7 @@ def plot_loss_curves(runs: dict[str, pd.DataFrame], path: Path) -> Path:
     for k, ax in enumerate(axes):
         ax.set_title(f"stage {k} loss")
         ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)  # the last panel has every variant (top-only runs live there)
     return _save(fig, path)
 
 

@@ -2,7 +2,7 @@
 
 usage: pipeline_worker.py OUT_DIR SPEC_JSON; SPEC holds any of these tasks, run in this order, each
 writing OUT_DIR/<task>_rank<r>.pt or .json:
-- "grads": cases "P,dp,M,boundary,schedule,clip"; for each a real DeepSpeed engine trains 3 steps on
+- "grads": cases "P,dp,M,boundary,schedule,clip[,preset]"; for each a real DeepSpeed engine trains 3 steps on
   `case_data` and records every step's gradients (captured just before the optimizer step) and the
   parameters after the last step, keyed by LocalMIM parameter name.
 - "runs": a list of [RunConfig dict, resume, init], run one after another through the runner, the
@@ -33,12 +33,12 @@ def case_data(model, dp: int, micro_batches: int) -> list:
               for _ in range(micro_batches)] for _ in range(dp)] for _ in range(STEPS)]
 
 
-def parse_case(case: str) -> tuple[int, int, int, str, str, float]:
-    p, dp, m, boundary, schedule, clip = case.split(",")
-    return int(p), int(dp), int(m), boundary, schedule, float(clip)
+def parse_case(case: str) -> tuple[int, int, int, str, str, float, str]:
+    p, dp, m, boundary, schedule, clip, *preset = case.split(",")
+    return int(p), int(dp), int(m), boundary, schedule, float(clip), (preset or [PRESET])[0]
 
 
-def build(p: int, dp: int, m: int, boundary: str, schedule: str, clip: float):
+def build(p: int, dp: int, m: int, boundary: str, schedule: str, clip: float, preset: str):
     import isolocal
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
@@ -46,7 +46,7 @@ def build(p: int, dp: int, m: int, boundary: str, schedule: str, clip: float):
     from isolocal.pipeline.module import MIMPipe
 
     torch.manual_seed(0)
-    model = isolocal.create_model(PRESET, boundary=boundary)
+    model = isolocal.create_model(preset, boundary=boundary)
     pipe = MIMPipe(model, PipeDataParallelTopology(num_pp=p, num_dp=dp), parts=[round(i * 4 / p) for i in range(p + 1)])
     optimizer = make_optimizer([q for q in pipe.parameters() if q.requires_grad])
     return model, pipe, build_engine(pipe, optimizer, MICRO, m, schedule, clip)
@@ -64,8 +64,7 @@ def local_names(model, pipe) -> list[str]:
 
 
 def run_case(case: str) -> dict:
-    p, dp, m, boundary, schedule, clip = parse_case(case)
-    model, pipe, engine = build(p, dp, m, boundary, schedule, clip)
+    model, pipe, engine = build(*parse_case(case))
     params = dict(model.named_parameters())
     names = local_names(model, pipe)
     grads: list[dict] = []

@@ -42,7 +42,8 @@ TOL = 1e-5
 CASES_2 = ["2,1,1,global,auto,0", "2,1,3,global,auto,0", "2,1,1,isolated,auto,0", "2,1,3,isolated,auto,0",
            "2,1,2,isolated,default,0", "2,1,2,global,auto,0.05"]
 CASES_4 = ["4,1,2,global,auto,0", "4,1,5,global,auto,0", "4,1,2,isolated,auto,0", "4,1,5,isolated,auto,0",
-           "2,2,2,global,auto,0", "2,2,2,isolated,auto,0"]
+           "2,2,2,global,auto,0", "2,2,2,isolated,auto,0",
+           "4,1,2,global,auto,0,localmim_swin_nano", "4,1,2,isolated,auto,0,localmim_swin_nano"]
 
 
 def free_port() -> int:
@@ -104,9 +105,9 @@ def merged(out: Path, n: int) -> dict:
 def reference(case: str) -> dict:
     """Single process: the sum of local losses (detached at boundaries when isolated), averaged over
     micro-batches, each replica's gradient computed alone and then averaged, as data parallelism does."""
-    p, dp, m, boundary, _, clip = parse_case(case)
+    p, dp, m, boundary, _, clip, preset = parse_case(case)
     torch.manual_seed(0)
-    model = isolocal.create_model(PRESET, boundary=boundary)
+    model = isolocal.create_model(preset, boundary=boundary)
     named = {n: q for n, q in model.named_parameters() if q.requires_grad}
     optimizer = make_optimizer(list(named.values()))
     grads = []
@@ -139,7 +140,7 @@ def max_rel(a: dict, b: dict) -> float:
 def check_against_reference(results: dict) -> None:
     for case, got in results.items():
         ref = reference(case)
-        _, _, _, boundary, schedule, _ = parse_case(case)
+        _, _, _, boundary, schedule, _, _ = parse_case(case)
         engine = "IsolatedScheduleEngine" if boundary == "isolated" and schedule == "auto" else "DefaultScheduleEngine"
         assert got["engines"] == {engine}, case
         assert len(got["grads"]) == STEPS
@@ -204,6 +205,7 @@ def test_four_ranks_and_data_parallel_match_single_process(tmp_path):
     check_against_reference(results)
     check_modes_differ(results, "4,1,5,global,auto,0", "4,1,5,isolated,auto,0")
     check_modes_differ(results, "2,2,2,global,auto,0", "2,2,2,isolated,auto,0")
+    check_modes_differ(results, "4,1,2,global,auto,0,localmim_swin_nano", "4,1,2,isolated,auto,0,localmim_swin_nano")
 
 
 def single_process_eval(run_dir: Path, tmp: Path) -> tuple[float, list[float]]:

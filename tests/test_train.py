@@ -403,3 +403,16 @@ def test_probes_log_attention_and_knn_without_changing_training(tmp_path):
     assert [r["epoch"] for r in knn] == list(range(1, probed.train.epochs + 1))
     assert all(0 <= r[f"knn_top1_stage{k}"] <= 100 for r in knn for k in range(4))
     assert [r["loss_stage"] for r in records(tmp_path / "probed")] == [r["loss_stage"] for r in records(tmp_path / "plain")]
+
+
+def test_no_weight_decay_on_norms_biases_and_swin_position_bias_tables():
+    from isolocal.config import TrainConfig
+    from isolocal.train.optim import stage_param_groups
+
+    model = isolocal.create_model("localmim_swin_nano")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for groups in stage_param_groups(model.stages, TrainConfig()):
+        for group in groups:
+            for p in group["params"]:
+                exempt = p.ndim <= 1 or names[id(p)].endswith(("bias", "relative_position_bias_table"))
+                assert (group["weight_decay"] == 0.0) == exempt, names[id(p)]

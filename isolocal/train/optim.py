@@ -14,13 +14,17 @@ from torch import nn
 from isolocal.config import ConfigError, TrainConfig
 
 
+NO_DECAY_SUFFIXES = ("relative_position_bias_table",)  # 2-D, but excluded as timm's Swin `no_weight_decay` does
+
+
 def scaled_lr(cfg: TrainConfig) -> float:
     """The linear scaling rule: lr = base_lr * global batch / 256."""
     return cfg.base_lr * cfg.batch_size / 256
 
 
 def stage_param_groups(stages: nn.ModuleList, cfg: TrainConfig) -> list[list[dict]]:
-    """Per stage: timm's groups (no weight decay on 1-D parameters and biases), tagged with the stage."""
+    """Per stage: timm's groups (no weight decay on 1-D parameters, biases and Swin's relative position
+    bias tables), tagged with the stage."""
     scales = cfg.stage_lr_scale or [1.0] * len(stages)
     if len(scales) != len(stages):
         raise ConfigError(
@@ -30,7 +34,8 @@ def stage_param_groups(stages: nn.ModuleList, cfg: TrainConfig) -> list[list[dic
         raise ConfigError(f"train.stage_lr_scale values must be > 0, got {scales}")
     per_stage = []
     for k, (stage, scale) in enumerate(zip(stages, scales)):
-        groups = param_groups_weight_decay(stage, cfg.weight_decay)
+        no_decay = [n for n, _ in stage.named_parameters() if n.endswith(NO_DECAY_SUFFIXES)]
+        groups = param_groups_weight_decay(stage, cfg.weight_decay, no_weight_decay_list=no_decay)
         per_stage.append([{**g, "lr_scale": scale, "stage": k} for g in groups])
     return per_stage
 
