@@ -57,7 +57,7 @@ def measure(name: str, boundary: str, args: argparse.Namespace, device: torch.de
     peak = memory.peak_mb()
     del model, opt
     gc.collect()
-    return {"model": name, "boundary": boundary, "step_s": statistics.median(times),
+    return {"model": name.split("_vit_")[0], "boundary": boundary, "step_s": statistics.median(times),
             "img_per_s": args.batch / statistics.median(times), "peak_mem_mb": peak}
 
 
