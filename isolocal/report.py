@@ -103,7 +103,7 @@ def plot_accuracy_vs_time(rows: list[dict], runs: dict[str, pd.DataFrame], path:
 
 
 def _markdown_table(table: pd.DataFrame) -> str:
-    return table.to_markdown(index=False, floatfmt=".3f")
+    return table.to_markdown(index=False, floatfmt=".4g")
 
 
 def build_report(study: "Study") -> Path:
