@@ -2,18 +2,19 @@
 
 One process measures everything, so every ratio compares numbers taken on the same machine in the
 same run. A step is forward + backward + AdamW step; the median over `--iters` steps after
-`--warmup` steps is reported. Peak memory: CUDA `max_memory_allocated` per configuration; CPU the
-peak resident memory the step adds (the process high-water mark is reset before each config,
+`--warmup` steps is reported. Each configuration runs in a fresh process (so no allocator cache
+carries over) and its peak memory is what training adds to the built model over all its steps:
+gradients, optimizer state and activations (CUDA `max_memory_allocated`; CPU peak resident memory,
 see `isolocal.train.metrics.PeakMemory`).
 
     python benchmarks/bench_models.py                       # CPU defaults: ViT-S and ViT-B at 224, batch 8
-    python benchmarks/bench_models.py --sizes base --batch 256 --amp bf16 --device cuda
+    python benchmarks/bench_models.py --sizes base --batch 256 --amp bf16 --device cuda --compile
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
+import multiprocessing
 import statistics
 import time
 
@@ -22,15 +23,18 @@ import torch
 
 import isolocal
 from isolocal.train.metrics import PeakMemory
-from isolocal.train.step import backward_step
+from isolocal.train.step import backward_step, compile_stages
 
 MODELS = ("localmim", "mae", "maskfeat")
 
 
-def measure(name: str, boundary: str, args: argparse.Namespace, device: torch.device) -> dict:
+def measure(name: str, boundary: str, args: argparse.Namespace, device_name: str, compiled: bool = False) -> dict:
     """Median step time (s) and peak memory (MiB) of one preset in one boundary mode."""
+    device = torch.device(device_name)
     torch.manual_seed(0)
     model = isolocal.create_model(name, boundary=boundary, img_size=args.img_size).to(device).train()
+    if compiled:
+        compile_stages(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, model.cfg.in_chans, args.img_size, args.img_size, device=device)
@@ -45,19 +49,16 @@ def measure(name: str, boundary: str, args: argparse.Namespace, device: torch.de
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    memory.reset()  # after weights exist, before the first step: gradients, optimizer state and activations count
     for _ in range(args.warmup):
         step()
-    gc.collect()
-    memory.reset()
     times = []
     for _ in range(args.iters):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     peak = memory.peak_mb()
-    del model, opt
-    gc.collect()
-    return {"model": name.split("_vit_")[0], "boundary": boundary, "step_s": statistics.median(times),
+    return {"model": name.split("_vit_")[0], "boundary": boundary, "compiled": compiled, "step_s": statistics.median(times),
             "img_per_s": args.batch / statistics.median(times), "peak_mem_mb": peak}
 
 
@@ -70,20 +71,26 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--amp", choices=("off", "bf16"), default="off")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time LocalMIM (global) with torch.compile'd stages")
     args = parser.parse_args()
-    device = torch.device(args.device)
     rows = []
+    jobs = []
     for size in args.sizes.split(","):
-        for model in MODELS:
-            rows.append({"size": size, **measure(f"{model}_vit_{size}", "global", args, device)})
-        rows.append({"size": size, **measure(f"localmim_vit_{size}", "isolated", args, device)})
+        jobs += [(size, f"{model}_vit_{size}", "global", False) for model in MODELS]
+        jobs.append((size, f"localmim_vit_{size}", "isolated", False))
+        if args.compile:
+            jobs.append((size, f"localmim_vit_{size}", "global", True))
+    context = multiprocessing.get_context("spawn")
+    for size, name, boundary, compiled in jobs:
+        with context.Pool(1) as pool:
+            rows.append({"size": size, **pool.apply(measure, (name, boundary, args, args.device, compiled))})
     table = pd.DataFrame(rows)
     for size, group in table.groupby("size", sort=False):
         mae = group[group["model"] == "mae"].iloc[0]
-        glob = group[(group["model"] == "localmim") & (group["boundary"] == "global")].iloc[0]
+        glob = group[(group["model"] == "localmim") & (group["boundary"] == "global") & ~group["compiled"]].iloc[0]
         table.loc[group.index, "time_vs_mae"] = group["step_s"] / mae["step_s"]
         table.loc[group.index, "mem_vs_localmim_global"] = group["peak_mem_mb"] / glob["peak_mem_mb"]
-    print(f"device {device}, batch {args.batch}, {args.img_size} px, amp {args.amp}, "
+    print(f"device {args.device}, batch {args.batch}, {args.img_size} px, amp {args.amp}, "
           f"median of {args.iters} steps after {args.warmup} warm-up")
     print(table.to_string(index=False, float_format="{:.3f}".format))
 

@@ -91,6 +91,7 @@ class TrainConfig:
     analysis_every: int = 0  # > 0: NMI / attention distance on a probe batch every N steps
     knn_every_epochs: int = 0  # > 0: online k-NN every N epochs
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    compile: bool = False  # torch.compile each stage (and its decoder) in place; state-dict keys unchanged
 
 
 @dataclass

@@ -42,3 +42,11 @@ def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = 
         x = x.detach()
         losses.append(loss.detach().float())
     return torch.stack(losses) / accum
+
+
+def compile_stages(model: LocalMIM) -> None:
+    """`torch.compile` every stage's forward and its decoder, in place: the graphs break only at stage
+    boundaries (where isolated training backpropagates anyway) and state-dict keys stay the same."""
+    for stage in model.stages:
+        stage.compile()
+        stage.decoder.compile()

@@ -38,7 +38,7 @@ from isolocal.train.checkpoint import LAST, load_state, save_checkpoint
 from isolocal.train.metrics import MetricsLog, PeakMemory, write_config
 from isolocal.train.optim import build_optimizers, build_scheduler
 from isolocal.train.probes import Probes
-from isolocal.train.step import backward_step, is_stagewise
+from isolocal.train.step import backward_step, compile_stages, is_stagewise
 
 BatchHook = Callable[[Tensor, Tensor], None]  # (images, mask) of every micro-batch, before its forward
 
@@ -120,6 +120,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # same initial weights on every rank and in every mode
         self.model = LocalMIM(cfg.model).to(self.device).train()
+        if t.compile:
+            compile_stages(self.model)
         if world > 1:
             distributed.broadcast_parameters(self.model)
         self.stage_params = [[p for p in s.parameters() if p.requires_grad] for s in self.model.stages]
