@@ -416,3 +416,16 @@ def test_no_weight_decay_on_norms_biases_and_swin_position_bias_tables():
             for p in group["params"]:
                 exempt = p.ndim <= 1 or names[id(p)].endswith(("bias", "relative_position_bias_table"))
                 assert (group["weight_decay"] == 0.0) == exempt, names[id(p)]
+
+
+@pytest.mark.slow
+def test_compiled_stages_train_like_eager_and_save_plain_checkpoints(tmp_path):
+    """train.compile=true: torch.compile'd stages give the eager run's losses; checkpoints load uncompiled."""
+    train(tiny(tmp_path / "eager", "train.epochs=1", "data.synthetic_size=24"))
+    train(tiny(tmp_path / "compiled", "train.epochs=1", "data.synthetic_size=24", "train.compile=true"))
+    eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 3
+    for a, b in zip(eager, compiled):
+        assert a["loss_stage"] == pytest.approx(b["loss_stage"], rel=1e-4)
+    model = isolocal.load_checkpoint(tmp_path / "compiled" / LAST)
+    assert not any("_orig_mod" in k for k in model.state_dict())
