@@ -64,7 +64,8 @@ def local_names(model, pipe) -> list[str]:
 
 
 def run_case(case: str) -> dict:
-    model, pipe, engine = build(*parse_case(case))
+    p, dp, m, *rest = parse_case(case)
+    model, pipe, engine = build(p, dp, m, *rest)
     params = dict(model.named_parameters())
     names = local_names(model, pipe)
     grads: list[dict] = []
