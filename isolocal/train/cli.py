@@ -94,9 +94,12 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
 
     from isolocal.models.mim import LocalMIM
 
-    model = LocalMIM(cfg.model).eval()
+    from isolocal.train.trainer import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    model = LocalMIM(cfg.model).to(device).eval()
     m = cfg.model
-    images = torch.randn(1, m.in_chans, m.img_size, m.img_size)
+    images = torch.randn(1, m.in_chans, m.img_size, m.img_size, device=device)
     batch = model.prepare(images, model.random_mask(1, generator=torch.Generator().manual_seed(0)))
     rows, x = [], images
     with torch.no_grad():
@@ -107,6 +110,8 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
             for _ in range(repeats + 1):  # the first call warms up and is not counted
                 t0 = time.perf_counter()
                 model.stage_step(k, x, batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             times = times[1:]
             head = sum(p.numel() for name, p in stage.named_parameters() if name.startswith(("decoder.", "norm.")))
@@ -131,7 +136,10 @@ def info(args: argparse.Namespace) -> int:
     m = cfg.model
     print(f"{cfg.preset}: {m.arch} {m.img_size}px patch {m.patch_size}, {m.embed_dim}-d, depth {m.depth}, "
           f"target {m.target}, boundary {m.boundary}, mask ratio {m.mask_ratio}")
-    print("per stage, one masked training image on CPU (FLOPs counted by torch.utils.flop_counter):")
+    from isolocal.train.trainer import resolve_device
+
+    print(f"per stage, one masked training image on {resolve_device(cfg.train.device).type} "
+          "(FLOPs counted by torch.utils.flop_counter):")
     totals = table[["params_encoder", "params_head", "gflops", "fwd_ms"]].sum()
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"total: {int(totals.params_encoder + totals.params_head):,} parameters, "
