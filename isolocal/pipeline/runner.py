@@ -44,7 +44,7 @@ from isolocal.train.distributed import gather_objects
 from isolocal.train.metrics import MetricsLog, PeakMemory, write_config
 from isolocal.train.optim import build_scheduler, scaled_lr, stage_param_groups
 from isolocal.train.trainer import (_DATA_STREAM, _MASK_STREAM, build_train_dataset, derive_seed, resolve_amp,
-                                    resolve_device)
+                                    resolve_device, step_counts)
 
 _EVAL_STREAM = 2  # masks of the held-out micro-batches (the trainer's streams: masks 0, data 1)
 
@@ -144,14 +144,8 @@ class PipelineRun:
         self.engine = build_engine(self.pipe, optimizer, self.micro_batch, p.micro_batches, p.schedule, t.clip_grad)
 
         self.dataset = build_train_dataset(cfg)
-        per_replica = len(self.dataset) // self.dp
-        self.steps_per_epoch = per_replica // self.micro_batch // p.micro_batches
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.dataset)} training images over {self.dp} replica(s) give no full step "
-                              f"of train.batch_size {t.batch_size}; lower the batch or use more data")
-        self.total_steps = t.epochs * self.steps_per_epoch
-        if t.max_steps:
-            self.total_steps = min(self.total_steps, t.max_steps)
+        self.steps_per_epoch, self.total_steps = step_counts(t, len(self.dataset), self.dp, self.micro_batch,
+                                                             p.micro_batches)
         self.scheduler = build_scheduler(optimizer, t, self.steps_per_epoch)
         self.mask_gen = torch.Generator().manual_seed(derive_seed(t.seed, _MASK_STREAM, self.replica))
         self.step = self.epoch = self.step_in_epoch = 0

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from isolocal.config import ConfigError, RunConfig, to_dict
+from isolocal.config import ConfigError, RunConfig, TrainConfig, to_dict
 from isolocal.data import build_dataset, build_loader
 from isolocal.models.mim import LocalMIM
 from isolocal.train import distributed
@@ -80,6 +80,16 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
     return dataset
 
 
+def step_counts(t: TrainConfig, images: int, replicas: int, micro_batch: int, micro_per_step: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run) for `images` split over `replicas`."""
+    per_epoch = images // replicas // micro_batch // micro_per_step
+    if per_epoch == 0:
+        raise ConfigError(f"{images} training images over {replicas} replica(s) give no full step "
+                          f"of train.batch_size {t.batch_size}; lower the batch or use more data")
+    total = t.epochs * per_epoch
+    return per_epoch, min(total, t.max_steps) if t.max_steps else total
+
+
 class Trainer:
     """Everything one pre-training run needs; `fit()` runs it. `train()` below is the usual entry."""
 
@@ -109,14 +119,8 @@ class Trainer:
                              f"or choose another out_dir")
 
         self.dataset = build_train_dataset(cfg)
-        per_rank = len(self.dataset) // world
-        self.steps_per_epoch = per_rank // self.micro_batch // t.accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.dataset)} training images over {world} process(es) give no full step "
-                              f"of train.batch_size {t.batch_size}; lower the batch or use more data")
-        self.total_steps = t.epochs * self.steps_per_epoch
-        if t.max_steps:
-            self.total_steps = min(self.total_steps, t.max_steps)
+        self.steps_per_epoch, self.total_steps = step_counts(t, len(self.dataset), world, self.micro_batch,
+                                                             t.accum_steps)
 
         torch.manual_seed(t.seed)  # same initial weights on every rank and in every mode
         self.model = LocalMIM(cfg.model).to(self.device).train()
