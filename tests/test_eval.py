@@ -86,10 +86,12 @@ def test_linear_probe_leaves_encoder_bit_identical():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     data = SyntheticImages(64, 32, in_chans=1)
-    cfg = EvalConfig(linear_epochs=2, linear_batch_size=16, feature="mean")
+    cfg = EvalConfig(linear_epochs=10, linear_batch_size=16, feature="mean")
     feats = split_features(model, data, SyntheticImages(32, 32, in_chans=1, train=False), cfg, progress=False)
     accs = linear_per_stage(feats, cfg, progress=False)
-    assert len(accs) == model.num_stages and all(0.0 <= a <= 100.0 for a in accs)
+    # The 10 grating classes are separable even in random-init features: 10 epochs on 64 images beat
+    # chance (10 %) by more than 40 points on every stage.
+    assert len(accs) == model.num_stages and all(a > 50.0 for a in accs), accs
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -142,9 +144,19 @@ def test_finetune_runs_with_mixup_and_leaves_source_model_unchanged():
     cfg = EvalConfig(finetune_epochs=1, finetune_batch_size=16, mixup=0.8, cutmix=1.0, drop_path=0.1)
     out = finetune(model, SyntheticImages(48, 32, in_chans=1), SyntheticImages(20, 32, in_chans=1, train=False),
                    cfg, progress=False)
-    assert 0.0 <= out["top1"] <= 100.0 and len(out["epochs"]) == 1
+    assert len(out["epochs"]) == 1
     assert torch.isfinite(torch.tensor(out["epochs"][0]["train_loss"]))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_finetune_learns_the_synthetic_classes():
+    """Two epochs on 96 grating images (no mixup): top-1 on 50 held-out images beats chance (10 %) by
+    more than 20 points."""
+    cfg = EvalConfig(finetune_epochs=2, finetune_batch_size=16)
+    out = finetune(_nano(), SyntheticImages(96, 32, in_chans=1), SyntheticImages(50, 32, in_chans=1, train=False),
+                   cfg, progress=False)
+    assert out["top1"] > 30.0, out["top1"]
+    assert out["epochs"][-1]["train_loss"] < out["epochs"][0]["train_loss"]
 
 
 def test_online_knn_reports_every_stage():
@@ -152,6 +164,7 @@ def test_online_knn_reports_every_stage():
     cfg = EvalConfig(knn_k=5, feature="mean")
     out = online_knn(model, SyntheticImages(60, 32, in_chans=1), SyntheticImages(20, 32, in_chans=1, train=False), cfg)
     assert sorted(out) == [f"knn_top1_stage{k}" for k in range(model.num_stages)]
+    assert all(acc > 50.0 for acc in out.values()), out  # chance is 10 %
 
 
 def test_eval_config_rejects_bad_values():
@@ -209,4 +222,5 @@ def test_cli_evaluates_a_pretrained_checkpoint(tmp_path):
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["model"]["boundary"] == "isolated"  # the checkpoint's model, not the eval config's
-    assert len(result["results"]) == 4
+    accs = [row["knn_top1"] for row in result["results"]]
+    assert len(accs) == 4 and all(a > 40.0 for a in accs), accs  # gratings: chance is 10 %

@@ -179,20 +179,31 @@ def test_isolation_on_nano_swin(boundary):
                 assert norm == 0, (k, j)
 
 
-@pytest.mark.parametrize("name", SWIN_PRESETS)
-def test_preset_shapes(name):
+@pytest.mark.parametrize("name", [n for n in SWIN_PRESETS if "_nano" in n])
+def test_nano_preset_shapes(name):
     torch.manual_seed(0)
-    small = {} if name.split("_")[2] == "nano" else {"img_size": 64, "window_size": 4}
-    model = isolocal.create_model(name, **small)
+    model = isolocal.create_model(name)
     cfg, B = model.cfg, 2
     images = torch.randn(B, cfg.in_chans, cfg.img_size, cfg.img_size)
     with torch.no_grad():
         out = model(images, model.random_mask(B, torch.Generator().manual_seed(0)), return_pred=True)
         feats = model.encode(images)
-    for tap, pred, feat in zip(model.taps, out.preds, feats):
-        assert pred.shape[:2] == (B, tap.out_grid ** 2) and tap.out_grid * tap.cell == cfg.img_size
+    for tap, pred, feat, target in zip(model.taps, out.preds, feats, model.target_bank(images)):
+        assert pred.shape == target.shape == (B, tap.out_grid ** 2, target.shape[-1])
         assert feat.shape == (B, tap.grid ** 2, tap.dim)
-    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(loss) and loss > 0 for loss in out.losses)
+
+
+@pytest.mark.parametrize("size, dim", [("tiny", 96), ("small", 96), ("base", 128), ("large", 192)])
+def test_published_swin_preset_geometry(size, dim):
+    """224 px, patch 4: taps after the next patch merging (dims 2C, 4C, 8C, 8C, grids 28, 14, 7, 7),
+    decoders at the tap grid (cells 8, 16, 32, 32 px); from the config alone, no weights."""
+    for name in (f"localmim_swin_{size}", f"localmim_swin_{size}_pix", f"simmim_swin_{size}"):
+        cfg = isolocal.preset_config(name)
+        taps = isolocal.models.swin.swin_taps(cfg)
+        expected = [(2 * dim, 28, 8), (4 * dim, 14, 16), (8 * dim, 7, 32), (8 * dim, 7, 32)][-len(cfg.taps):]
+        assert [(t.dim, t.grid, t.cell) for t in taps] == expected, name
+        assert all(t.out_grid == t.grid for t in taps), name
 
 
 def test_published_swin_base_geometry():

@@ -1,8 +1,10 @@
 """HOG and normalized-pixel targets (METHOD.md section 3) on hand-made images."""
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from isolocal import targets
 
@@ -69,16 +71,72 @@ def test_hog_bias_is_seeded_and_changes_the_target():
     assert torch.count_nonzero(targets.hog(img, cell=8, nbins=18, bias=a)) > 0
 
 
-def test_separable_gradients_equal_the_3x3_cross_correlation():
+def reference_hog(images: torch.Tensor, cell: int, nbins: int, bias: torch.Tensor | None) -> np.ndarray:
+    """HOG written out independently: `conv2d` with the two 3x3 Sobel kernels and their bias (as the
+    published code's frozen nn.Conv2d), unsigned orientation in degrees binned in 180/nbins steps,
+    a per-cell loop averaging the histograms, then L2 normalization per cell and channel."""
+    B, C, H, W = images.shape
+    k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    out = np.zeros((B, (H // cell) * (W // cell), C * nbins))
+    for c in range(C):
+        x = F.pad(images[:, c:c + 1].double(), (1, 1, 1, 1), mode="reflect")
+        g = F.conv2d(x, torch.stack([k0, k0.t()]).unsqueeze(1),
+                     None if bias is None else bias[c].double()).numpy()  # (B, 2, H, W)
+        magnitude = np.hypot(g[:, 0], g[:, 1])
+        degrees = np.degrees(np.arctan2(g[:, 0], g[:, 1])) % 180.0
+        bins = np.minimum((degrees // (180.0 / nbins)).astype(int), nbins - 1)
+        for b in range(B):
+            for i in range(H // cell):
+                for j in range(W // cell):
+                    hist = np.zeros(nbins)
+                    window = (slice(i * cell, (i + 1) * cell), slice(j * cell, (j + 1) * cell))
+                    np.add.at(hist, bins[b][window].ravel(), magnitude[b][window].ravel())
+                    hist /= cell * cell
+                    out[b, i * (W // cell) + j, c * nbins:(c + 1) * nbins] = hist / max(np.linalg.norm(hist), 1e-12)
+    return out
+
+
+@pytest.mark.parametrize("nbins, with_bias", [(9, False), (18, True)])
+def test_hog_matches_a_conv2d_reference_with_bias(nbins, with_bias):
     torch.manual_seed(0)
     img = torch.randn(2, 3, 16, 16)
-    k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-    padded = torch.nn.functional.pad(img.reshape(6, 1, 16, 16), (1, 1, 1, 1), mode="reflect")
-    g = torch.nn.functional.conv2d(padded, torch.stack([k0, k0.t()]).unsqueeze(1)).reshape(2, 3, 2, 16, 16)
-    mag = g.pow(2).sum(2).sqrt()
-    bins = torch.remainder(torch.floor(torch.atan2(g[:, :, 0], g[:, :, 1]) / math.pi * 9), 9).long()
-    expected = torch.zeros(2, 3, 9, 16, 16).scatter_(2, bins.unsqueeze(2), mag.unsqueeze(2))
-    assert torch.allclose(targets.hog_histogram(img, 9), expected, atol=1e-5)
+    img[:, :, :4, :4] = 0.3  # a flat corner: without the bias its gradients are exactly zero
+    bias = torch.tensor([[0.3, -0.1], [-0.25, 0.2], [0.05, 0.3]]) if with_bias else None
+    got = targets.hog(img, cell=4, nbins=nbins, bias=bias).numpy()
+    np.testing.assert_allclose(got, reference_hog(img, 4, nbins, bias), rtol=1e-4, atol=1e-5)
+
+
+def diagonal_image(size: int = 16) -> torch.Tensor:
+    """Bright above the main diagonal: I[y, x] = 1 where x > y."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return (x > y).float().view(1, 1, size, size)
+
+
+def test_diagonal_edge_lands_in_bin_6_with_hand_derived_magnitudes():
+    """For I = [x > y], the 3x3 sums give g0 = (left - right) = -3 and g1 = (top - bottom) = +3 on the
+    diagonal and the first super-diagonal, -1 and +1 one further out on each side, 0 elsewhere. The
+    orientation atan2(-3, 3) = -45 deg is 135 deg unsigned, in [120, 140): bin 6 of 9."""
+    hist = targets.hog_histogram(diagonal_image(), nbins=9)[0, 0, :, 2:-2, 2:-2]  # away from the padding
+    y, x = torch.meshgrid(torch.arange(2, 14), torch.arange(2, 14), indexing="ij")
+    offset = x - y
+    expected = torch.zeros(12, 12)
+    expected[(offset == 0) | (offset == 1)] = 3 * math.sqrt(2)
+    expected[(offset == -1) | (offset == 2)] = math.sqrt(2)
+    assert torch.allclose(hist[6], expected, atol=1e-5)
+    assert torch.count_nonzero(hist[torch.arange(9) != 6]) == 0
+
+
+def test_anti_diagonal_edge_lands_in_bin_2_and_the_bias_shifts_it():
+    """The mirror image, bright where x + y > 15, gives g = (-3, -3): atan2 = -135 deg, 45 deg unsigned,
+    bin 2 of 9. Adding a bias (+6, 0) to g gives (3, -3) on those pixels: 135 deg, bin 6; subtracting
+    it would give (-9, -3): -108.4 deg, 71.6 deg unsigned, bin 3."""
+    img = diagonal_image().flip(-2)  # I[y, x] = [x + y > 15]
+    hist = targets.hog_histogram(img, nbins=9)[0, 0, :, 2:-2, 2:-2]
+    assert torch.count_nonzero(hist[torch.arange(9) != 2]) == 0 and hist[2].max() == pytest.approx(3 * math.sqrt(2))
+    biased = targets.hog_histogram(img, nbins=9, bias=torch.tensor([[6.0, 0.0]]))[0, 0, :, 2:-2, 2:-2]
+    strong = hist[2] > 4  # the pixels with g = (-3, -3)
+    assert torch.allclose(biased[6][strong], torch.full_like(biased[6][strong], 3 * math.sqrt(2)))
+    assert torch.count_nonzero(biased[3]) == 0
 
 
 def test_target_bank_pools_once_and_matches_direct_hog():
@@ -98,12 +156,21 @@ def test_pixels_are_normalized_per_patch():
     assert torch.allclose(out.var(-1, unbiased=True), torch.ones(2, 16), atol=1e-3)
 
 
-def test_pixels_patch_order_is_row_col_channel():
-    img = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
-    raw = torch.einsum("nchpwq->nhwpqc", img.reshape(1, 2, 2, 2, 2, 2)).reshape(1, 4, 8)
-    expected = (raw - raw.mean(-1, keepdim=True)) / (raw.var(-1, keepdim=True) + 1e-6).sqrt()
-    assert torch.allclose(targets.pixels(img, patch=2), expected)
-    assert math.isclose(raw[0, 0, 1].item(), 16.0)  # second entry of patch 0 is channel 1
+def test_pixels_match_a_per_patch_loop():
+    """Each patch (row-major), flattened as (row, col, channel), minus its mean, over the square root
+    of its unbiased variance + 1e-6 (MAE's norm_pix_loss)."""
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 12, 8) * 4 - 1
+    img[1, :, :4, :4] = 2.0  # a constant patch: its normalized pixels are 0, not NaN
+    patch = 4
+    expected = np.zeros((2, 3 * 2, patch * patch * 3))
+    for b in range(2):
+        for i in range(3):
+            for j in range(2):
+                values = img[b, :, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch].permute(1, 2, 0)
+                values = values.double().numpy().ravel()
+                expected[b, i * 2 + j] = (values - values.mean()) / np.sqrt(values.var(ddof=1) + 1e-6)
+    np.testing.assert_allclose(targets.pixels(img, patch=patch).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_cell_is_a_clear_error():

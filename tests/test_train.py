@@ -380,8 +380,16 @@ def test_two_process_data_parallel_ends_with_identical_parameters(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same_weights(r0["model"], r1["model"])
     torch.manual_seed(0)
-    init = LocalMIM(load_run_config(None, overrides).model).state_dict()
+    model = LocalMIM(load_run_config(None, overrides).model)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
     assert any(not torch.equal(init[k], r0["model"][k]) for k in init)  # it did train
+    # Step 0 in one process over the same total batch (both ranks' two micro-batches): the mean of the
+    # four losses. The logged per-stage gradient norms (before clipping) must be that gradient's.
+    for images, mask in r0["seen"][:2] + r1["seen"][:2]:
+        (model(images, mask).loss / 4).backward()
+    expected = [torch.nn.utils.get_total_norm([p.grad for p in stage.parameters() if p.grad is not None]).item()
+                for stage in model.stages]
+    assert records(tmp_path)[0]["grad_norm_stage"] == pytest.approx(expected, rel=1e-4)
     assert len(r0["seen"]) == len(r1["seen"]) == 6 and r0["seen"][0][0].shape[0] == 2  # 8 = 2 ranks x 2 x 2
     for (img0, mask0), (img1, mask1) in zip(r0["seen"], r1["seen"]):
         assert not torch.equal(img0, img1) and not torch.equal(mask0, mask1)  # each rank its own data and masks
@@ -401,7 +409,7 @@ def test_probes_log_attention_and_knn_without_changing_training(tmp_path):
     assert analysis and all(len(r["nmi_layer"]) == probed.model.depth == len(r["attn_dist_layer"]) for r in analysis)
     knn = records(tmp_path / "probed", "knn")
     assert [r["epoch"] for r in knn] == list(range(1, probed.train.epochs + 1))
-    assert all(0 <= r[f"knn_top1_stage{k}"] <= 100 for r in knn for k in range(4))
+    assert all(r[f"knn_top1_stage{k}"] > 40.0 for r in knn for k in range(4)), knn  # 10 grating classes: chance 10 %
     assert [r["loss_stage"] for r in records(tmp_path / "probed")] == [r["loss_stage"] for r in records(tmp_path / "plain")]
 
 
