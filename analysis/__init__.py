@@ -1,10 +1,12 @@
-"""Attention analysis of MIM encoders (METHOD.md section 8): capture, NMI, distance, figures."""
+"""Analysis of MIM encoders: attention (capture, NMI, distance, figures) and per-stage reconstructions."""
 
 from analysis.capture import TokenLayout, attention_layouts, capture_attention, token_layout
 from analysis.figures import plot_attention_maps, plot_metric_vs_depth
 from analysis.metrics import attention_distance, layer_table, layout_table, nmi
+from analysis.reconstruction import StageReconstruction, reconstruct, save_reconstruction
 
 __all__ = [
+    "StageReconstruction",
     "TokenLayout",
     "attention_distance",
     "attention_layouts",
@@ -14,5 +16,7 @@ __all__ = [
     "nmi",
     "plot_attention_maps",
     "plot_metric_vs_depth",
+    "reconstruct",
+    "save_reconstruction",
     "token_layout",
 ]

@@ -1,4 +1,4 @@
-"""`isolocal analyze nmi|distance|attention`: attention figures and CSVs from checkpoints.
+"""`isolocal analyze nmi|distance|attention|reconstruct`: attention and reconstruction figures and CSVs.
 
 nmi / distance: query/key NMI or mean attention distance (pixels) against depth, one curve per
 checkpoint (labelled by --label, default the file stem), written as ``<what>.png`` and
@@ -6,6 +6,11 @@ checkpoint (labelled by --label, default the file stem), written as ``<what>.png
 attention: per checkpoint and image, ``attention_<label>_<image>.png`` with the image (query patch
 boxed) and that query's head-mean attention over the token grid at each chosen layer, plus
 ``attention_<label>.csv`` (one row per layer; per image and query the attention row, row-major).
+reconstruct (isolocal checkpoints or run directories): per checkpoint ``reconstruct_<label>.png``,
+one row per image: input, masked input (mask drawn from --mask-seed), then per stage its target at
+its own cell size and its decoder's prediction on the masked cells (visible cells pasted back);
+pixel targets also un-normalized with each cell's mean and variance, HOG targets as glyphs. Each
+prediction carries its masked-cell error (the stage's loss), also in ``reconstruct_<label>.csv``.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ def _point(text: str) -> tuple[int, int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("analyze", help="attention NMI, distance and maps of checkpoints", description=__doc__,
+    p = subparsers.add_parser("analyze", help="attention NMI, distance and maps; per-stage reconstructions",
+                              description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("nmi", "distance", "attention"))
+    p.add_argument("what", choices=("nmi", "distance", "attention", "reconstruct"))
     p.add_argument("--ckpt", action="append", required=True, type=Path,
                    help="isolocal, timm ViT, MAE or LocalMIM checkpoint; repeat to overlay several")
     p.add_argument("--label", action="append", help="legend/file label per --ckpt (default: file stem)")
@@ -55,6 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--query", action="append", type=_point,
                    help="query patch ROW,COL for attention maps; repeatable (default: centre and (g/4, g/4))")
     p.add_argument("--heads", type=int, help="num_heads for timm-format checkpoints of non-standard width")
+    p.add_argument("--mask-seed", type=int, default=0, help="reconstruct: seed of the model's random mask (default 0)")
+    p.add_argument("--hog-channels", choices=("mean", "rgb"), default="mean",
+                   help="reconstruct: HOG glyphs averaged over colour channels or one colour per channel")
     p.set_defaults(func=run)
 
 
@@ -188,9 +197,15 @@ def _write_attention(args: argparse.Namespace, runs: list[_Run]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    runs = _load_runs(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    written = _write_attention(args, runs) if args.what == "attention" else _write_metric(args, runs)
+    if args.what == "reconstruct":
+        from analysis.reconstruction import run_reconstruct
+
+        written = run_reconstruct(args.ckpt, _labels(args), args.images, args.out, args.mask_seed, args.pdf,
+                                  args.hog_channels)
+    else:
+        runs = _load_runs(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = _write_attention(args, runs) if args.what == "attention" else _write_metric(args, runs)
     for path in written:
         print(path)
     return 0
