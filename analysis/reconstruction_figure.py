@@ -23,7 +23,8 @@ from analysis.reconstruction import StageReconstruction, pixel_mask, pixel_views
 from isolocal.models.mim import LocalMIM
 
 MASK_COLOUR = np.array([0.20, 0.25, 0.45])  # masked patches in the masked input, and HOG cell shading
-GLYPH_PANEL_PX = 384  # HOG glyph panels are drawn at about this many pixels per side
+PANEL_INCHES = 2.0
+GLYPH_PANEL_PX = 300  # HOG glyphs are drawn at about the panel's size at 150 dpi, so lines stay sharp
 NORMALIZED_RANGE = 2.5  # normalized pixels are shown over [-2.5, 2.5]
 
 
@@ -68,7 +69,7 @@ def plot_reconstruction(model: LocalMIM, batch: ImageBatch, mask: Tensor, recs: 
     views = [pixel_views(rec, images, masked) for rec in recs] if pixels else None
     shown = errors.set_index(["index", "stage"])["masked_cell_error"]
 
-    fig = Figure(figsize=(1.6 * cols, 1.75 * rows + 0.5))
+    fig = Figure(figsize=(PANEL_INCHES * cols, (PANEL_INCHES + 0.2) * rows + 0.5))
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, name in enumerate(batch.names):
         image = _rgb(_to_display(images[i], batch.mean, batch.std))
@@ -87,7 +88,8 @@ def plot_reconstruction(model: LocalMIM, batch: ImageBatch, mask: Tensor, recs: 
                 target, pred = _glyph_panels(rec, model, i, hog_channels)
                 panels += [(target, f"{head}HOG target"), (pred, f"{head}prediction\n{err}")]
         for ax, (arr, label) in zip(axes[i], panels):
-            ax.imshow(arr, interpolation="nearest")
+            # small images are magnified (nearest keeps pixels square), glyph images are shrunk (smoothly)
+            ax.imshow(arr, interpolation="nearest" if arr.shape[0] <= model.img_size else "antialiased")
             ax.set_title(label, fontsize=7)
             ax.set_axis_off()
     fig.suptitle(title, fontsize=8)
