@@ -4,11 +4,14 @@ One process measures everything, so every ratio compares numbers taken on the sa
 same run. A step is forward + backward + AdamW step; the median over `--iters` steps after
 `--warmup` steps is reported. Each configuration runs in a fresh process (so no allocator cache
 carries over) and its peak memory is what training adds to the built model over all its steps:
-gradients, optimizer state and activations (CUDA `max_memory_allocated`; CPU peak resident memory,
-see `isolocal.train.metrics.PeakMemory`).
+gradients, optimizer state and activations, the weights and the batch excluded on both devices (CUDA
+`max_memory_allocated`, CPU peak resident memory, each minus its value before the first step; see
+`isolocal.train.metrics.PeakMemory`).
 
-    python benchmarks/bench_models.py                       # CPU defaults: ViT-S and ViT-B at 224, batch 8
-    python benchmarks/bench_models.py --sizes base --batch 256 --amp bf16 --device cuda --compile
+Run from the repository root of a plain checkout (no install needed):
+
+    python -m benchmarks.bench_models                       # CPU defaults: ViT-S and ViT-B at 224, batch 8
+    python -m benchmarks.bench_models --sizes base --batch 256 --amp bf16 --device cuda --compile
 """
 from __future__ import annotations
 

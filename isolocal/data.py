@@ -319,8 +319,8 @@ def build_transform(
 ) -> T.Compose:
     """The LocalMIM pre-training augmentation (train) or a plain resize (eval), to normalized floats.
 
-    Train: RandomResizedCrop(img_size, scale, bicubic, antialias) + horizontal flip, as in METHOD.md
-    section 7. Eval: bicubic Resize(img_size) + CenterCrop(img_size). Both accept PIL images and uint8
+    Train: RandomResizedCrop(img_size, scale, bicubic, antialias) + horizontal flip, as in docs/method.md
+    §7. Eval: bicubic Resize(img_size) + CenterCrop(img_size). Both accept PIL images and uint8
     tensors ``(C, H, W)`` (e.g. Fashion-MNIST's ``(1, 28, 28)``), first bringing them to ``in_chans``
     (gray is replicated to 3 channels, RGB becomes luminance for 1), and end with
     ``ToDtype(float32, scale=True)`` + Normalize, returning a plain float tensor.
@@ -447,7 +447,8 @@ def build_loader(
     epoch ``e`` is the same whether or not the run was interrupted. For data parallelism pass a
     ``DistributedSampler(dataset, shuffle=True, seed=seed)`` and call its ``set_epoch(epoch)``; the
     sampler then owns the order, so ``shuffle`` must be False. Workers are not persistent, so each
-    epoch's workers are re-seeded from the generator.
+    epoch's workers are re-seeded from the generator. Batches come in pinned memory when CUDA is
+    available, so the trainer's ``non_blocking`` copies to the GPU do not wait for its stream.
     """
     if sampler is not None and shuffle:
         raise ValueError("pass shuffle=False with a sampler: the sampler decides the order, shuffle there")
@@ -462,4 +463,5 @@ def build_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
     )

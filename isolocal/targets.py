@@ -1,13 +1,16 @@
-"""Reconstruction targets: HOG and normalized pixels at any cell size (METHOD.md section 3).
+"""Reconstruction targets: HOG and normalized pixels at any cell size (docs/method.md §3).
 
 Both return (B, cells, dim) with cells in row-major order, which is the layout every decoder
 predicts. `TargetBank` computes all of a model's targets for one batch at once: the HOG gradient
 histogram is built once at pixel level and pooled to every tap's cell size (pooling nests exactly
-because every cell size is a multiple of the smallest one).
+because every cell size is a multiple of the smallest one). Targets are always fp32: every entry
+point turns autocast off on the images' device (CUDA autocast runs einsum in bf16, and a target
+rounded to bf16 is another target).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,25 +27,31 @@ def hog_bias(in_chans: int, seed: int) -> Tensor:
     return (torch.rand(in_chans, 2, generator=g) * 2 - 1) / 3.0
 
 
+def fp32(images: Tensor) -> torch.autocast:
+    """Autocast off on the images' device: targets are computed in fp32 inside a bf16 training step."""
+    return torch.autocast(images.device.type, enabled=False)
+
+
 def hog_histogram(images: Tensor, nbins: int = 9, bias: Tensor | None = None) -> Tensor:
     """Per-pixel hard-binned gradient histogram, (B, C, nbins, H, W), fp32."""
-    B, C, H, W = images.shape
-    x = F.pad(images.float().reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="reflect").squeeze(1)
-    # The 3x3 kernels k0 = [[1,0,-1],[2,0,-2],[1,0,-1]] and k1 = k0^T, applied separably: a central
-    # difference, then [1, 2, 1] smoothing across it. Same values, and exactly zero on flat regions.
-    dx = x[:, :, :-2] - x[:, :, 2:]  # left - right
-    dy = x[:, :-2, :] - x[:, 2:, :]  # top - bottom
-    g0 = dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]
-    g1 = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
-    g = torch.stack([g0, g1], dim=1).reshape(B, C, 2, H, W)
-    if bias is not None:
-        g = g + bias.to(g.device).reshape(1, C, 2, 1, 1)
-    g0, g1 = g[:, :, 0], g[:, :, 1]
-    magnitude = torch.sqrt(g0 * g0 + g1 * g1)
-    phase = torch.atan2(g0, g1)
-    bins = torch.remainder(torch.floor(phase / math.pi * nbins), nbins).long()
-    hist = torch.zeros(B, C, nbins, H, W, device=images.device, dtype=torch.float32)
-    return hist.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
+    with fp32(images):
+        B, C, H, W = images.shape
+        x = F.pad(images.float().reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="reflect").squeeze(1)
+        # The 3x3 kernels k0 = [[1,0,-1],[2,0,-2],[1,0,-1]] and k1 = k0^T, applied separably: a central
+        # difference, then [1, 2, 1] smoothing across it. Same values, and exactly zero on flat regions.
+        dx = x[:, :, :-2] - x[:, :, 2:]  # left - right
+        dy = x[:, :-2, :] - x[:, 2:, :]  # top - bottom
+        g0 = dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]
+        g1 = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
+        g = torch.stack([g0, g1], dim=1).reshape(B, C, 2, H, W)
+        if bias is not None:
+            g = g + bias.to(g.device).reshape(1, C, 2, 1, 1)
+        g0, g1 = g[:, :, 0], g[:, :, 1]
+        magnitude = torch.sqrt(g0 * g0 + g1 * g1)
+        phase = torch.atan2(g0, g1)
+        bins = torch.remainder(torch.floor(phase / math.pi * nbins), nbins).long()
+        hist = torch.zeros(B, C, nbins, H, W, device=images.device, dtype=torch.float32)
+        return hist.scatter_(2, bins.unsqueeze(2), magnitude.unsqueeze(2))
 
 
 def pool_histogram(hist: Tensor, cell: int) -> Tensor:
@@ -60,16 +69,16 @@ def finish_hog(pooled: Tensor) -> Tensor:
 
 
 def hog(images: Tensor, cell: int = 16, nbins: int = 9, bias: Tensor | None = None) -> Tensor:
-    """HOG target of METHOD.md section 3: (B, (H/cell)*(W/cell), C*nbins), [R bins, G bins, B bins]."""
+    """HOG target of docs/method.md §3: (B, (H/cell)*(W/cell), C*nbins), [R bins, G bins, B bins]."""
     _check_cell(images, cell)
-    with torch.no_grad():
+    with torch.no_grad(), fp32(images):
         return finish_hog(pool_histogram(hog_histogram(images, nbins, bias), cell))
 
 
 def pixels(images: Tensor, patch: int = 16) -> Tensor:
     """Per-patch normalized pixels: (B, cells, patch*patch*C), each patch flattened (row, col, channel)."""
     _check_cell(images, patch)
-    with torch.no_grad():
+    with torch.no_grad(), fp32(images):
         B, C, H, W = images.shape
         h, w = H // patch, W // patch
         x = images.float().reshape(B, C, h, patch, w, patch)
@@ -104,11 +113,17 @@ class TargetBank(nn.Module):
         self.register_buffer("bias", hog_bias(in_chans, bias_seed) if bias and kind == "hog" else None)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> list[Tensor]:
+    def forward(self, images: Tensor, which: Sequence[int] | None = None) -> list[Tensor | None]:
+        """One target per tap; with `which`, only those taps' (None for the others: a pipeline rank
+        needs its own stages' targets only). The pooling path is the same for any `which`, so every
+        target is bit-identical to the one a full call computes."""
+        wanted = range(len(self.cells)) if which is None else which
         if self.kind == "pixels":
-            return [pixels(images, c) for c in self.cells]
-        hist = hog_histogram(images, self.nbins, self.bias)
-        finest = min(self.cells)
-        base = pool_histogram(hist, finest)
-        return [finish_hog(pool_histogram(base, c // finest) if c % finest == 0 else pool_histogram(hist, c))
-                for c in self.cells]
+            return [pixels(images, c) if k in wanted else None for k, c in enumerate(self.cells)]
+        with fp32(images):
+            hist = hog_histogram(images, self.nbins, self.bias)
+            finest = min(self.cells)
+            base = pool_histogram(hist, finest)
+            return [None if k not in wanted else
+                    finish_hog(pool_histogram(base, c // finest) if c % finest == 0 else pool_histogram(hist, c))
+                    for k, c in enumerate(self.cells)]

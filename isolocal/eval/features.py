@@ -6,6 +6,8 @@ accuracy.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,26 @@ def check_feature(feature: str, has_cls: bool) -> None:
         raise ValueError(f"eval.feature must be one of {', '.join(FEATURES)}, got {feature!r}")
     if feature == "cls" and not has_cls:
         raise ValueError("eval.feature = 'cls' needs a model with a CLS token and this one has none; use 'mean'")
+
+
+@contextlib.contextmanager
+def cuda_eval_precision(device: torch.device, autocast: bool = True) -> Iterator[None]:
+    """On CUDA: TF32 for fp32 matmuls and convolutions, and (with `autocast`) bf16 autocast; elsewhere
+    nothing changes, so CPU results stay bit-identical.
+
+    Evaluation reads features and logits, not fp32 rounding: plain fp32 on a GPU only costs time.
+    The matmul precision is process-wide, so it is restored on exit.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def pool_tokens(tokens: Tensor, feature: str, has_cls: bool) -> Tensor:
@@ -47,21 +69,25 @@ def extract_features(
 ) -> tuple[list[Tensor], Tensor]:
     """(one (N, D_k) float32 matrix per stage, (N,) labels), both on the model's device.
 
-    The model runs in eval mode (no drop path) and is put back in its previous mode afterwards, so
-    the trainer can call this between epochs.
+    On CUDA the encoder runs in bf16 autocast with TF32 (`cuda_eval_precision`); tokens are pooled
+    and stored in fp32. The model runs in eval mode (no drop path) and is put back in its previous
+    mode afterwards, so the trainer can call this between epochs.
     """
     check_feature(feature, model.family.has_cls)
     device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available())
     was_training = model.training
     model.eval()
     feats: list[list[Tensor]] = [[] for _ in range(model.num_stages)]
     labels: list[Tensor] = []
     try:
         for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            for k, tokens in enumerate(model.encode(images.to(device, non_blocking=True))):
-                feats[k].append(pool_tokens(tokens, feature, model.family.has_cls).float())
-            labels.append(torch.as_tensor(targets).to(device))
+            with cuda_eval_precision(device):
+                tokens = model.encode(images.to(device, non_blocking=True))
+            for k, t in enumerate(tokens):
+                feats[k].append(pool_tokens(t.float(), feature, model.family.has_cls))
+            labels.append(torch.as_tensor(targets).to(device, non_blocking=True))
     finally:
         model.train(was_training)
     return [torch.cat(f) for f in feats], torch.cat(labels)

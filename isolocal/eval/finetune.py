@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from isolocal.config import EvalConfig
 from isolocal.data import build_loader
+from isolocal.eval.features import cuda_eval_precision
 from isolocal.eval.linear import cosine_scheduler
 from isolocal.export import create_timm_model
 from isolocal.models.mim import LocalMIM
@@ -70,23 +71,26 @@ def classifier_accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device, read once
     try:
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                            pin_memory=torch.cuda.is_available())
         for images, labels in tqdm(loader, desc="test", disable=not progress, leave=False):
-            preds = classifier(images.to(device)).argmax(1).cpu()
-            correct += int((preds == torch.as_tensor(labels)).sum())
+            with cuda_eval_precision(device):
+                logits = classifier(images.to(device, non_blocking=True))
+            correct += (logits.argmax(1) == torch.as_tensor(labels).to(device, non_blocking=True)).sum()
     finally:
         classifier.train(was_training)
-    return 100.0 * correct / len(dataset)
+    return 100.0 * int(correct) / len(dataset)
 
 
 def finetune(model: LocalMIM | nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
              seed: int = 0, num_workers: int = 0, progress: bool = True) -> dict:
     """Fine-tune a copy of the encoder; {"top1": final test top-1 %, "epochs": per-epoch loss and top-1}.
 
-    Runs on the model's device (bf16 autocast on CUDA). Seeds torch's and numpy's global RNGs, which
-    drop path and timm's Mixup draw from.
+    Runs on the model's device (bf16 autocast and TF32 on CUDA). Losses stay on the device and are
+    read once per epoch: a non-finite epoch loss stops the run. Seeds torch's and numpy's global
+    RNGs, which drop path and timm's Mixup draw from.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -99,22 +103,24 @@ def finetune(model: LocalMIM | nn.Module, train_dataset: Dataset, test_dataset: 
     history, step = [], 0
     for epoch in range(cfg.finetune_epochs):
         clf.train()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch
         for images, labels in tqdm(loader, desc=f"finetune epoch {epoch}", disable=not progress, leave=False):
-            images, labels = images.to(device), torch.as_tensor(labels).to(device)
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True)
             if mixup is not None:
                 images, labels = mixup(images, labels)
             sched.step_update(step)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with cuda_eval_precision(device):
                 loss = criterion(clf(images), labels)
-            if not math.isfinite(loss.item()):
-                raise ValueError(f"fine-tuning diverged at step {step} (loss {loss.item()}); "
-                                 f"lower eval.finetune_lr ({cfg.finetune_lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
+            total += loss.detach()
             step += 1
+        train_loss = total.item() / len(loader)
+        if not math.isfinite(train_loss):
+            raise ValueError(f"fine-tuning diverged in epoch {epoch} (mean loss {train_loss}); "
+                             f"lower eval.finetune_lr ({cfg.finetune_lr})")
         top1 = classifier_accuracy(clf, test_dataset, cfg.linear_batch_size, num_workers, progress)
-        history.append({"epoch": epoch, "train_loss": total / len(loader), "top1": top1})
+        history.append({"epoch": epoch, "train_loss": train_loss, "top1": top1})
     return {"top1": history[-1]["top1"], "epochs": history}

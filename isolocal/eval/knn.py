@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from isolocal.config import EvalConfig
-from isolocal.eval.features import StageFeatures, split_features
+from isolocal.eval.features import StageFeatures, cuda_eval_precision, split_features
 
 
 def knn_predict(
@@ -34,12 +34,13 @@ def knn_predict(
                          f"got labels from {int(train_labels.min())} to {int(train_labels.max())}")
     bank = F.normalize(train_feats.float(), dim=1)
     preds = []
-    for start in range(0, len(test_feats), chunk):
-        query = F.normalize(test_feats[start:start + chunk].float(), dim=1)
-        sims, idx = (query @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(query), num_classes, device=query.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / t).exp())
-        preds.append(votes.argmax(dim=1))
+    with cuda_eval_precision(bank.device, autocast=False):  # TF32 similarities on CUDA
+        for start in range(0, len(test_feats), chunk):
+            query = F.normalize(test_feats[start:start + chunk].float(), dim=1)
+            sims, idx = (query @ bank.T).topk(k, dim=1)
+            votes = torch.zeros(len(query), num_classes, device=query.device)
+            votes.scatter_add_(1, train_labels[idx], (sims / t).exp())
+            preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
 

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from isolocal.config import EvalConfig
-from isolocal.eval.features import StageFeatures
+from isolocal.eval.features import StageFeatures, cuda_eval_precision
 
 
 def check_optimizer(name: str) -> None:
@@ -61,20 +61,21 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     sched = cosine_scheduler(opt, cfg.linear_epochs, steps_per_epoch, cfg.warmup_epochs)
     probe.train()
     step = 0
-    for _ in tqdm(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
-        order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            sched.step_update(step)
-            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once, at the end
+        for _ in tqdm(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
+            order = torch.randperm(len(train_x), generator=gen).to(train_x.device, non_blocking=True)
+            for i in range(steps_per_epoch):
+                idx = order[i * batch:(i + 1) * batch]
+                sched.step_update(step)
+                loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
     if not math.isfinite(loss.item()):
         raise ValueError(f"linear probe diverged (loss {loss.item()}); lower eval.linear_lr ({cfg.linear_lr})")
     probe.eval()
-    with torch.no_grad():
+    with torch.no_grad(), cuda_eval_precision(test_x.device, autocast=False):
         preds = torch.cat([probe(chunk).argmax(1) for chunk in test_x.split(4096)])
     return 100.0 * (preds == test_y).float().mean().item()
 

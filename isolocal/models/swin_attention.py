@@ -4,7 +4,7 @@ A masked image leaves each (shifted) window with anywhere from 0 to window^2 vis
 Attention runs on *groups*: dense sequences of at most window^2 slots, each holding whole windows,
 filled by first-fit-decreasing bin packing, with an additive mask that lets a token attend only to
 tokens of its own window and adds Swin's relative position bias from the tokens' true coordinates. This is
-the published code's knapsack packing with the window and coordinate bugs of METHOD.md section 5
+the published code's knapsack packing with the window and coordinate bugs of docs/method.md §5
 fixed. Every index tensor is planned once per batch (`plan_levels`), not once per block.
 
 Shifted windows are expressed in true coordinates: with shift s, window rows are
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from torch import Tensor
 
-from isolocal.masking import visible_indices
+from isolocal.masking import to_device, visible_indices
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,17 @@ def _check_aligned(mask: Tensor, grid: int) -> Tensor:
     return coarse_any.flatten(1)
 
 
-def plan_levels(mask: Tensor, levels: list[Level]) -> list[LevelPlan]:
-    """Index tensors for every level of a (B, grid0^2) bool mask (True = masked), on the mask's device."""
-    B, device = mask.shape[0], mask.device
-    mask = mask.cpu()
+def plan_levels(mask: Tensor, levels: list[Level], device: torch.device | None = None) -> list[LevelPlan]:
+    """Index tensors for every level of a (B, grid0^2) bool mask (True = masked), on `device` (default:
+    the mask's).
+
+    Planning (bin packing) reads the mask, so it runs on the host: pass the mask while it is still
+    there (a device mask is copied back first, which waits for the device). The plans then reach the
+    device in one non-blocking copy from pinned memory (`to_device`), not one blocking copy per index.
+    """
+    B, device = mask.shape[0], mask.device if device is None else torch.device(device)
+    if mask.device.type != "cpu":
+        mask = mask.cpu()
     shared = bool((mask == mask[:1]).all())
     m = mask[:1] if shared else mask
     plans = []
@@ -148,15 +155,28 @@ def plan_levels(mask: Tensor, levels: list[Level]) -> list[LevelPlan]:
             children = torch.stack([r * level.grid + c, (r + 1) * level.grid + c,
                                     r * level.grid + c + 1, (r + 1) * level.grid + c + 1], -1)
             merge = torch.gather(ids_restore, 1, children.flatten(1))
-        plans.append(LevelPlan(ids_keep, ids_restore.expand(B, -1), packs, merge))
-    return [_to(p, device) for p in plans]
+        plans.append(LevelPlan(ids_keep, ids_restore, packs, merge))
+    return _to(plans, B, device)
 
 
-def _to(plan: LevelPlan, device: torch.device) -> LevelPlan:
-    packs = {s: WindowPack(p.gather.to(device), p.scatter.to(device), p.rel_index.to(device), p.groups, p.size)
-             for s, p in plan.packs.items()}
-    merge = None if plan.merge is None else plan.merge.to(device)
-    return LevelPlan(plan.ids_keep.to(device), plan.ids_restore.to(device), packs, merge)
+def _to(plans: list[LevelPlan], batch: int, device: torch.device) -> list[LevelPlan]:
+    """Every plan's index tensors on `device` in one transfer; `ids_restore` expanded to the batch there."""
+    tensors = [t for p in plans for t in _indices(p)]
+    moved = iter(to_device(tensors, device))
+    out = []
+    for p in plans:
+        ids_keep, ids_restore = next(moved), next(moved)
+        packs = {s: WindowPack(next(moved), next(moved), next(moved), pack.groups, pack.size)
+                 for s, pack in p.packs.items()}
+        merge = None if p.merge is None else next(moved)
+        out.append(LevelPlan(ids_keep, ids_restore.expand(batch, -1), packs, merge))
+    return out
+
+
+def _indices(plan: LevelPlan) -> list[Tensor]:
+    """A plan's tensors in the order `_to` reads them back."""
+    packs = [t for pack in plan.packs.values() for t in (pack.gather, pack.scatter, pack.rel_index)]
+    return [plan.ids_keep, plan.ids_restore, *packs] + ([] if plan.merge is None else [plan.merge])
 
 
 def packed_window_attention(attn: WindowAttention, x: Tensor, pack: WindowPack) -> Tensor:
