@@ -15,8 +15,8 @@ on the host while it is active:
 On a CPU run every tensor is treated as if it lived on the accelerator, so the count is an upper
 bound of the syncs the same code makes on CUDA: a read of a host-made mask counts here although it
 is free on a GPU run. Each event keeps its dtype and device, so a test can allow host reads of
-integer/bool index data (`non_floating`) and a GPU run can keep only the events on the device
-(`on_device`). `torch._assert_async` is not counted: on CUDA it checks on the device, without a sync.
+integer/bool index data and forbid the rest (`floating()`), and a GPU run can keep only the events
+on the device (`on_device()`). `torch._assert_async` is not counted: on CUDA it checks on the device, without a sync.
 """
 from __future__ import annotations
 
