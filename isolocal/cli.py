@@ -2,7 +2,8 @@
 
 A subcommand module provides `add_parser(subparsers)` (which sets `func` on its parser) and
 keeps its heavy imports inside the function that runs, so `isolocal --help` stays fast.
-Expected errors (bad config, missing data) print one line and exit 2, without a traceback.
+Expected errors (bad config, missing data, a missing or untested optional dependency) print one line
+and exit 2, without a traceback.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ SUBCOMMANDS = [
     "isolocal.train.cli",  # pretrain, export, info
     "isolocal.eval.cli",  # eval knn|linear|finetune
     "analysis.cli",  # analyze nmi|distance|attention
-    "isolocal.compare",  # compare
+    "isolocal.study.cli",  # compare
 ]
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"isolocal {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,10 @@
+"""Studies: paired variants x seeds, their runs, statistics over seeds, claims and one report.
+
+Modules, each importing only those before it: `stats` (scipy.stats intervals, paired tests,
+verdicts), `schema` (the study file), `job` (one run in its own process; the only module that
+imports the evaluation code), `runner` (launch, resume, progress), `report` (summary.csv,
+report.md, figures), `cli` (`isolocal compare`).
+"""
+from isolocal.study.schema import Claim, Run, Study, load_study, select_runs
+
+__all__ = ["Claim", "Run", "Study", "load_study", "select_runs"]

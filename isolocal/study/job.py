@@ -1,0 +1,215 @@
+"""One run of a study, in its own process: pre-train, evaluate, analyse; `python -m isolocal.study.job <run dir>`.
+
+The run directory's `run.json` (written by the study runner) holds everything the run needs. Each
+phase leaves its own file, written atomically, and a re-started run skips the phases whose file
+exists and resumes pre-training from `last.pt`:
+
+- `pretrain.json`: the trainer's summary (next to its `metrics.jsonl`, `config.toml`, checkpoints);
+- `probes.json`: k-NN and per-stage linear probes (`isolocal eval knn linear`'s output);
+- `finetune.json`: fine-tuning of the whole encoder (`isolocal eval finetune`'s output);
+- `analysis.csv`: per-layer NMI and attention distance; then the run's figures;
+- `result.json`: status, headline numbers and figure names, or the error of a failed run.
+
+Controls (`pretrain = false`) skip pre-training and evaluate the encoder at its seeded init, which
+is the initialisation the pre-trained variants of the same seed start from.
+
+This module is the only one of the package that imports the training and evaluation code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from isolocal.config import RunConfig
+
+RUN_SPEC = "run.json"
+PRETRAIN = "pretrain.json"
+PROBES = "probes.json"
+FINETUNE = "finetune.json"
+ANALYSIS = "analysis.csv"
+RESULT = "result.json"
+LOG = "run.log"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a killed run never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def run_config(spec: dict) -> RunConfig:
+    from isolocal.config import RunConfig, from_dict
+
+    return from_dict(RunConfig, spec["config"])
+
+
+_IMAGES: dict[str, int] = {}  # pre-training set size by (data, image) config: the runs of a study share it
+
+
+def step_plan(spec: dict) -> tuple[int, int]:
+    """(steps per epoch, steps in all) of a run's pre-training, from its config (single process, as studies run)."""
+    from isolocal.train.loop import build_train_dataset, step_counts
+
+    cfg = run_config(spec)
+    key = json.dumps([spec["config"]["data"], cfg.model.img_size, cfg.model.in_chans], sort_keys=True)
+    if key not in _IMAGES:
+        _IMAGES[key] = len(build_train_dataset(cfg))
+    t = cfg.train
+    return step_counts(t, _IMAGES[key], 1, t.batch_size // t.accum_steps, t.accum_steps)
+
+
+def _stamp_knn_steps(metrics: Path, steps_per_epoch: int) -> None:
+    """Give online k-NN records the step their epoch ended on. The trainer's resume trims
+    metrics.jsonl by each record's "step" and k-NN records carry only their epoch, so without it a
+    run with `train.knn_every_epochs` could not resume."""
+    if not metrics.exists():
+        return
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    for rec in records:
+        if rec["kind"] == "knn" and "step" not in rec:
+            rec["step"] = rec["epoch"] * steps_per_epoch - 1
+    write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in records))
+
+
+def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
+    """Train (resuming from last.pt when a previous attempt left one); the summary gains the step it resumed from."""
+    import torch
+
+    from isolocal.checkpoint import LAST
+    from isolocal.train import train
+
+    resumed = 0
+    if (run_dir / LAST).exists():
+        resumed = int(torch.load(run_dir / LAST, map_location="cpu", weights_only=False)["step"])
+        print(f"resuming pre-training from {run_dir / LAST} (step {resumed})", flush=True)
+        _stamp_knn_steps(run_dir / "metrics.jsonl", step_plan(spec)[0])
+    summary = train(cfg, resume=(run_dir / LAST).exists())
+    return {**summary, "resumed_from_step": resumed}
+
+
+def encoder_source(spec: dict, run_dir: Path) -> str:
+    """What the evaluation loads: the run's last checkpoint, or 'random' for a control."""
+    from isolocal.checkpoint import LAST
+
+    return str(run_dir / LAST) if spec["pretrain"] else "random"
+
+
+def evaluate_run(spec: dict, cfg: RunConfig, ckpt: str, run_dir: Path) -> None:
+    """k-NN / linear probes on features extracted once, then fine-tuning: each skipped when saved."""
+    from isolocal.eval.protocols import evaluate
+
+    probes = [m for m in spec["evals"] if m != "finetune"]
+    if probes and not (run_dir / PROBES).exists():
+        write_json(run_dir / PROBES, evaluate(probes, cfg, ckpt, progress=False))
+    if "finetune" in spec["evals"] and not (run_dir / FINETUNE).exists():
+        write_json(run_dir / FINETUNE, evaluate(["finetune"], cfg, ckpt, progress=False))
+
+
+def load_encoder(cfg: RunConfig, ckpt: str) -> nn.Module:
+    from isolocal.eval.protocols import load_model
+
+    return load_model(ckpt, cfg).eval()
+
+
+def analyse(spec: dict, model: nn.Module, run_dir: Path) -> list[str]:
+    """Per-layer NMI / attention distance into analysis.csv; returns the run's figures (file names)."""
+    import torch
+
+    from analysis.capture import attention_layouts, capture_attention, token_layout
+    from analysis.loading import encoder_depth, input_shape, load_images
+    from analysis.metrics import layout_table
+
+    size, chans = input_shape(model)
+    batch = load_images(spec["images"], size, chans)
+    with torch.no_grad():
+        attn = capture_attention(model, batch.images)
+    layouts = attention_layouts(model, tuple(batch.images.shape[-2:]), encoder_depth(model))
+    table = layout_table(attn, layouts)
+    table[["layer", "nmi", "attention_distance"]].to_csv(run_dir / ANALYSIS, index=False)
+    return run_figures(spec, model, batch, attn, token_layout(model, (size, size)), run_dir)
+
+
+def run_figures(spec: dict, model: nn.Module, batch: Any, attn: list, layout: Any, run_dir: Path) -> list[str]:
+    """The per-run figures the report shows side by side (same image for every run). Add a figure
+    here and the report gains a row of it; returns file names relative to the run directory."""
+    from analysis.capture import is_windowed
+    from analysis.figures import plot_attention_maps
+    from analysis.loading import encoder_depth
+
+    figures: list[Path] = []
+    if not is_windowed(model):
+        depth = encoder_depth(model)
+        layers = sorted({min(2, depth), min(4, depth), max(depth - 2, 1), depth})  # the same for every variant
+        i = spec["attention_image"]
+        figures += plot_attention_maps(batch.images[i], [a[i:i + 1] for a in attn], layers,
+                                       [tuple(q) for q in spec["query"]], layout.grid, layout.patch[0],
+                                       run_dir / "attention_maps.png", layout.num_prefix_tokens, batch.mean, batch.std)
+    return [f.name for f in figures]
+
+
+def headline(run_dir: Path) -> dict[str, float]:
+    """The numbers the console prints when the run ends: final loss, best-stage k-NN / linear, fine-tune."""
+    out: dict[str, float] = {}
+    if (run_dir / PRETRAIN).exists():
+        out["loss"] = read_json(run_dir / PRETRAIN)["final_loss"]
+    if (run_dir / PROBES).exists():
+        rows = read_json(run_dir / PROBES)["results"]
+        for mode in ("knn", "linear"):
+            if f"{mode}_top1" in rows[0]:
+                out[f"{mode}_best"] = max(r[f"{mode}_top1"] for r in rows)
+    if (run_dir / FINETUNE).exists():
+        out["finetune"] = read_json(run_dir / FINETUNE)["results"][0]["finetune_top1"]
+    return out
+
+
+def run_job(run_dir: Path) -> dict:
+    """All phases of one run; returns what goes into result.json."""
+    start = time.perf_counter()
+    spec = read_json(run_dir / RUN_SPEC)
+    cfg = run_config(spec)
+    if spec["pretrain"] and not (run_dir / PRETRAIN).exists():
+        write_json(run_dir / PRETRAIN, pretrain(spec, cfg, run_dir))
+    ckpt = encoder_source(spec, run_dir)
+    evaluate_run(spec, cfg, ckpt, run_dir)
+    figures = analyse(spec, load_encoder(cfg, ckpt), run_dir)
+    return {"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "headline": headline(run_dir),
+            "figures": figures, "job_s": time.perf_counter() - start}
+
+
+def main(run_dir: str) -> int:
+    """Run one job and write result.json, failure included (the other runs of the study go on)."""
+    path = Path(run_dir)
+    try:
+        result = run_job(path)
+    except BaseException as err:  # recorded in the report
+        spec = read_json(path / RUN_SPEC) if (path / RUN_SPEC).exists() else {}
+        result = {"variant": spec.get("variant"), "seed": spec.get("seed"), "status": "failed",
+                  "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        traceback.print_exc()
+    write_json(path / RESULT, result)
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m isolocal.study.job <run dir holding run.json>")
+    sys.exit(main(sys.argv[1]))

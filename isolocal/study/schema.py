@@ -1,0 +1,274 @@
+"""The study file: variants x seeds of paired runs, the evaluations they get and the claims they test.
+
+A study file has three tables:
+
+- `[study]`: name, out_dir, `seeds`, `evals`, `baseline`, analysis images and query points,
+  `parallel`, and `[study.claims.<name>]` tables;
+- `[base]`: a run config shared by every variant;
+- `[variants.<name>]`: what a variant changes (boundary, preset, target, ...). `pretrain = false`
+  makes a variant a control that is evaluated at its seeded initialisation without pre-training;
+  the variant named `random` is that control by default (an empty `[variants.random]` table is the
+  base encoder at random init).
+
+Every variant runs at every seed; runs with the same seed are paired (same initialisation seed,
+data order and masks: `train.seed` is the study seed). Runs live in `<out_dir>/runs/<variant>/seed<k>/`.
+A study without `seeds` is a one-seed study at `base.train.seed`, and keeps the older layout
+`<out_dir>/runs/<variant>/`, so study files and their outputs from before seeds still work.
+
+A claim compares two variants on one metric: `a - b` per seed, and its verdict is "holds" when
+the lower 95% bound of the mean difference is above `-margin`, "fails" when the upper bound is
+below `-margin`, "undecided" otherwise (see `isolocal.study.stats.verdict`). With `margin = 0` a
+claim says "a is better than b"; with `margin = 1` "a is at most one point worse than b". For a
+metric where lower is better (losses, time, memory) swap `a` and `b`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isolocal.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+
+RANDOM = "random"  # the built-in control variant: the encoder at its seeded init, no pre-training
+EVALS = ("knn", "linear", "finetune")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+# Metric families of a run, as they appear in summary.csv: name -> (where, what it needs).
+# where: "stage" (one value per stage, also addressed by the stage's tap layer), "layer" (one value
+# per encoder layer), "run" (one value).
+METRICS: dict[str, tuple[str, str]] = {
+    "loss": ("stage", "pretrain"),
+    "loss_total": ("run", "pretrain"),
+    "knn": ("stage", "knn"),
+    "knn_best": ("run", "knn"),
+    "linear": ("stage", "linear"),
+    "linear_best": ("run", "linear"),
+    "finetune": ("run", "finetune"),
+    "nmi": ("layer", "analysis"),
+    "attention_distance": ("layer", "analysis"),
+    "pretrain_s": ("run", "pretrain"),
+    "img_per_s": ("run", "pretrain"),
+    "peak_mem_mb": ("run", "pretrain"),
+}
+
+
+@dataclass
+class Claim:
+    """`a - b` on `metric` (at `stage` or `layer`, a list meaning their mean) must exceed `-margin`."""
+
+    a: str
+    b: str
+    metric: str
+    margin: float = 0.0
+    stage: int | list[int] | None = None  # per-stage metrics: stage index (or indices, averaged)
+    layer: int | list[int] | None = None  # per-stage or per-layer metrics: 1-based encoder layer(s)
+    statement: str = ""  # what the claim says, shown in the report
+
+
+@dataclass
+class Study:
+    name: str
+    out_dir: str
+    variants: dict[str, dict]  # name -> the variant's full run-config dict (base merged with its table)
+    pretrain: dict[str, bool]  # name -> False for controls evaluated at init
+    seeds: list[int] | None = None  # None: a one-seed study at base.train.seed (older layout)
+    evals: list[str] = field(default_factory=lambda: ["knn", "linear"])
+    baseline: str = ""  # paired differences and time to accuracy are against it; "" = the first variant
+    claims: dict[str, Claim] = field(default_factory=dict)
+    nmi_layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # layers in the paired-difference table
+    images: str = "fmnist:0,1,2,3,4,5,6,7"
+    query: list[list[int]] = field(default_factory=lambda: [[4, 4], [1, 6]])
+    attention_image: int = 0
+    parallel: int = 1
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out_dir)
+
+    @property
+    def seeded(self) -> bool:
+        return self.seeds is not None
+
+    def runs(self) -> list[Run]:
+        """Every run, seed-major: all variants at the first seed first, so a partial study has pairs."""
+        if self.seeds is None:
+            return [Run(v, resolve_run(self, v).train.seed, self.root / "runs" / v) for v in self.variants]
+        return [Run(v, s, self.root / "runs" / v / f"seed{s}") for s in self.seeds for v in self.variants]
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    seed: int
+    dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} seed {self.seed}"
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read and validate a study file; every run's config and every claim is checked here, before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"study file {path} is not valid TOML: {err}") from None
+    data = apply_overrides(data, overrides or [])
+    unknown = sorted(set(data) - {"study", "base", "variants"})
+    if unknown:
+        raise ConfigError(f"unknown study table {unknown[0]}; valid tables: study, base, variants")
+    options = dict(data.get("study", {}))
+    tables = data.get("variants", {})
+    if not tables:
+        raise ConfigError(f"study file {path} defines no [variants.<name>] tables")
+    base = data.get("base", {})
+    seeds = options.get("seeds")
+    if seeds is not None and "seed" in base.get("train", {}):
+        raise ConfigError("base.train.seed conflicts with study.seeds (the study sets each run's seed); remove it")
+    variants, pretrain = {}, {}
+    for name, table in tables.items():
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"variant name {name!r} may hold only letters, digits, '_', '.' and '-'")
+        table = dict(table)
+        pretrain[name] = table.pop("pretrain", name != RANDOM)
+        if not isinstance(pretrain[name], bool):
+            raise ConfigError(f"variants.{name}.pretrain: {pretrain[name]!r} must be true or false")
+        if seeds is not None and "seed" in table.get("train", {}):
+            raise ConfigError(f"variants.{name}.train.seed conflicts with study.seeds; remove it")
+        variants[name] = _merge(base, table)
+    options.setdefault("name", path.stem)
+    options.setdefault("out_dir", f"reports/{options['name']}")
+    claims = options.pop("claims", {})
+    if not isinstance(claims, dict):
+        raise ConfigError("study.claims must be a table of [study.claims.<name>] tables")
+    study = from_dict(Study, {**options, "variants": variants, "pretrain": pretrain}, prefix="study.")
+    study.claims = {n: from_dict(Claim, c if isinstance(c, dict) else {}, prefix=f"study.claims.{n}.")
+                    for n, c in claims.items()}
+    _validate(study)
+    for variant in study.variants:
+        resolve_run(study, variant)  # raises on a bad variant before anything runs
+    return study
+
+
+def _validate(study: Study) -> None:
+    bad = [e for e in study.evals if e not in EVALS]
+    if bad or len(set(study.evals)) != len(study.evals):
+        raise ConfigError(f"study.evals may hold each of {', '.join(EVALS)} once, got {study.evals}")
+    if study.parallel < 1:
+        raise ConfigError(f"study.parallel must be >= 1, got {study.parallel}")
+    if study.seeds is not None and (not study.seeds or len(set(study.seeds)) != len(study.seeds)
+                                    or min(study.seeds) < 0):
+        raise ConfigError(f"study.seeds must be distinct integers >= 0, got {study.seeds}")
+    names = list(study.variants)
+    study.baseline = study.baseline or names[0]
+    if study.baseline not in study.variants:
+        raise ConfigError(f"study.baseline {study.baseline!r} is not a variant; variants: {', '.join(names)}")
+    for name, claim in study.claims.items():
+        check_claim(name, claim, study)
+
+
+def check_claim(name: str, claim: Claim, study: Study) -> None:
+    """A claim must name two variants, a metric the study measures, and where to read it."""
+    where = f"study.claims.{name}"
+    for side in ("a", "b"):
+        if getattr(claim, side) not in study.variants:
+            raise ConfigError(f"{where}.{side} = {getattr(claim, side)!r} is not a variant; "
+                              f"variants: {', '.join(study.variants)}")
+    if claim.a == claim.b:
+        raise ConfigError(f"{where}: a and b are both {claim.a!r}; a claim compares two variants")
+    if claim.metric not in METRICS:
+        raise ConfigError(f"{where}.metric {claim.metric!r} is unknown; metrics: {', '.join(METRICS)}")
+    kind, needs = METRICS[claim.metric]
+    if needs in EVALS and needs not in study.evals:
+        raise ConfigError(f"{where}.metric {claim.metric!r} needs {needs!r} in study.evals ({study.evals})")
+    if needs == "pretrain" and not (study.pretrain[claim.a] and study.pretrain[claim.b]):
+        raise ConfigError(f"{where}.metric {claim.metric!r} is a pre-training number; "
+                          f"variant {claim.a if not study.pretrain[claim.a] else claim.b} is not pre-trained")
+    if kind == "run" and (claim.stage is not None or claim.layer is not None):
+        raise ConfigError(f"{where}: metric {claim.metric!r} has one value per run; remove stage/layer")
+    if kind == "stage" and (claim.stage is None) == (claim.layer is None):
+        raise ConfigError(f"{where}: metric {claim.metric!r} has one value per stage; set either stage "
+                          f"(index) or layer (tap layer), or use {claim.metric}_best")
+    if kind == "layer" and (claim.layer is None or claim.stage is not None):
+        raise ConfigError(f"{where}: metric {claim.metric!r} has one value per layer; set layer (1-based)")
+    if claim.margin < 0:
+        raise ConfigError(f"{where}.margin must be >= 0, got {claim.margin}")
+    asked = claim.stage if claim.stage is not None else claim.layer
+    if asked is None:
+        return
+    listed = asked if isinstance(asked, list) else [asked]
+    for variant in (claim.a, claim.b):
+        model = resolve_run(study, variant).model
+        if claim.stage is not None:
+            what, valid = "stage", list(range(len(model.taps)))
+        elif kind == "stage":
+            what, valid = "tap layer", [t + 1 for t in model.taps]
+        else:
+            what, valid = "layer", list(range(1, (sum(model.depths) if model.arch == "swin" else model.depth) + 1))
+        if not listed or not set(listed) <= set(valid):
+            raise ConfigError(f"{where}: {what} {asked} is not among variant {variant}'s {what}s {valid}")
+
+
+def resolve_run(study: Study, variant: str, seed: int | None = None) -> RunConfig:
+    """A run's RunConfig: the variant's config at `seed` (the study's first seed when None), in its run dir."""
+    from isolocal.config import validate_run
+    from isolocal.models.presets import resolve_model_config
+
+    data = copy.deepcopy(study.variants[variant])
+    if study.seeds is not None:
+        seed = study.seeds[0] if seed is None else seed
+        data.setdefault("train", {})["seed"] = seed
+        data["out_dir"] = str(study.root / "runs" / variant / f"seed{seed}")
+    else:
+        data["out_dir"] = str(study.root / "runs" / variant)
+    try:
+        cfg = from_dict(RunConfig, {k: v for k, v in data.items() if k != "model"})
+        cfg.model = resolve_model_config(cfg.preset, data.get("model", {}))
+        from isolocal.models.mim import LocalMIM  # geometry is validated without allocating weights
+
+        LocalMIM.check_config(cfg.model)
+        validate_run(cfg)
+    except ValueError as err:
+        raise ConfigError(f"variant {variant}: {err}") from None
+    return cfg
+
+
+def run_spec(study: Study, run: Run) -> dict[str, Any]:
+    """Everything a run's own process needs (written to `<run>/run.json`); also what makes a run stale."""
+    cfg = resolve_run(study, run.variant, run.seed if study.seeded else None)
+    return json.loads(json.dumps({
+        "variant": run.variant, "seed": run.seed, "pretrain": study.pretrain[run.variant],
+        "evals": study.evals, "images": study.images, "query": study.query,
+        "attention_image": study.attention_image, "config": to_dict(cfg),
+    }))
+
+
+def select_runs(study: Study, only: list[str]) -> list[Run]:
+    """The runs `--only variant[:seed]` names (all runs when `only` is empty), in study order."""
+    runs = study.runs()
+    if not only:
+        return runs
+    wanted: set[tuple[str, int | None]] = set()
+    for item in only:
+        variant, _, seed = item.partition(":")
+        if variant not in study.variants:
+            raise ConfigError(f"--only {item}: no variant {variant!r}; variants: {', '.join(study.variants)}")
+        seeds = sorted({r.seed for r in runs if r.variant == variant})
+        if seed and (not seed.isdigit() or int(seed) not in seeds):
+            raise ConfigError(f"--only {item}: seed {seed!r} is not one of this variant's seeds {seeds}")
+        wanted.add((variant, int(seed) if seed else None))
+    return [r for r in runs if (r.variant, None) in wanted or (r.variant, r.seed) in wanted]
