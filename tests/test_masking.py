@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from isolocal.masking import random_mask, regrid, visible_indices
+from isolocal.masking import random_mask, regrid, visible_count, visible_indices
 
 
 def test_same_seed_same_mask_and_keep_count():
@@ -17,6 +17,7 @@ def test_same_seed_same_mask_and_keep_count():
 def test_per_batch_mask_and_units():
     m = random_mask(3, 56, 0.75, torch.Generator().manual_seed(0), unit=8, per_batch=True)
     assert torch.equal(m[0], m[1]) and torch.equal(m[1], m[2])
+    assert m.is_contiguous()  # rows are copies, not views of one row: a caller may edit one in place
     units = m[0].reshape(7, 8, 7, 8)
     assert (units.all(dim=(1, 3)) | (~units).all(dim=(1, 3))).all()  # units are all-or-nothing
     assert int((~units[:, 0, :, 0]).sum()) == int(49 * 0.25)
@@ -53,5 +54,19 @@ def test_visible_indices_round_trip():
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
 def test_bad_ratio(ratio):
-    with pytest.raises(ValueError, match="mask_ratio"):
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\), got"):
         random_mask(1, 4, ratio)
+
+
+@pytest.mark.parametrize("unit", [0, 3])
+def test_bad_unit(unit):
+    with pytest.raises(ValueError, match=f"mask_unit {unit} must be >= 1 and divide the token grid 8"):
+        random_mask(1, 8, 0.5, unit=unit)
+
+
+def test_visible_count_and_a_single_visible_unit():
+    assert visible_count(8, 0.75) == 16 and visible_count(56, 0.75, unit=8) == 12 * 64
+    m = random_mask(3, 2, 0.75, torch.Generator().manual_seed(0))  # 4 units, int(4 * 0.25) = 1 visible
+    assert ((~m).sum(1) == 1).all()
+    with pytest.raises(ValueError, match="leaves no visible unit out of 4"):
+        random_mask(1, 2, 0.8)

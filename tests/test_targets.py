@@ -1,4 +1,4 @@
-"""HOG and normalized-pixel targets (METHOD.md section 3) on hand-made images."""
+"""HOG and normalized-pixel targets (docs/method.md §3) on hand-made images."""
 import math
 
 import numpy as np
@@ -66,7 +66,11 @@ def test_hog_layout_is_row_major_and_channel_concatenated():
 def test_hog_bias_is_seeded_and_changes_the_target():
     a, b, c = targets.hog_bias(3, 0), targets.hog_bias(3, 0), targets.hog_bias(3, 1)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.abs().max() <= 1 / 3
+    many = targets.hog_bias(2000, 0)  # PyTorch's conv-bias init for a 3x3 kernel: U(-1/3, 1/3)
+    assert many.abs().max() <= 1 / 3 and many.min() < -0.33 and many.max() > 0.33
+    assert abs(many.mean().item()) < 0.01
+    bank = targets.TargetBank("hog", [8], 3, 9, bias=True)  # the config's default hog_bias_seed, 0
+    assert torch.equal(bank.bias, a)
     img = torch.full((1, 3, 16, 16), 0.5)
     assert torch.count_nonzero(targets.hog(img, cell=8, nbins=18, bias=a)) > 0
 
@@ -173,6 +177,34 @@ def test_pixels_match_a_per_patch_loop():
     np.testing.assert_allclose(targets.pixels(img, patch=patch).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_cell_is_a_clear_error():
-    with pytest.raises(ValueError, match="cell size 5"):
-        targets.hog(torch.zeros(1, 1, 32, 32), cell=5)
+@pytest.mark.parametrize("shape, cell", [((32, 32), 5), ((32, 20), 8), ((20, 32), 8), ((32, 32), 0)])
+def test_bad_cell_is_a_clear_error(shape, cell):
+    for fn in (targets.hog, targets.pixels):
+        with pytest.raises(ValueError, match=f"cell size {cell} must be >= 1 and divide the image size"):
+            fn(torch.zeros(1, 1, *shape), cell)
+
+
+def test_defaults_are_16_px_cells_and_9_bins():
+    img = torch.rand(2, 3, 32, 32)
+    assert targets.hog_histogram(img).shape == (2, 3, 9, 32, 32)
+    assert targets.hog(img).shape == (2, 4, 27)
+    assert targets.pixels(img).shape == (2, 4, 16 * 16 * 3)
+
+
+def test_targets_are_fp32_whatever_the_image_dtype():
+    """bf16 images (a bf16 pipeline) give fp32 targets computed in fp32 from the bf16 values."""
+    img = torch.rand(2, 3, 16, 16).bfloat16()
+    for fn in (lambda x: targets.hog(x, 8), lambda x: targets.pixels(x, 8)):
+        out = fn(img)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, fn(img.float()))
+
+
+def test_target_bank_with_cells_that_do_not_nest():
+    """Cell 3 is not a multiple of the finest cell (2), so it cannot be pooled from the finest cells:
+    every target still equals the direct computation."""
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 12, 12)
+    bank = targets.TargetBank("hog", [2, 3, 4, 6], 3, 9)
+    for cell, got in zip(bank.cells, bank(img)):
+        assert torch.allclose(got, targets.hog(img, cell=cell, nbins=9), atol=1e-6), cell
