@@ -49,7 +49,7 @@ def _line_geometry(img: np.ndarray) -> tuple[float, float, float, np.ndarray]:
     centre = np.array([np.average(rows, weights=w), np.average(cols, weights=w)])
     y, x = -(rows - centre[0]), cols - centre[1]  # y up
     cov = np.cov(np.stack([x, y]), aweights=w)
-    evals, evecs = np.linalg.eigh(cov)
+    _, evecs = np.linalg.eigh(cov)
     axis = evecs[:, -1]
     angle = math.degrees(math.atan2(axis[1], axis[0])) % 180
     strong = img[rows, cols] >= 0.5
@@ -73,7 +73,7 @@ def test_one_bin_histogram_is_one_line_at_the_bin_angle(nbins, value):
         img = draw_glyphs(hist, cell)
         rows, cols = np.nonzero(img)
         assert rows.min() >= cell and cols.max() < cell, "pixels outside the histogram's cell"
-        labels, count = ndimage.label(img >= 0.5, structure=np.ones((3, 3)))
+        _, count = ndimage.label(img >= 0.5, structure=np.ones((3, 3)))
         assert count == 1, f"bin {b}: {count} separate strokes, expected one line"
         angle, length, spread, centre = _line_geometry(img)
         rounding = math.degrees(math.atan2(1.5, value * (cell - 1)))  # end points snap to whole pixels
