@@ -3,7 +3,8 @@
 from analysis.capture import TokenLayout, attention_layouts, capture_attention, token_layout
 from analysis.figures import plot_attention_maps, plot_metric_vs_depth
 from analysis.metrics import attention_distance, layer_table, layout_table, nmi
-from analysis.reconstruction import StageReconstruction, reconstruct, save_reconstruction
+from analysis.reconstruction import StageReconstruction, reconstruct
+from analysis.reconstruction_figure import save_reconstruction
 
 __all__ = [
     "StageReconstruction",

@@ -3,8 +3,8 @@
 timm's ``Attention`` uses fused scaled-dot-product kernels that never materialize the attention
 matrix, so hooking a dropout module or reading an intermediate is not possible. Instead a forward
 hook records each attention module's input and the attention is recomputed afterwards from the
-module's own ``qkv`` projection and q/k norms, as softmax(q k^T * scale) in fp32 (METHOD.md
-section 8). This works whether ``fused_attn`` is on or off and on any module built from timm
+module's own ``qkv`` projection and q/k norms, as softmax(q k^T * scale) in fp32 (docs/method.md
+§8). This works whether ``fused_attn`` is on or off and on any module built from timm
 ``Block``s (plain timm ViTs and the isolocal stage-split encoder alike).
 
 Swin (timm ``WindowAttention``, also inside isolocal's Swin on full images) attends within windows

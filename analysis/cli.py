@@ -84,7 +84,7 @@ def default_queries(grid: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 def _caption(what: str, windowed: bool, images: int) -> str:
-    """How the plotted numbers were computed (METHOD.md section 8), for the figure caption."""
+    """How the plotted numbers were computed (docs/method.md §8), for the figure caption."""
     metric = "query/key NMI" if what == "nmi" else "mean attention distance (pixels)"
     if windowed:
         return (f"Swin: {metric} within each (shifted) attention window, no CLS; "
@@ -198,7 +198,7 @@ def _write_attention(args: argparse.Namespace, runs: list[_Run]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     if args.what == "reconstruct":
-        from analysis.reconstruction import run_reconstruct
+        from analysis.reconstruction_figure import run_reconstruct
 
         written = run_reconstruct(args.ckpt, _labels(args), args.images, args.out, args.mask_seed, args.pdf,
                                   args.hog_channels)

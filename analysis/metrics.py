@@ -1,4 +1,4 @@
-"""Attention metrics of METHOD.md section 8: query/key NMI and mean attention distance.
+"""Attention metrics of docs/method.md §8: query/key NMI and mean attention distance.
 
 Both work on patch-to-patch attention: prefix (CLS) rows and columns are dropped, 1e-8 is added
 and rows are renormalized, all in float64 so that NMI near 0 or 1 is not lost to rounding.

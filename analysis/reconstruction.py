@@ -6,9 +6,9 @@ losses it returns are the training loss's by construction, not a re-implementati
 masked-cell error of a stage is that stage's loss (``masked_mse``); per image it is the loss the
 model would report for that image alone.
 
-``save_reconstruction`` writes, for one run, the figure (one row per image: input, masked input,
-then per stage the target at that stage's cell size and the prediction on masked cells with the
-visible cells pasted back) and a CSV of the per-stage masked-cell errors.
+``analysis.reconstruction_figure.save_reconstruction`` writes, for one run, the figure (one row per
+image: input, masked input, then per stage the target at that stage's cell size and the prediction on
+masked cells with the visible cells pasted back) and a CSV of the per-stage masked-cell errors.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.loading import ImageBatch, input_shape, load_for_analysis, load_images
+from analysis.loading import load_for_analysis
 from isolocal.masking import regrid
 from isolocal.models.mim import LocalMIM, masked_mse
 
@@ -120,7 +120,7 @@ def pixel_views(rec: StageReconstruction, images: Tensor, masked: Tensor) -> dic
     }
 
 
-# ---- one run: figure + CSV ------------------------------------------------------------------------
+# ---- options and checkpoints of `isolocal analyze reconstruct` ------------------------------------
 
 def check_options(mask_seed: int, hog_channels: str) -> None:
     """Bad options fail before any checkpoint is read."""
@@ -135,61 +135,8 @@ def check_options(mask_seed: int, hog_channels: str) -> None:
 def load_model(path: str | Path) -> LocalMIM:
     """An isolocal checkpoint (file, pipeline directory, or run directory holding ``last.pt``) with
     its local decoders; encoder-only formats (timm, MAE, published LocalMIM) are refused."""
-    path = Path(path)
-    if path.is_dir() and (path / "last.pt").is_file():
-        path = path / "last.pt"
     model, _ = load_for_analysis(path)
     if not isinstance(model, LocalMIM):
         raise ValueError(f"{path} holds an encoder only (timm, MAE or LocalMIM format); reconstruct needs an "
                          "isolocal checkpoint, whose local decoders it runs")
     return model
-
-
-def write_reconstruction(model: LocalMIM, batch: ImageBatch, out_dir: str | Path, label: str, mask_seed: int = 0,
-                         pdf: bool = False, hog_channels: str = "mean") -> list[Path]:
-    """``reconstruct_<label>.png`` (and .pdf) and ``reconstruct_<label>.csv`` for an ``ImageBatch``
-    under the model's own random mask drawn from ``mask_seed``."""
-    from analysis.reconstruction_figure import plot_reconstruction
-
-    check_options(mask_seed, hog_channels)
-    mask = model.random_mask(len(batch.names), torch.Generator().manual_seed(mask_seed))
-    recs = reconstruct(model, batch.images, mask)
-    table = error_table(recs, batch.names, model.cfg.target)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / f"reconstruct_{label}.csv"
-    table.insert(0, "run", label)
-    table.insert(1, "mask_seed", mask_seed)
-    table.to_csv(csv, index=False)
-    title = (f"{label}: {model.cfg.target} targets, mask ratio {model.cfg.mask_ratio}, mask seed {mask_seed}; "
-             "err = mean squared error over masked cells (the stage's training loss)")
-    written = plot_reconstruction(model, batch, mask, recs, table, out / f"reconstruct_{label}.png", title, pdf,
-                                  hog_channels)
-    return written + [csv]
-
-
-def save_reconstruction(run: str | Path | LocalMIM, images: str, out_dir: str | Path, mask_seed: int = 0,
-                        pdf: bool = False, label: str | None = None, hog_channels: str = "mean") -> list[Path]:
-    """Figure + CSV of one run (a checkpoint path, run directory or model) on the images of ``images``
-    (``analysis.loading.IMAGE_SPEC_HELP``); the label defaults to the checkpoint's stem or run directory."""
-    check_options(mask_seed, hog_channels)
-    if isinstance(run, LocalMIM):
-        model, name = run, label or "model"
-    else:
-        model, name = load_model(run), label or Path(run).stem
-    return write_reconstruction(model, load_images(images, *input_shape(model)), out_dir, name, mask_seed, pdf,
-                                hog_channels)
-
-
-def run_reconstruct(ckpts: list[Path], labels: list[str], images: str, out_dir: Path, mask_seed: int,
-                    pdf: bool, hog_channels: str) -> list[Path]:
-    """``isolocal analyze reconstruct``: every checkpoint and its images loaded and checked first."""
-    check_options(mask_seed, hog_channels)
-    jobs = []
-    for path in ckpts:
-        model = load_model(path)
-        jobs.append((model, load_images(images, *input_shape(model))))
-    written: list[Path] = []
-    for label, (model, batch) in zip(labels, jobs):
-        written += write_reconstruction(model, batch, out_dir, label, mask_seed, pdf, hog_channels)
-    return written

@@ -1,4 +1,5 @@
-"""The reconstruction grid: one row per image, input, masked input, then per stage target | prediction.
+"""The reconstruction grid: one row per image, input, masked input, then per stage target | prediction;
+and the files `isolocal analyze reconstruct` writes per run (`save_reconstruction`, `run_reconstruct`).
 
 Pixel targets get three panels per stage: the normalized target (each cell at zero mean and unit
 variance, which shows the stage's cell size), the normalized prediction, and the prediction brought
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from analysis.figures import _save, _to_display
 from analysis.glyphs import hog_glyphs
-from analysis.loading import ImageBatch
-from analysis.reconstruction import StageReconstruction, pixel_mask, pixel_views
+from analysis.loading import ImageBatch, input_shape, load_images
+from analysis.reconstruction import (StageReconstruction, check_options, error_table, load_model, pixel_mask,
+                                     pixel_views, reconstruct)
 from isolocal.models.mim import LocalMIM
 
 MASK_COLOUR = np.array([0.20, 0.25, 0.45])  # masked patches in the masked input, and HOG cell shading
@@ -40,7 +43,7 @@ def _normalized(image: Tensor) -> np.ndarray:
     return _rgb(np.clip((arr + NORMALIZED_RANGE) / (2 * NORMALIZED_RANGE), 0.0, 1.0))
 
 
-def _glyph_panels(rec: StageReconstruction, model: LocalMIM, index: int,
+def glyph_panels(rec: StageReconstruction, model: LocalMIM, index: int,
                   channels: str) -> tuple[np.ndarray, np.ndarray]:
     """(target glyphs, prediction glyphs on masked cells with the visible cells' target glyphs)."""
     zoom = max(1, -(-GLYPH_PANEL_PX // model.img_size))
@@ -85,7 +88,7 @@ def plot_reconstruction(model: LocalMIM, batch: ImageBatch, mask: Tensor, recs: 
                            (_normalized(v["pred"][i]), f"{head}prediction, normalized\n{err}"),
                            (_rgb(pred_img), f"{head}prediction\n+ cell mean/var")]
             else:
-                target, pred = _glyph_panels(rec, model, i, hog_channels)
+                target, pred = glyph_panels(rec, model, i, hog_channels)
                 panels += [(target, f"{head}HOG target"), (pred, f"{head}prediction\n{err}")]
         for ax, (arr, label) in zip(axes[i], panels):
             # small images are magnified (nearest keeps pixels square), glyph images are shrunk (smoothly)
@@ -95,3 +98,52 @@ def plot_reconstruction(model: LocalMIM, batch: ImageBatch, mask: Tensor, recs: 
     fig.suptitle(title, fontsize=8)
     return _save(fig, path, pdf)
 
+
+# ---- one run: figure + CSV ------------------------------------------------------------------------
+
+def write_reconstruction(model: LocalMIM, batch: ImageBatch, out_dir: str | Path, label: str, mask_seed: int = 0,
+                         pdf: bool = False, hog_channels: str = "mean") -> list[Path]:
+    """``reconstruct_<label>.png`` (and .pdf) and ``reconstruct_<label>.csv`` for an ``ImageBatch``
+    under the model's own random mask drawn from ``mask_seed``."""
+    check_options(mask_seed, hog_channels)
+    mask = model.random_mask(len(batch.names), torch.Generator().manual_seed(mask_seed))
+    recs = reconstruct(model, batch.images, mask)
+    table = error_table(recs, batch.names, model.cfg.target)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / f"reconstruct_{label}.csv"
+    table.insert(0, "run", label)
+    table.insert(1, "mask_seed", mask_seed)
+    table.to_csv(csv, index=False)
+    title = (f"{label}: {model.cfg.target} targets, mask ratio {model.cfg.mask_ratio}, mask seed {mask_seed}; "
+             "err = mean squared error over masked cells (the stage's training loss)")
+    written = plot_reconstruction(model, batch, mask, recs, table, out / f"reconstruct_{label}.png", title, pdf,
+                                  hog_channels)
+    return written + [csv]
+
+
+def save_reconstruction(run: str | Path | LocalMIM, images: str, out_dir: str | Path, mask_seed: int = 0,
+                        pdf: bool = False, label: str | None = None, hog_channels: str = "mean") -> list[Path]:
+    """Figure + CSV of one run (a checkpoint path, run directory or model) on the images of ``images``
+    (``analysis.loading.IMAGE_SPEC_HELP``); the label defaults to the checkpoint's stem or run directory."""
+    check_options(mask_seed, hog_channels)
+    if isinstance(run, LocalMIM):
+        model, name = run, label or "model"
+    else:
+        model, name = load_model(run), label or Path(run).stem
+    return write_reconstruction(model, load_images(images, *input_shape(model)), out_dir, name, mask_seed, pdf,
+                                hog_channels)
+
+
+def run_reconstruct(ckpts: list[Path], labels: list[str], images: str, out_dir: Path, mask_seed: int,
+                    pdf: bool, hog_channels: str) -> list[Path]:
+    """``isolocal analyze reconstruct``: every checkpoint and its images loaded and checked first."""
+    check_options(mask_seed, hog_channels)
+    jobs = []
+    for path in ckpts:
+        model = load_model(path)
+        jobs.append((model, load_images(images, *input_shape(model))))
+    written: list[Path] = []
+    for label, (model, batch) in zip(labels, jobs):
+        written += write_reconstruction(model, batch, out_dir, label, mask_seed, pdf, hog_channels)
+    return written

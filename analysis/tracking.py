@@ -2,7 +2,7 @@
 
 The trainer calls ``tracker.maybe_log(step, model)`` every step and merges the returned dict (or
 nothing) into its metrics line, so the curves of a global and an isolated run can be compared
-over training, not only at the end (METHOD.md section 8). The probe batch is fixed so that changes
+over training, not only at the end (docs/method.md §8). The probe batch is fixed so that changes
 come from the weights, not from the images.
 """
 

@@ -1,44 +1,378 @@
-"""Load a trained model from any isolocal checkpoint, whichever runner wrote it.
+"""Every checkpoint format isolocal writes or reads, in one module.
 
-`load_model_state` is the one place that knows checkpoint formats: a single-process or data-parallel
-run writes one file (`isolocal.train.checkpoint`); a pipeline run writes a DeepSpeed directory.
-Every reader (`load_checkpoint`, `isolocal export`, evaluation) goes through it.
+Written by isolocal runs:
+- single file (`<run>/last.pt`, `<run>/epoch_NNNN.pt`) from the single-process / data-parallel
+  trainer: `{"model": LocalMIM state dict, "config": RunConfig dict, ...the run's position}`.
+  Written atomically: a temporary file in the target directory, flushed to disk, then renamed over
+  the final name (`os.replace` is atomic on POSIX), so a crash mid-write leaves the previous
+  checkpoint intact and never a half-written file under a checkpoint name.
+- pipeline directory (`<run>/pipeline/<tag>/`) from the DeepSpeed pipeline runner:
+  `layer_XX-model_states.pt` holds stage XX's own state dict (its keys become `stages.XX.<key>`,
+  and the files load under any partition, including one process); `mp_rank_XX_model_states.pt`
+  holds pipeline rank XX's optimizer state and the runner's client state (`"config"`, position,
+  RNG states). `<run>/pipeline/latest` names the newest tag.
+Read for analysis (encoders trained elsewhere; formats are told apart by keys, not file names):
+- timm ViT state dict: timm parameter names at the top level;
+- MAE: `{"model": timm-named encoder + decoder_* / mask_token}` (decoder ignored);
+- published LocalMIM: `{"model": patch_embed.*, blocks.*, norm.<k>.*, decoder.*, hog_enc.*}`; the
+  last tap's norm becomes timm's final `norm` (other tap norms, decoders and HOG layers are
+  pre-training heads and are ignored).
+timm models are built as `timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+**overrides)` with the overrides read off the tensor shapes, so nothing is ever downloaded.
+
+A path may name a checkpoint file, a pipeline checkpoint (root or tag directory) or a run directory
+(its `last.pt`, else its pipeline checkpoint). Readers: `load_model_state` / `load_checkpoint`
+(isolocal formats; eval, export, `pretrain --init`), `run_state` (`pretrain --resume`) and
+`load_encoder` (every format; analyze).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from torch import Tensor
+import timm
+import torch
+from torch import Tensor, nn
 
-from isolocal.config import RunConfig, from_dict
+from isolocal.config import RunConfig, from_dict, to_dict
 from isolocal.models.mim import LocalMIM
 
+LAST = "last.pt"
+PIPELINE_DIR = "pipeline"  # where the pipeline runner keeps a run's checkpoints: <run>/pipeline/<tag>/
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt")
 
-def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tensor]]:
-    """(the run's resolved config, a LocalMIM state dict) from a checkpoint file or directory.
+# num_heads of the standard ViT widths (Ti, S, B, L, H); other widths need an explicit hint.
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+# Keys every timm-named ViT encoder has; their absence is what a wrong file is reported by.
+REQUIRED_VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
+# Pre-training heads and classifiers that an encoder does not need (MAE decoder, timm head).
+_IGNORED_PREFIXES = ("decoder_", "mask_token", "head.")
 
-    Pipeline (DeepSpeed directory) checkpoints: extend this function, returning the same pair with
-    the per-layer files mapped back to LocalMIM's `stages.<k>.` keys.
-    """
-    from isolocal.train.checkpoint import load_state
 
+# ---------------------------------------------------------------------------------- single files
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to `path` via a temporary file + fsync + rename; the old file survives any failure."""
     path = Path(path)
-    if path.is_dir():
-        from isolocal.pipeline.checkpoint import load_pipeline_state
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's private 0600 would outlive the rename
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
 
-        return load_pipeline_state(path)
-    state = load_state(path)
-    if "model" not in state or "config" not in state:
+
+def _atomic_link(src: Path, dst: Path) -> None:
+    """Point `dst` at `src`'s content without rewriting it (hard link + rename), copying if links fail."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_save(torch.load(src, map_location="cpu", weights_only=True), dst)
+
+
+def epoch_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """`epoch_NNNN.pt` files in `out_dir`, oldest first."""
+    files = [p for p in Path(out_dir).glob("epoch_*.pt") if _EPOCH_FILE.fullmatch(p.name)]
+    return sorted(files, key=lambda p: int(_EPOCH_FILE.fullmatch(p.name).group(1)))
+
+
+def save_checkpoint(state: dict, out_dir: str | os.PathLike, epoch_end: int | None, keep_last: int) -> Path:
+    """Write `state`; after `epoch_end` completed epochs as `epoch_NNNN.pt` (keeping the newest
+    `keep_last`), otherwise (a stop mid-epoch) only as `last.pt`. `last.pt` always ends up current."""
+    out_dir = Path(out_dir)
+    last = out_dir / LAST
+    if epoch_end is None:
+        return atomic_save(state, last)
+    path = atomic_save(state, out_dir / f"epoch_{epoch_end:04d}.pt")
+    _atomic_link(path, last)
+    for old in epoch_checkpoints(out_dir)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint dict; tensors only (weights_only), so loading never runs pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ---------------------------------------------------------------------------- pipeline directories
+
+def pipeline_tag_dir(path: str | os.PathLike, tag: str | None = None) -> Path:
+    """The tag directory of a pipeline checkpoint (`tag` None: the one `latest` names); `path` may be
+    the tag directory, the checkpoint root or the run directory holding it."""
+    root = Path(path)
+    if (root / PIPELINE_DIR / "latest").is_file():
+        root = root / PIPELINE_DIR
+    if tag is None:
+        if any(_LAYER_FILE.fullmatch(p.name) for p in root.glob("layer_*")):
+            return root  # already a tag directory
+        latest = root / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{root} is not a pipeline checkpoint: it has neither layer files "
+                                    "nor a 'latest' file")
+        tag = latest.read_text().strip()
+    tag_dir = root / tag
+    if not tag_dir.is_dir():
+        tags = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"no checkpoint tag {tag!r} in {root}; tags there: {', '.join(tags) or 'none'}")
+    return tag_dir
+
+
+def pipeline_client_state(path: str | os.PathLike, tag: str | None = None) -> dict:
+    """The runner's client state (config, position, RNG states) saved with a pipeline checkpoint."""
+    tag_dir = pipeline_tag_dir(path, tag)
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir} has no mp_rank_*_model_states.pt (the run's client state)")
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
+    if "config" not in state:
+        raise ValueError(f"{tag_dir} was not written by isolocal's pipeline runner (no config)")
+    return state
+
+
+def pipeline_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict[str, Tensor]:
+    """A LocalMIM state dict (`stages.<k>.` keys) from a pipeline checkpoint's layer files."""
+    tag_dir = pipeline_tag_dir(path, tag)
+    state: dict[str, Tensor] = {}
+    layers = []
+    for file in sorted(tag_dir.iterdir()):
+        match = _LAYER_FILE.fullmatch(file.name)
+        if match:
+            k = int(match.group(1))
+            layers.append(k)
+            for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
+                state[f"stages.{k}.{key}"] = value
+    if layers != list(range(len(layers))) or not layers:
+        raise ValueError(f"{tag_dir}: layer files {layers} are not one per stage 0..S-1")
+    return state
+
+
+def prune_pipeline_tags(root: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` `step_*` tag directories of a pipeline checkpoint."""
+    tags = sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def convert_pipeline_checkpoint(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> Path:
+    """Write a single-process checkpoint file (`{"model", "config"}`) from a pipeline checkpoint."""
+    cfg, state = _pipeline_model_state(path, tag)
+    return atomic_save({"model": state, "config": to_dict(cfg)}, out)
+
+
+def _pipeline_model_state(path: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, dict[str, Tensor]]:
+    """Layer files hold only the stages; the model's other state (the seeded HOG bias) is rebuilt
+    from the config."""
+    cfg = from_dict(RunConfig, pipeline_client_state(path, tag)["config"])
+    full = LocalMIM(cfg.model).state_dict()
+    stages = pipeline_state_dict(path, tag)
+    if not stages.keys() <= full.keys():
+        raise ValueError(f"{pipeline_tag_dir(path, tag)}: layer keys {sorted(stages.keys() - full.keys())[:3]} "
+                         "do not belong to the model its config describes")
+    return cfg, {**full, **stages}
+
+
+# ------------------------------------------------------------------------------ isolocal readers
+
+def _locate(path: str | os.PathLike) -> tuple[str, Path]:
+    """("file", path) or ("pipeline", path) for a checkpoint file, pipeline checkpoint or run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        return "file", path
+    if (path / LAST).is_file():
+        return "file", path / LAST
+    if (path / PIPELINE_DIR / "latest").is_file() or (path / "latest").is_file() \
+            or any(_LAYER_FILE.fullmatch(p.name) for p in path.glob("layer_*")):
+        return "pipeline", path
+    raise FileNotFoundError(f"{path} holds no isolocal checkpoint: expected a run directory (with {LAST} or "
+                            f"{PIPELINE_DIR}/), a pipeline checkpoint directory or a checkpoint file")
+
+
+def run_state(path: str | os.PathLike) -> dict:
+    """What a run saved about itself (config, step, epoch, world size, RNG states; a single file also
+    its model and optimizers): what `pretrain --resume` checks and restores."""
+    kind, path = _locate(path)
+    return load_state(path) if kind == "file" else pipeline_client_state(path)
+
+
+def _checked_state(state: Any, path: Path) -> tuple[RunConfig, dict[str, Tensor]]:
+    if not isinstance(state, Mapping) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not an isolocal checkpoint (it lacks 'model' or 'config')")
     return from_dict(RunConfig, state["config"]), state["model"]
 
 
-def load_checkpoint(path: str | os.PathLike) -> LocalMIM:
-    """The model a checkpoint holds, rebuilt from its saved config, weights loaded strictly, in eval mode."""
-    cfg, state_dict = load_model_state(path)
+def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tensor]]:
+    """(the run's resolved config, a LocalMIM state dict) from any isolocal checkpoint or run directory."""
+    kind, path = _locate(path)
+    if kind == "pipeline":
+        return _pipeline_model_state(path)
+    return _checked_state(load_state(path), path)
+
+
+def _model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -> LocalMIM:
     if cfg.model is None:
         raise ValueError(f"{path}: its config has no resolved model section")
     model = LocalMIM(cfg.model)
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike) -> LocalMIM:
+    """The model a checkpoint holds, rebuilt from its saved config, weights loaded strictly, in eval mode."""
+    return _model(*load_model_state(path), Path(path))
+
+
+# ------------------------------------------------------------------- encoders trained elsewhere
+
+def read_file(path: str | os.PathLike) -> Any:
+    """The file's object; pickled argparse Namespaces (MAE/LocalMIM 'args') are allowed, code is not."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:  # mmap (zip-format files): telling formats apart does not read every tensor
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by cause
+        raise ValueError(f"cannot read {path} as a torch checkpoint: {err}") from None
+
+
+def _describe(keys: Any) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
+
+
+def _from_localmim(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Published LocalMIM encoder keys -> timm keys: the last tap norm becomes timm's `norm`."""
+    taps = sorted({int(m.group(1)) for k in sd if (m := re.match(r"norm\.(\d+)\.", k))})
+    last = f"norm.{taps[-1]}."
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(("decoder.", "hog_enc.")) or (key.startswith("norm.") and not key.startswith(last)):
+            continue
+        out[key.replace(last, "norm.", 1) if key.startswith(last) else key] = value
+    return out
+
+
+def timm_vit_kwargs(sd: Mapping[str, Tensor], arch_hint: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`timm.create_model` overrides that rebuild the ViT a timm-named state dict came from.
+
+    Read off the shapes: embed_dim, in_chans and patch size (patch projection), depth (block
+    indices), img_size (position-embedding length minus the CLS row), mlp_ratio, qkv bias, q/k norm,
+    LayerScale, and average pooling with `fc_norm` for fine-tuned MAE encoders. `num_heads` is
+    not in any shape: it comes from `arch_hint` or the standard width table. `arch_hint` entries
+    override anything inferred.
+    """
+    hint = dict(arch_hint or {})
+    dim, in_chans, ph, pw = sd["patch_embed.proj.weight"].shape
+    if ph != pw:
+        raise ValueError(f"non-square patches {(ph, pw)} are not supported")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    class_token = "cls_token" in sd
+    patches = sd["pos_embed"].shape[1] - int(class_token)
+    grid = round(patches**0.5)
+    if grid * grid != patches:
+        raise ValueError(f"pos_embed has {patches} patch positions, not a square grid")
+    if "num_heads" not in hint and dim not in STANDARD_HEADS:
+        raise ValueError(
+            f"cannot infer num_heads for embed_dim {dim}; pass it (--heads N, or arch_hint={{'num_heads': N}}); "
+            f"standard widths: {', '.join(f'{d}->{h}' for d, h in STANDARD_HEADS.items())}"
+        )
+    kwargs: dict[str, Any] = dict(
+        img_size=grid * ph, patch_size=ph, in_chans=in_chans, embed_dim=dim, depth=depth,
+        num_heads=STANDARD_HEADS.get(dim), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        class_token=class_token,
+    )
+    if "blocks.0.ls1.gamma" in sd:
+        kwargs["init_values"] = 1.0  # any value creates LayerScale; the state dict sets gamma
+    if "norm.weight" not in sd and "fc_norm.weight" in sd:
+        kwargs.update(global_pool="avg", fc_norm=True)
+    if not class_token:
+        kwargs["global_pool"] = "avg"
+    kwargs.update(hint)
+    if not isinstance(kwargs["num_heads"], int) or kwargs["num_heads"] < 1 or dim % kwargs["num_heads"]:
+        raise ValueError(f"num_heads {kwargs['num_heads']!r} must be a positive divisor of embed_dim {dim}")
+    return kwargs
+
+
+def _timm_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """The timm-named encoder state dict inside a timm, MAE or published LocalMIM file."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    inner = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)), obj)
+    sd = {k.removeprefix("module."): v for k, v in inner.items()}  # DDP-saved state dicts prefix 'module.'
+    if any(k.startswith("stages.") for k in sd):
+        raise ValueError(f"{path}: isolocal LocalMIM weights without their run config: missing keys ['config']")
+    if any(re.match(r"norm\.\d+\.", k) for k in sd):
+        sd = _from_localmim(sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_PREFIXES)}
+    missing = [k for k in REQUIRED_VIT_KEYS if k not in sd]
+    if missing:
+        raise ValueError(
+            f"{path} is not a ViT encoder checkpoint: missing keys {missing}. Expected an isolocal "
+            "checkpoint ('model' + 'config'), a timm ViT state dict, an MAE checkpoint ('model' with "
+            "timm names) or a LocalMIM checkpoint ('model' with patch_embed.*, blocks.*, norm.<k>.*); "
+            f"found keys: {_describe(sd)}"
+        )
+    return sd
+
+
+def _build_timm(sd: dict[str, Tensor], arch_hint: Mapping[str, Any] | None, path: Path) -> nn.Module:
+    kwargs = timm_vit_kwargs(sd, arch_hint)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **kwargs)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit a timm ViT {kwargs}: missing keys {missing}, unexpected keys {unexpected}")
+    return model
+
+
+def load_encoder(path: str | os.PathLike, arch_hint: Mapping[str, Any] | None = None) -> nn.Module:
+    """The encoder any supported checkpoint holds, in eval mode: a `LocalMIM` for isolocal checkpoints
+    and run directories (ViT or Swin), a timm ViT for timm, MAE and published LocalMIM files.
+
+    `arch_hint` holds `timm.create_model` overrides for timm-named formats, chiefly
+    `{"num_heads": N}` for non-standard widths; isolocal checkpoints carry their own config and ignore it.
+    """
+    kind, path = _locate(path)
+    if kind == "pipeline":
+        return load_checkpoint(path)
+    obj = read_file(path)
+    if isinstance(obj, Mapping) and "config" in obj and isinstance(obj.get("model"), Mapping):
+        return _model(*_checked_state(obj, path), path)
+    return _build_timm(_timm_state_dict(obj, path), arch_hint, path).eval()

@@ -1,7 +1,7 @@
 """Every knob as a dataclass; TOML files plus `--set a.b=c` overrides; strict validation.
 
 Configs are plain dataclasses so a run's resolved config can be written next to its logs and read
-back unchanged. Loading is strict on purpose: an unknown key or a wrong type is an error that
+back unchanged. This module knows no model: presets are resolved by `isolocal.recipes`. Loading is strict on purpose: an unknown key or a wrong type is an error that
 names the key, because a typo that silently falls back to a default wastes a whole run.
 """
 from __future__ import annotations
@@ -92,6 +92,7 @@ class TrainConfig:
     knn_every_epochs: int = 0  # > 0: online k-NN every N epochs
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = False  # torch.compile each stage (and its decoder) in place; state-dict keys unchanged
+    tensorboard: bool = False  # also log every record to TensorBoard (<out_dir>/tensorboard; needs `tensorboard`)
 
 
 @dataclass
@@ -217,6 +218,17 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it as `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=c` overrides to a nested dict in place and return it."""
     for item in overrides:
@@ -231,33 +243,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {key}: {part} is not a table")
         node[parts[-1]] = _parse_value(text.strip())
     return data
-
-
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML run config (or the defaults), apply overrides, resolve the preset, validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    apply_overrides(data, overrides or [])
-    cfg = from_dict(RunConfig, data)
-    cfg.model = resolve_model_config(cfg.preset, data.get("model", {}))
-    validate_run(cfg)
-    return cfg
-
-
-def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
-    """The preset's ModelConfig with `overrides` (a dict of ModelConfig fields) applied."""
-    from isolocal.models.presets import preset_config
-
-    base = to_dict(preset_config(preset))
-    base.update(overrides)
-    return from_dict(ModelConfig, base, prefix="model.")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,74 +1,31 @@
 """Encoder export to timm: `timm.create_model(name, num_classes=0, **kwargs).load_state_dict(sd)`.
 
-Stages keep timm's parameter names, so export is a renaming: stage-local block indices become
-global ones, stage 0's embedding moves to the top level, the last tap's LayerNorm becomes timm's
-final `norm`. Intermediate tap norms and decoders are pre-training heads and are not exported.
+Each family writes its own renaming (`models/vit.py`, `models/swin.py`, sharing
+`models/timm_export.py`); this module is the public face: the export, a timm model loaded with it,
+and the files `isolocal export` writes.
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import timm
 from torch import Tensor, nn
 
-from isolocal.models.mim import LocalMIM
-from isolocal.models.swin import swin_state_dict, swin_timm_name_and_kwargs
-
-_VIT_NAMES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base", (1024, 24, 16): "vit_large"}
-
-
-def _vit_state_dict(model: LocalMIM) -> dict[str, Tensor]:
-    sd: dict[str, Tensor] = {}
-    for k, stage in enumerate(model.stages):
-        for key, value in stage.state_dict().items():
-            head, _, rest = key.partition(".")
-            if head == "blocks":
-                index, _, tail = rest.partition(".")
-                sd[f"blocks.{stage.first_block + int(index)}.{tail}"] = value
-            elif head in ("patch_embed", "cls_token", "pos_embed"):
-                sd[key] = value
-            elif head == "norm" and k == model.num_stages - 1:
-                sd[key] = value
-    return sd
-
-
-def _vit_name_and_kwargs(model: LocalMIM) -> tuple[str, dict[str, Any]]:
-    c = model.cfg
-    family = _VIT_NAMES.get((c.embed_dim, c.depth, c.num_heads), "vit_base")
-    name = f"{family}_patch{c.patch_size}_{c.img_size}"
-    kwargs: dict[str, Any] = {}
-    if name not in timm.list_models() or family == "vit_base" and (c.embed_dim, c.depth, c.num_heads) != (768, 12, 12):
-        name = "vit_base_patch16_224"
-        kwargs = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim,
-                      depth=c.depth, num_heads=c.num_heads)
-    if c.in_chans != 3:
-        kwargs["in_chans"] = c.in_chans
-    if c.mlp_ratio != 4.0:
-        kwargs["mlp_ratio"] = c.mlp_ratio
-    return name, kwargs
-
-
-def _exporters() -> dict[str, Any]:
-    return {"vit": (_vit_name_and_kwargs, _vit_state_dict),
-            "swin": (swin_timm_name_and_kwargs, swin_state_dict)}
-
-
-def _exporter(model: LocalMIM) -> Any:
-    exporters = _exporters()
-    if model.cfg.arch not in exporters:
-        raise ValueError(f"no timm export for arch {model.cfg.arch!r}; supported: {sorted(exporters)}")
-    return exporters[model.cfg.arch]
+if TYPE_CHECKING:
+    from isolocal.models.mim import LocalMIM
 
 
 def export_timm(model: LocalMIM) -> tuple[str, dict[str, Tensor]]:
     """(timm model name, encoder state dict). Non-standard sizes also need `timm_kwargs(model)`."""
-    name_fn, sd_fn = _exporter(model)
-    return name_fn(model)[0], sd_fn(model)
+    return model.family.timm_name_and_kwargs(model)[0], model.family.timm_state_dict(model)
 
 
 def timm_kwargs(model: LocalMIM) -> dict[str, Any]:
     """Overrides for `timm.create_model` when the config is not a registered timm size ({} if it is)."""
-    return _exporter(model)[0](model)[1]
+    return model.family.timm_name_and_kwargs(model)[1]
 
 
 def create_timm_model(model: LocalMIM, **kwargs: Any) -> nn.Module:
@@ -80,3 +37,22 @@ def create_timm_model(model: LocalMIM, **kwargs: Any) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"export does not match timm's {name}: missing {missing}, unexpected {unexpected}")
     return timm_model
+
+
+def write_timm_export(ckpt: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path, str, dict[str, Any]]:
+    """Export the encoder of any isolocal checkpoint or run directory: the state dict to `out`, the timm
+    model name and kwargs to `out` with suffix .json. Returns (out, sidecar, name, kwargs); raises
+    before writing unless the export loads strictly into timm."""
+    from isolocal.checkpoint import atomic_save, load_checkpoint
+
+    model = load_checkpoint(ckpt)
+    create_timm_model(model)
+    name, state_dict = export_timm(model)
+    kwargs = timm_kwargs(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state_dict, out)
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps({"timm_model": name, "kwargs": {"num_classes": 0, **kwargs},
+                                   "checkpoint": str(ckpt)}, indent=2) + "\n")
+    return out, sidecar, name, kwargs

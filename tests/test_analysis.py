@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import analysis
+from analysis import metrics
 from analysis.capture import token_layout
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +37,7 @@ def with_cls(patch_attn: torch.Tensor) -> torch.Tensor:
 
 
 def numpy_nmi(attn: np.ndarray) -> np.ndarray:
-    """Direct loop over images, heads, queries and keys of METHOD.md section 8 (CLS at index 0)."""
+    """Direct loop over images, heads, queries and keys of docs/method.md §8 (CLS at index 0)."""
     b, h = attn.shape[:2]
     out = np.zeros((b, h))
     for i in range(b):
@@ -86,6 +87,28 @@ def test_attention_distance_identity_and_uniform():
     np.testing.assert_allclose(got.numpy(), np.full(2, mean_pairwise), rtol=1e-6)
 
 
+def test_attention_distance_matches_a_loop_and_centres_are_mid_patch():
+    """Per head: mean over images and queries of sum_k A[q, k] * ||centre(q) - centre(k)||, centres at
+    ((row + 0.5) * patch_h, (col + 0.5) * patch_w); 2 images and 3 heads, so the axes cannot be swapped."""
+    grid, patch = (2, 3), (4, 8)
+    centres = metrics.patch_centres(grid, patch)
+    assert centres.tolist() == [[2.0, 4.0], [2.0, 12.0], [2.0, 20.0], [6.0, 4.0], [6.0, 12.0], [6.0, 20.0]]
+    g = torch.Generator().manual_seed(0)
+    attn = (torch.randn(2, 3, 7, 7, generator=g) * 3).softmax(-1)
+    a = attn[:, :, 1:, 1:].double().numpy() + 1e-8
+    a /= a.sum(-1, keepdims=True)
+    c = centres.numpy()
+    expected = [np.mean([sum(a[b, h, q, k] * np.hypot(*(c[q] - c[k])) for k in range(6)) for b in range(2) for q in range(6)])
+                for h in range(3)]
+    np.testing.assert_allclose(analysis.attention_distance(attn, grid, patch).numpy(), expected, rtol=1e-10)
+    table = analysis.layout_table([attn, attn], [analysis.TokenLayout(1, grid, patch)] * 2)
+    assert table["attention_distance_heads"][1] == pytest.approx(expected)
+    assert table["nmi_heads"][0] == pytest.approx(analysis.nmi(attn).tolist())
+    with pytest.raises(ValueError):  # one layout per layer
+        analysis.layout_table([attn, attn], [analysis.TokenLayout(1, grid, patch)])
+    assert metrics.patch_attention(attn).shape == (2, 3, 6, 6)  # one prefix token by default
+
+
 def reference_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """Unfused attention read from the attn_drop input: acceptable only as a test reference."""
     captured = []
@@ -118,6 +141,58 @@ def test_capture_fused_matches_unfused_reference(qk_norm):
 
     only_second = analysis.capture_attention(model, images, layers=[2])
     torch.testing.assert_close(only_second[0], got[1])
+
+
+def test_capture_reads_bf16_modules_in_fp32():
+    """A bf16 model's attention is computed from its bf16 q and k, upcast: fp32 logits and softmax."""
+    model = tiny_vit().eval().bfloat16()
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    inputs = []
+    model.blocks[0].attn.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+    (got, _) = analysis.capture_attention(model, images)
+    attn = model.blocks[0].attn
+    q, k = attn.qkv(inputs[0]).reshape(1, 17, 3, 3, 64).permute(2, 0, 3, 1, 4)[:2]
+    expected = ((q.float() @ k.float().transpose(-2, -1)) * attn.scale).softmax(-1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_capture_of_a_bare_attention_module_and_what_it_refuses():
+    """Called as m(x) or m(x=x) it is captured; with a mask (keyword or positional) or causal, it is
+    refused: the captured softmax would not be the attention that ran."""
+    torch.manual_seed(0)
+    attn = timm.layers.Attention(16, num_heads=2).eval()
+    x = torch.randn(1, 5, 16)
+    q, k = attn.qkv(x).reshape(1, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)[:2]
+    expected = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+    for runner in (lambda m, t: m(t), lambda m, t: m(x=t)):
+        (got,) = analysis.capture_attention(attn, x, runner=runner)
+        torch.testing.assert_close(got, expected)
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    for runner in (lambda m, t: m(t, attn_mask=mask), lambda m, t: m(t, mask), lambda m, t: m(t, is_causal=True)):
+        with pytest.raises(ValueError, match="unmasked, non-causal"):
+            analysis.capture_attention(attn, x, runner=runner)
+
+
+def test_token_layouts_of_timm_models():
+    """The prefix count is timm's num_prefix_tokens (CLS + register tokens), 0 for Swin; every ViT
+    layer has the model's layout; a non-square Swin gives each block's own patch size per axis."""
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0, reg_tokens=2)
+    layout = token_layout(vit, (32, 32))
+    assert layout == analysis.TokenLayout(3, (4, 4), (8, 8))
+    assert analysis.attention_layouts(vit, (32, 32), 2) == [layout, layout]
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        token_layout(vit, (32, 28))
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        token_layout(vit, (28, 32))
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=(32, 64), window_size=4, embed_dim=16,
+                             depths=(1, 1), num_heads=(1, 2), num_classes=0)
+    assert token_layout(swin, (32, 64)).num_prefix_tokens == 0
+    layouts = analysis.attention_layouts(swin, (32, 64), 2)
+    assert [(lay.num_prefix_tokens, lay.grid, lay.patch) for lay in layouts] == [(0, (4, 4), (4, 4)), (0, (4, 4), (8, 8))]
+    windows = analysis.capture_attention(swin.eval().bfloat16(), torch.randn(1, 3, 32, 64).bfloat16())
+    assert [(a.dtype, a.shape) for a in windows] == [(torch.float32, (8, 1, 16, 16)), (torch.float32, (2, 2, 16, 16))]
+    torch.testing.assert_close(windows[1].sum(-1), torch.ones(2, 2, 16))
 
 
 class StagedEncoder(nn.Module):

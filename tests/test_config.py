@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 import isolocal
-from isolocal.config import ConfigError, RunConfig, from_dict, load_run_config, to_dict
+from isolocal.config import ConfigError, RunConfig, from_dict, to_dict
+from isolocal.recipes import load_run_config
 from isolocal.models.mim import _family
 from isolocal.train.metrics import write_config
 from isolocal.train.optim import scaled_lr

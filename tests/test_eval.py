@@ -9,7 +9,8 @@ import torch
 
 import isolocal
 from isolocal.cli import main
-from isolocal.config import ConfigError, EvalConfig, load_run_config
+from isolocal.config import ConfigError, EvalConfig
+from isolocal.recipes import load_run_config
 from isolocal.data import FASHION_MNIST_ROOT, SyntheticImages
 from isolocal.eval import (build_classifier, extract_features, finetune, finetune_optimizer, knn_accuracy,
                            knn_predict, linear_per_stage, online_knn, split_features, train_linear_probe)

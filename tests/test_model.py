@@ -33,7 +33,7 @@ def test_small_vit_presets_predict_one_target_per_cell(name):
         assert pred.shape == target.shape == (2, tap.out_grid ** 2, target.shape[-1])
 
 
-# Published geometry (METHOD.md): taps after blocks 2, 4, depth-2, depth; scales x4, x2, x1, x0.5 of the
+# Published geometry (docs/method.md): taps after blocks 2, 4, depth-2, depth; scales x4, x2, x1, x0.5 of the
 # 14x14 token grid, i.e. target cells of 4, 8, 16, 32 px; HOG with 18 bins and the bias for ViT-L only.
 # (tap blocks, output grids, cells, target dims); checked from the config alone, no weights, no forward.
 LARGE_VIT_GEOMETRY = {

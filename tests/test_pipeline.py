@@ -24,13 +24,12 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.config import RunConfig, from_dict, load_run_config, to_dict
-from isolocal.checkpoint import load_model_state
-from isolocal.pipeline.checkpoint import convert_pipeline_checkpoint, pipeline_state_dict
+from isolocal.checkpoint import LAST, convert_pipeline_checkpoint, load_model_state, pipeline_state_dict
+from isolocal.config import RunConfig, from_dict, to_dict
 from isolocal.pipeline.engine import IsolatedSchedule, LocalBackward
 from isolocal.pipeline.runner import eval_batches
+from isolocal.recipes import load_run_config
 from isolocal.train import train
-from isolocal.train.checkpoint import LAST
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_worker import PRESET, STEPS, case_data, make_optimizer, parse_case  # noqa: E402

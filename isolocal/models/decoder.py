@@ -1,6 +1,6 @@
 """The local decoder: visible tokens + mask tokens -> one transformer block -> rescale head.
 
-One decoder per tap, each with its own weights (METHOD.md section 2). The rescale head turns the
+One decoder per tap, each with its own weights (docs/method.md §2). The rescale head turns the
 decoder's token grid into the target grid of its scale: transposed convolutions up, average pool
 down, a 1x1 convolution to the target dimension.
 """

@@ -36,6 +36,9 @@ class Family:
     mask_grid: Callable[[ModelConfig], int]  # side of the grid masks are drawn on
     context: Callable[[ModelConfig, Any], Any]  # (cfg, mask or None) -> what the stages need
     has_cls: bool
+    # export to timm (see timm_export.py): (model) -> (timm name, create_model overrides); (model) -> weights
+    timm_name_and_kwargs: Callable[[Any], tuple[str, dict[str, Any]]]
+    timm_state_dict: Callable[[Any], dict[str, Any]]
 
 
 def require(ok: bool, message: str) -> None:

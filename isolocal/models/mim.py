@@ -7,6 +7,7 @@ same per-stage step, `stage_step`, and so computes the same numbers.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,8 @@ class Batch:
     """What every stage step needs besides its input: token selection, targets, loss weights."""
 
     ctx: Any
-    targets: list[Tensor]
-    weights: list[Tensor]  # the mask at each tap's output grid (1 = masked, fractional when pooled)
+    targets: list[Tensor | None]  # None for stages a caller did not ask for
+    weights: list[Tensor | None]  # the mask at each tap's output grid (1 = masked, fractional when pooled)
 
 
 class _GradScale(torch.autograd.Function):
@@ -155,14 +156,16 @@ class LocalMIM(nn.Module):
         return random_mask(batch_size, self.mask_grid, self.cfg.mask_ratio, generator,
                            self.cfg.mask_unit, self.cfg.mask_per_batch)
 
-    def prepare(self, images: Tensor, mask: Tensor) -> Batch:
-        """Targets and loss weights for every stage, and the token selection for the encoder."""
+    def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None) -> Batch:
+        """Targets and loss weights for every stage (or only for `stages`, None for the others: what a
+        pipeline rank owns), and the token selection for the encoder."""
         expected = (images.shape[0], self.mask_grid ** 2)
         if tuple(mask.shape) != expected:
             raise ValueError(f"mask must have shape {expected} (batch, tokens), got {tuple(mask.shape)}")
         mask = mask.to(images.device)
-        targets = self.target_bank(images)
-        weights = [regrid(mask, self.mask_grid, t.out_grid / self.mask_grid) for t in self.taps]
+        targets = self.target_bank(images, stages)
+        weights = [regrid(mask, self.mask_grid, t.out_grid / self.mask_grid) if target is not None else None
+                   for t, target in zip(self.taps, targets)]
         return Batch(self.family.context(self.cfg, mask), targets, weights)
 
     def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,10 +1,12 @@
-"""Named presets: published recipes and small CPU configs, all as ModelConfigs of one model."""
+"""Named presets of both families (ViT and Swin): published recipes and small CPU configs, all as
+ModelConfigs of one model. The table is plain data: importing this module builds no model and
+imports no family module."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
-from isolocal.config import ModelConfig
+from isolocal.config import ModelConfig, from_dict, to_dict
 
 # (embed_dim, depth, num_heads) of the columnar sizes; nano and micro are for tests and CPU studies.
 VIT_SIZES = {
@@ -49,34 +51,68 @@ def maskfeat_vit(size: str) -> ModelConfig:
     return _vit(size, taps=[depth - 1], scales=[1.0], target="hog")
 
 
+SWIN_SIZES = {  # embed_dim, depths, heads; nano is a 4-stage CPU/test model on 32 px gray images
+    "nano": (32, [2, 2, 2, 2], [1, 2, 4, 8]),
+    "tiny": (96, [2, 2, 6, 2], [3, 6, 12, 24]),
+    "small": (96, [2, 2, 18, 2], [3, 6, 12, 24]),
+    "base": (128, [2, 2, 18, 2], [4, 8, 16, 32]),
+    "large": (192, [2, 2, 18, 2], [6, 12, 24, 48]),
+}
+# 32 px gray (Fashion-MNIST) at patch 1: grids 32/16/8/4, windows 4, 8 px mask units (4x4 units).
+_SWIN_NANO = {"img_size": 32, "patch_size": 1, "in_chans": 1, "window_size": 4, "decoder_dim": [32, 64, 64, 64]}
+
+
+def _swin(size: str, **kw: Any) -> ModelConfig:
+    """Published Swin LocalMIM geometry: 224 px, patch 4, window 7, 32 px mask units, one mask per batch."""
+    dim, depths, heads = SWIN_SIZES[size]
+    base = dict(arch="swin", img_size=224, patch_size=4, embed_dim=dim, depths=list(depths), stage_heads=list(heads),
+                window_size=7, taps=list(range(len(depths))), scales=[1.0] * len(depths),
+                decoder_dim=[64, 128, 128, 128], decoder_heads=[4], decoder_depth=1,
+                mask_ratio=0.75, mask_unit=8, mask_per_batch=True)  # 0.75 of 49 units keeps 12, masks 37
+    return ModelConfig(**{**base, **(_SWIN_NANO if size == "nano" else {}), **kw})
+
+
+def localmim_swin(size: str, target: str = "hog") -> ModelConfig:
+    """LocalMIM-Swin: taps at every stage, HOG with 18 bins and the frozen gradient bias, or pixels."""
+    return _swin(size, target=target, hog_nbins=18, hog_bias=target == "hog")
+
+
+def simmim_swin(size: str) -> ModelConfig:
+    """SimMIM-style baseline: mask tokens inside a dense encoder, top-only pixels, per-image 0.6 masks."""
+    last = len(SWIN_SIZES[size][1]) - 1
+    return _swin(size, dense_encoder=True, taps=[last], scales=[1.0], target="pixels",
+                 decoder_dim=[64 if size == "nano" else 128], mask_ratio=0.6, mask_per_batch=False)
+
+
 _BUILDERS: dict[str, Callable[[], ModelConfig]] = {}
 for _size in VIT_SIZES:
     for _name, _fn in (("localmim", localmim_vit), ("mae", mae_vit), ("maskfeat", maskfeat_vit)):
         _BUILDERS[f"{_name}_vit_{_size}"] = (lambda fn=_fn, s=_size: fn(s))
+for _size in SWIN_SIZES:
+    _BUILDERS[f"localmim_swin_{_size}"] = lambda s=_size: localmim_swin(s)
+    _BUILDERS[f"localmim_swin_{_size}_pix"] = lambda s=_size: localmim_swin(s, "pixels")
+    _BUILDERS[f"simmim_swin_{_size}"] = lambda s=_size: simmim_swin(s)
 
 
 def register_preset(name: str, builder: Callable[[], ModelConfig]) -> None:
-    """Add a preset (used by the Swin family and by users' own studies)."""
+    """Add a preset (users' own studies); `builder` returns a fresh ModelConfig per call."""
     _BUILDERS[name] = builder
 
 
 def list_models() -> list[str]:
     """Preset names, sorted."""
-    _load_families()
     return sorted(_BUILDERS)
 
 
 def preset_config(name: str) -> ModelConfig:
     """A fresh copy of a preset's ModelConfig."""
-    _load_families()
     if name not in _BUILDERS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(_BUILDERS))}")
     return dataclasses.replace(_BUILDERS[name]())
 
 
-def _load_families() -> None:
-    """Families register their presets on import (Swin lives in its own module)."""
-    import importlib.util
-
-    if importlib.util.find_spec("isolocal.models.swin") is not None:
-        importlib.import_module("isolocal.models.swin")
+def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
+    """The preset's ModelConfig with `overrides` (a dict of ModelConfig fields) applied."""
+    base = to_dict(preset_config(preset))
+    base.update(overrides)
+    return from_dict(ModelConfig, base, prefix="model.")

@@ -1,7 +1,7 @@
 """Pyramidal Swin encoder split into stages at the taps, running on visible tokens only.
 
 Swin stage s (timm's `layers.s`) is a run of blocks at grid g / 2^s; a tap after Swin stage s < last
-reads the tokens after the *next* stage's patch merging (METHOD.md section 5: dims 2C, 4C, 8C, 8C,
+reads the tokens after the *next* stage's patch merging (docs/method.md §5: dims 2C, 4C, 8C, 8C,
 grids 28, 14, 7, 7 at 224 px), the last tap reads the last stage. So a LocalMIM stage owns Swin
 stages taps[k-1]+1 .. taps[k], each with the patch merging that follows it (except the last), and
 stage 0 also owns the patch embedding. Inside a stage, `layers.i.blocks` are timm's
@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import timm
 import torch
 from timm.layers import PatchEmbed, calculate_drop_path_rates
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
@@ -26,8 +25,8 @@ from torch import Tensor, nn
 from isolocal.config import ModelConfig
 from isolocal.models.decoder import LocalDecoder
 from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
-from isolocal.models.presets import register_preset
 from isolocal.models.swin_attention import Level, LevelPlan, plan_levels, take, visible_block, visible_merge
+from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 from isolocal.targets import target_dim
 
 
@@ -198,89 +197,40 @@ def build_swin_stages(cfg: ModelConfig, taps: list[Tap]) -> list[SwinStage]:
     return [SwinStage(cfg, k, s, t, drop_path) for k, (s, t) in enumerate(zip(starts, taps))]
 
 
-SWIN = Family(taps=swin_taps, build_stages=build_swin_stages, mask_grid=lambda cfg: cfg.img_size // cfg.patch_size,
-              context=swin_context, has_cls=False)
-
-
 # ---- export to timm's SwinTransformer -------------------------------------------------------------
 
 _TIMM_SIZES = {(96, (2, 2, 6, 2), (3, 6, 12, 24)): "tiny", (96, (2, 2, 18, 2), (3, 6, 12, 24)): "small",
                (128, (2, 2, 18, 2), (4, 8, 16, 32)): "base", (192, (2, 2, 18, 2), (6, 12, 24, 48)): "large"}
 
 
+def _swin_timm_key(stage: nn.Module, head: str, rest: str) -> str | None:
+    """`layers.i.blocks.*` -> timm's `layers.{first+i}.blocks.*`; `layers.i.downsample.*` -> timm's
+    `layers.{first+i+1}.downsample.*` (the merging that follows a Swin stage opens the next one in timm)."""
+    if head == "patch_embed":
+        return f"{head}.{rest}"
+    if head != "layers":
+        return None
+    i, _, tail = rest.partition(".")
+    part, _, name = tail.partition(".")
+    s = stage.first + int(i)
+    return f"layers.{s}.blocks.{name}" if part == "blocks" else f"layers.{s + 1}.downsample.{name}"
+
+
 def swin_state_dict(model: Any) -> dict[str, Tensor]:
-    """Encoder weights under timm's names (tap norms other than the last and decoders are dropped)."""
-    sd: dict[str, Tensor] = {}
-    last = len(model.stages) - 1
-    for k, stage in enumerate(model.stages):
-        for key, value in stage.state_dict().items():
-            head, _, rest = key.partition(".")
-            if head == "patch_embed":
-                sd[key] = value
-            elif head == "layers":
-                i, _, tail = rest.partition(".")
-                part, _, name = tail.partition(".")
-                s = stage.first + int(i)
-                sd[f"layers.{s}.blocks.{name}" if part == "blocks" else f"layers.{s + 1}.downsample.{name}"] = value
-            elif head == "norm" and k == last:
-                sd[key] = value
-    return sd
+    """Encoder weights under timm's SwinTransformer names."""
+    return timm_state_dict(model.stages, _swin_timm_key)
 
 
 def swin_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
     """A registered timm Swin name, plus constructor overrides when the config is not that model."""
     c = model.cfg
     size = _TIMM_SIZES.get((c.embed_dim, tuple(c.depths), tuple(c.stage_heads)))
-    name = f"swin_{size}_patch{c.patch_size}_window{c.window_size}_{c.img_size}"
-    if size is not None and name in timm.list_models("swin_*"):
-        kwargs: dict[str, Any] = {}
-    else:
-        name = "swin_tiny_patch4_window7_224"
-        kwargs = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depths=tuple(c.depths),
-                      num_heads=tuple(c.stage_heads), window_size=c.window_size)
-    if c.in_chans != 3:
-        kwargs["in_chans"] = c.in_chans
-    if c.mlp_ratio != 4.0:
-        kwargs["mlp_ratio"] = c.mlp_ratio
-    return name, kwargs
+    registered = None if size is None else f"swin_{size}_patch{c.patch_size}_window{c.window_size}_{c.img_size}"
+    return timm_name_and_kwargs(c, registered, "swin_tiny_patch4_window7_224", dict(
+        img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depths=tuple(c.depths),
+        num_heads=tuple(c.stage_heads), window_size=c.window_size))
 
 
-# ---- presets --------------------------------------------------------------------------------------
-
-SWIN_SIZES = {  # embed_dim, depths, heads; nano is a 4-stage CPU/test model on 32 px gray images
-    "nano": (32, [2, 2, 2, 2], [1, 2, 4, 8]),
-    "tiny": (96, [2, 2, 6, 2], [3, 6, 12, 24]),
-    "small": (96, [2, 2, 18, 2], [3, 6, 12, 24]),
-    "base": (128, [2, 2, 18, 2], [4, 8, 16, 32]),
-    "large": (192, [2, 2, 18, 2], [6, 12, 24, 48]),
-}
-# 32 px gray (Fashion-MNIST) at patch 1: grids 32/16/8/4, windows 4, 8 px mask units (4x4 units).
-_NANO = {"img_size": 32, "patch_size": 1, "in_chans": 1, "window_size": 4, "decoder_dim": [32, 64, 64, 64]}
-
-
-def _swin(size: str, **kw: Any) -> ModelConfig:
-    """Published Swin LocalMIM geometry: 224 px, patch 4, window 7, 32 px mask units, one mask per batch."""
-    dim, depths, heads = SWIN_SIZES[size]
-    base = dict(arch="swin", img_size=224, patch_size=4, embed_dim=dim, depths=list(depths), stage_heads=list(heads),
-                window_size=7, taps=list(range(len(depths))), scales=[1.0] * len(depths),
-                decoder_dim=[64, 128, 128, 128], decoder_heads=[4], decoder_depth=1,
-                mask_ratio=0.75, mask_unit=8, mask_per_batch=True)  # 0.75 of 49 units keeps 12, masks 37
-    return ModelConfig(**{**base, **(_NANO if size == "nano" else {}), **kw})
-
-
-def localmim_swin(size: str, target: str = "hog") -> ModelConfig:
-    """LocalMIM-Swin: taps at every stage, HOG with 18 bins and the frozen gradient bias, or pixels."""
-    return _swin(size, target=target, hog_nbins=18, hog_bias=target == "hog")
-
-
-def simmim_swin(size: str) -> ModelConfig:
-    """SimMIM-style baseline: mask tokens inside a dense encoder, top-only pixels, per-image 0.6 masks."""
-    last = len(SWIN_SIZES[size][1]) - 1
-    return _swin(size, dense_encoder=True, taps=[last], scales=[1.0], target="pixels",
-                 decoder_dim=[64 if size == "nano" else 128], mask_ratio=0.6, mask_per_batch=False)
-
-
-for _size in SWIN_SIZES:
-    register_preset(f"localmim_swin_{_size}", lambda s=_size: localmim_swin(s))
-    register_preset(f"localmim_swin_{_size}_pix", lambda s=_size: localmim_swin(s, "pixels"))
-    register_preset(f"simmim_swin_{_size}", lambda s=_size: simmim_swin(s))
+SWIN = Family(taps=swin_taps, build_stages=build_swin_stages, mask_grid=lambda cfg: cfg.img_size // cfg.patch_size,
+              context=swin_context, has_cls=False,
+              timm_name_and_kwargs=swin_timm_name_and_kwargs, timm_state_dict=swin_state_dict)

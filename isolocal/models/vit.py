@@ -7,6 +7,7 @@ fixed position embedding), plus its tap LayerNorm and local decoder. Parameter n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.layers import PatchEmbed
@@ -18,6 +19,7 @@ from isolocal.masking import visible_indices
 from isolocal.models.decoder import LayerNorm, LocalDecoder
 from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.posembed import sincos_pos_embed
+from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 from isolocal.targets import target_dim
 
 
@@ -97,5 +99,35 @@ def vit_mask_grid(cfg: ModelConfig) -> int:
     return cfg.img_size // cfg.patch_size
 
 
+# ---- export to timm's VisionTransformer ----------------------------------------------------------
+
+_TIMM_SIZES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base", (1024, 24, 16): "vit_large"}
+
+
+def _vit_timm_key(stage: nn.Module, head: str, rest: str) -> str | None:
+    """Stage-local block indices become global ones; stage 0's embedding moves to the top level."""
+    if head == "blocks":
+        index, _, tail = rest.partition(".")
+        return f"blocks.{stage.first_block + int(index)}.{tail}"
+    if head in ("patch_embed", "cls_token", "pos_embed"):
+        return f"{head}.{rest}" if rest else head
+    return None
+
+
+def vit_state_dict(model: Any) -> dict[str, Tensor]:
+    """Encoder weights under timm's VisionTransformer names."""
+    return timm_state_dict(model.stages, _vit_timm_key)
+
+
+def vit_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
+    """A registered timm ViT name, plus constructor overrides when the config is not that model."""
+    c = model.cfg
+    size = _TIMM_SIZES.get((c.embed_dim, c.depth, c.num_heads))
+    registered = None if size is None else f"{size}_patch{c.patch_size}_{c.img_size}"
+    return timm_name_and_kwargs(c, registered, "vit_base_patch16_224", dict(
+        img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads))
+
+
 VIT = Family(taps=vit_taps, build_stages=build_vit_stages, mask_grid=vit_mask_grid,
-             context=lambda cfg, mask: ViTContext.from_mask(mask), has_cls=True)
+             context=lambda cfg, mask: ViTContext.from_mask(mask), has_cls=True,
+             timm_name_and_kwargs=vit_timm_name_and_kwargs, timm_state_dict=vit_state_dict)

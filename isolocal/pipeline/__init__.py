@@ -2,7 +2,41 @@
 
 - `module`: `MIMPipe`, the `PipelineModule` whose layers are the model's stages;
 - `engine`: DeepSpeed's default schedule with one fused backward, and the isolated schedule;
-- `runner`: `pretrain_pipeline(cfg)`, run in every process of a torchrun/deepspeed launch;
-- `checkpoint`: pipeline checkpoints <-> single-process LocalMIM state dicts.
-Modules are imported explicitly (deepspeed is heavy to import).
+- `runner`: `pretrain_pipeline(cfg)`, run in every process of a torchrun/deepspeed launch.
+Pipeline checkpoints are read by `isolocal.checkpoint`. Modules are imported explicitly (deepspeed is
+heavy to import). The engines subclass DeepSpeed's private names, so importing this package checks
+that the installed DeepSpeed is in the tested range (`DEEPSPEED_RANGE`, as pinned in
+pyproject.toml), without importing it.
 """
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+DEEPSPEED_RANGE = ">=0.19,<0.20"  # as pinned in pyproject.toml
+
+
+class DeepSpeedVersionError(ImportError):
+    """The installed DeepSpeed is missing or outside the range the pipeline engines are tested with."""
+
+
+def check_deepspeed(installed: str | None) -> None:
+    """One line naming the tested range when `installed` (a version, None: not installed) is outside it."""
+    if installed is None:
+        raise DeepSpeedVersionError(f"isolocal.pipeline needs deepspeed {DEEPSPEED_RANGE} (the tested range); "
+                                    "it is not installed")
+    if Version(installed) not in SpecifierSet(DEEPSPEED_RANGE):
+        raise DeepSpeedVersionError(f"isolocal.pipeline needs deepspeed {DEEPSPEED_RANGE} (the tested range), "
+                                    f"found {installed}; install a version in that range")
+
+
+def _installed() -> str | None:
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:
+        return None
+
+
+check_deepspeed(_installed())

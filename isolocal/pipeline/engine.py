@@ -2,8 +2,8 @@
 
 - `DefaultScheduleEngine`: DeepSpeed's 1F1B train schedule (gradients cross rank boundaries), with
   one fused `torch.autograd.backward(outputs, grads)` per micro-batch instead of DeepSpeed's one
-  backward per float output, which re-traverses the shared graph (shared/PIPELINE-NOTES.md: the
-  fused call gave identical gradients at 0.72x the step time).
+  backward per float output, which re-traverses the graph the outputs share (same gradients:
+  tests/test_pipeline.py compares them with a single process; docs/pipeline.md).
 - `IsolatedScheduleEngine`: for models whose boundaries are all isolated. Per micro-batch a rank
   loads or receives, runs its stages forward, sends (asynchronously), and back-propagates its own
   local losses at once; no gradient is ever communicated between ranks, only downstream
@@ -11,8 +11,11 @@
   micro-batches, and a batch does not end in DeepSpeed's pipeline-wide loss broadcast.
 
 Both measure (and, with `clip_grad > 0`, clip) each stage's gradient norm on its own before the
-optimizer step: DeepSpeed's own `gradient_clipping` uses one norm across the pipeline, which would
-couple isolated stages, so it is always off.
+optimizer step, with the trainer's `clip_stage_gradients`: DeepSpeed's own `gradient_clipping` uses
+one norm across the pipeline, which would couple isolated stages, so it is always off.
+
+The engines subclass DeepSpeed's private names (`_INSTRUCTION_MAP`, `_exec_*`), which is why
+`isolocal.pipeline` accepts only the DeepSpeed versions it is tested with.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import Tensor
 
 from isolocal.pipeline.module import MIMPipe
+from isolocal.train.step import clip_stage_gradients
 
 
 class StageNormsEngine(PipelineEngine):
@@ -35,13 +39,9 @@ class StageNormsEngine(PipelineEngine):
     grad_norms: Tensor | None = None
 
     def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
+        local = self.module.stage_parameters()
         norms = torch.zeros(self.module.model.num_stages)
-        for k, params in self.module.stage_parameters().items():
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            if self.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
-            norms[k] = norm.item()
+        norms[list(local)] = clip_stage_gradients(list(local.values()), self.clip_grad).cpu()
         self.grad_norms = norms
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 

@@ -4,13 +4,13 @@ The layers are the model's stage modules themselves, so a pipeline run starts fr
 weights a single-process run of the same seed starts from, and a layer's checkpoint keys are the
 stage's keys (`layer_03` <-> `stages.3.`).
 
-What travels between pipeline ranks (DeepSpeed's rules are in shared/PIPELINE-NOTES.md):
+What travels between pipeline ranks (DeepSpeed's rules for it are in docs/pipeline.md):
     (x, losses, images, mask)
 - x: the residual stream (float, the only tensor whose gradient matters across a boundary);
 - losses: one slot per stage, each stage adds its local loss; the last rank's loss is their sum,
   which is how every local loss reaches the optimizer under DeepSpeed's default schedule;
 - images: int32 bit view of the float images, so DeepSpeed neither asks for their gradient nor
-  corrupts them; each rank recomputes its targets from them (smaller than carrying targets);
+  corrupts them; each rank computes its own stages' targets from them (smaller than carrying targets);
 - mask: uint8.
 Float tensors come first: with 3+ ranks DeepSpeed indexes gradient buffers among float tensors
 only, and a float tensor after an int one receives garbage. The first rank's input is
@@ -104,7 +104,7 @@ class MIMPipe(PipelineModule):
         else:
             x, losses, bits, mask = carry
             images = bits.view(torch.float32)
-        batch = self.model.prepare(images, mask.bool())
+        batch = self.model.prepare(images, mask.bool(), self.stage_ids)
         for k in self.stage_ids:
             if k > 0:
                 x = enter_stage(x, self.model.alphas[k - 1], received=k == self._local_start)

@@ -1,4 +1,5 @@
-"""Data parallelism for the trainer: process group set-up, parameter broadcast, gradient averaging.
+"""Process groups for both runners, and data parallelism for the trainer: parameter broadcast,
+gradient averaging, values reduced over ranks for the logs.
 
 Gradients are averaged by hand (one flat all-reduce per stage after all local backwards of a step)
 instead of wrapping the model in DistributedDataParallel. DDP hooks `forward()` and expects one
@@ -45,13 +46,20 @@ def setup(device_type: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
 
+def shutdown() -> None:
+    """Barrier, then destroy: without the barrier, gloo processes sometimes abort at interpreter exit."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def teardown(info: DistInfo, barrier: bool = True) -> None:
-    """Barrier then destroy: without the barrier, gloo processes sometimes abort at interpreter exit.
-    After an error there is no barrier (the other ranks may never reach it)."""
+    """End the process group this run created. After an error there is no barrier (the other ranks
+    may never reach it)."""
     if info.owns_group and dist.is_initialized():
         if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+            shutdown()
+        else:
+            dist.destroy_process_group()
 
 
 def broadcast_parameters(model: nn.Module) -> None:
@@ -83,6 +91,15 @@ def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
         dist.all_reduce(values)
         values /= world
     return values
+
+
+def max_over_ranks(value: float, world: int, device: torch.device) -> float:
+    """The largest of every rank's `value` (peak memory: the busiest rank is what must fit)."""
+    if world == 1:
+        return value
+    values = torch.tensor([value], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return float(values)
 
 
 def gather_objects(obj: object, world: int) -> list:

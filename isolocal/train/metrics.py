@@ -1,4 +1,5 @@
-"""Run-directory outputs: metrics as JSON lines, the resolved config as TOML, peak memory.
+"""Run-directory outputs: metrics as JSON lines (and, with `train.tensorboard`, as TensorBoard
+scalars), the resolved config as TOML, peak memory.
 
 Peak memory is what the training loop adds, in MiB:
 - CUDA: `torch.cuda.max_memory_allocated` since the loop started (tensors only: weights, optimizer
@@ -12,6 +13,7 @@ Peak memory is what the training loop adds, in MiB:
 from __future__ import annotations
 
 import json
+import numbers
 import resource
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,11 @@ from typing import Any
 import tomli_w
 import torch
 
-from isolocal.config import RunConfig, to_dict
+from isolocal.config import ConfigError, RunConfig, to_dict
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
+TENSORBOARD = "tensorboard"  # event files: <out_dir>/tensorboard/
 
 
 def write_config(cfg: RunConfig, out_dir: Path) -> Path:
@@ -65,18 +68,37 @@ class PeakMemory:
         return max(peak_kib - self.base_kib, 0) / 1024
 
 
-class MetricsLog:
-    """Append-only JSON lines (`pandas.read_json(path, lines=True)` reads it)."""
+def check_tensorboard() -> None:
+    """Fail before any work when `train.tensorboard` is on but the optional package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ConfigError("train.tensorboard = true needs the tensorboard package: "
+                          "pip install tensorboard (or isolocal[tensorboard])") from None
 
-    def __init__(self, out_dir: Path, enabled: bool):
+
+class MetricsLog:
+    """Append-only JSON lines (`pandas.read_json(path, lines=True)` reads it), mirrored to TensorBoard.
+
+    TensorBoard gets every number of every record as a scalar tagged `<kind>/<key>`, per-stage lists
+    one tag per stage (`step/loss_stage/2`), at the record's step (its epoch for epoch-only records).
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = False):
         self.path = out_dir / METRICS
         self.enabled = enabled
+        self.tensorboard = tensorboard and enabled
+        self.writer = None
 
     def start(self, resume_step: int | None) -> None:
         """A fresh run starts an empty file; a resumed one drops records past its checkpoint (a run
-        killed after its last checkpoint logged steps it will now redo)."""
+        killed after its last checkpoint logged steps it will now redo), in TensorBoard too."""
         if not self.enabled:
             return
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.path.parent / TENSORBOARD, purge_step=resume_step)
         if resume_step is None or not self.path.exists():
             self.path.write_text("")
             return
@@ -85,6 +107,25 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            self._scalars(record)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        kind, step = record["kind"], record.get("step", record.get("epoch"))
+        for key, value in record.items():
+            if key in ("kind", "step", "epoch"):
+                continue
+            values = value if isinstance(value, list) else [value]
+            for k, v in enumerate(values):
+                if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{kind}/{key}/{k}" if isinstance(value, list) else f"{kind}/{key}",
+                                           v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,4 +1,4 @@
-"""AdamW with METHOD.md section 7's weight-decay groups, and timm's per-iteration warmup + cosine.
+"""AdamW with docs/method.md §7's weight-decay groups, and timm's per-iteration warmup + cosine.
 
 Parameters are grouped per stage, so a stage can get its own learning-rate multiplier
 (`train.stage_lr_scale`, applied by timm's scheduler through each group's `lr_scale`) or its own

@@ -1,4 +1,5 @@
-"""Forward + backward of one micro-batch, global or stage-wise isolated: the step every runner shares.
+"""Forward + backward of one micro-batch, global or stage-wise isolated, and per-stage gradient
+clipping: the step pieces every runner shares.
 
 Global (some boundary lets gradient through): one forward of the whole model, one backward of the
 summed loss. Isolated (every boundary detached, several stages): stage by stage, forward, backward of
@@ -8,7 +9,7 @@ before the next one is built and peak activation memory is about one stage's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +43,18 @@ def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = 
         x = x.detach()
         losses.append(loss.detach().float())
     return torch.stack(losses) / accum
+
+
+def clip_stage_gradients(stage_params: Sequence[Sequence[torch.nn.Parameter]], max_norm: float) -> Tensor:
+    """Each stage's gradient norm (stacked, left on the device), each stage clipped to `max_norm` on its
+    own norm when `max_norm` > 0: stages never share a norm, which would couple isolated stages."""
+    norms = []
+    for params in stage_params:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        norms.append(norm)
+    return torch.stack(norms)
 
 
 def compile_stages(model: LocalMIM) -> None:

@@ -1,0 +1,79 @@
+"""Evaluate an encoder with the protocols of `isolocal eval`: k-NN, per-stage linear probes, fine-tuning.
+
+Module-level imports are light (the heavy ones are inside the functions), so the CLI can read
+`MODES` without slowing `isolocal --help`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from isolocal.config import RunConfig
+    from isolocal.models.mim import LocalMIM
+
+MODES = ("knn", "linear", "finetune")
+
+
+def load_model(ckpt: str, cfg: RunConfig) -> LocalMIM:
+    """The model of any isolocal checkpoint or run directory, or with 'random' the config's model at
+    its seeded init."""
+    from pathlib import Path
+
+    import torch
+
+    from isolocal.checkpoint import load_checkpoint
+    from isolocal.models.mim import LocalMIM
+
+    if ckpt == "random":
+        torch.manual_seed(cfg.train.seed)
+        return LocalMIM(cfg.model)
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass a checkpoint, a run directory or 'random'")
+    return load_checkpoint(ckpt)
+
+
+def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True) -> dict:
+    """Run the protocols on `cfg`'s data; returns {"results": rows, ...} with the settings used."""
+    from isolocal.config import to_dict
+    from isolocal.device import resolve_device
+    from isolocal.eval.features import check_feature, eval_datasets, split_features
+    from isolocal.eval.finetune import finetune
+    from isolocal.eval.knn import check_knn, knn_per_stage
+    from isolocal.eval.linear import check_optimizer, linear_per_stage
+
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or "finetune" in modes and len(modes) > 1:
+        raise ValueError(f"eval modes must be knn and/or linear, or finetune alone; got {modes}")
+    e, workers, finetuning = cfg.eval, cfg.data.num_workers, modes == ["finetune"]
+    if "linear" in modes:
+        check_optimizer(e.linear_optimizer)
+    model = load_model(ckpt, cfg).to(resolve_device(cfg.train.device))
+    train_ds, test_ds = eval_datasets(cfg, model.cfg, augment_train=finetuning)
+    extra: dict = {}
+    if finetuning:
+        out = finetune(model, train_ds, test_ds, e, cfg.train.seed, workers, progress)
+        rows = [{"stages": f"0-{model.num_stages - 1}", "finetune_top1": out["top1"]}]
+        extra["epochs"] = out["epochs"]
+    else:
+        check_feature(e.feature, model.family.has_cls)
+        if "knn" in modes:
+            check_knn(e, len(train_ds))
+        feats = split_features(model, train_ds, test_ds, e, workers, progress)
+        rows = [{"stage": k, "tap": tap.index, "dim": tap.dim} for k, tap in enumerate(model.taps)]
+        if "knn" in modes:
+            for row, acc in zip(rows, knn_per_stage(feats, e)):
+                row["knn_top1"] = acc
+        if "linear" in modes:
+            for row, acc in zip(rows, linear_per_stage(feats, e, cfg.train.seed, progress)):
+                row["linear_top1"] = acc
+    return {
+        "modes": modes,
+        "ckpt": ckpt,
+        "model": to_dict(model.cfg),
+        "data": cfg.data.name,
+        "train_images": len(train_ds),
+        "test_images": len(test_ds),
+        "eval": to_dict(e),
+        "results": rows,
+        **extra,
+    }

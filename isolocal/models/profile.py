@@ -1,0 +1,49 @@
+"""Per-stage cost of a model: blocks, parameters, forward FLOPs and time (`isolocal info`)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from isolocal.config import RunConfig
+from isolocal.device import resolve_device
+from isolocal.models.mim import LocalMIM
+
+
+def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
+    """One row per stage: its tap (block or Swin stage index), encoder blocks, parameters (encoder and
+    local head), forward FLOPs and median forward time for one masked training image on
+    `train.device` (the work a stage does per image in pre-training)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = resolve_device(cfg.train.device)
+    model = LocalMIM(cfg.model).to(device).eval()
+    m = cfg.model
+    images = torch.randn(1, m.in_chans, m.img_size, m.img_size, device=device)
+    batch = model.prepare(images, model.random_mask(1, generator=torch.Generator().manual_seed(0)))
+    rows, x = [], images
+    with torch.no_grad():
+        for k, (stage, tap) in enumerate(zip(model.stages, model.taps)):
+            with FlopCounterMode(display=False) as counter:
+                out, _, _ = model.stage_step(k, x, batch)
+            times = []
+            for _ in range(repeats + 1):  # the first call warms up and is not counted
+                t0 = time.perf_counter()
+                model.stage_step(k, x, batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            times = times[1:]
+            head = sum(p.numel() for name, p in stage.named_parameters() if name.startswith(("decoder.", "norm.")))
+            total = sum(p.numel() for p in stage.parameters())
+            blocks = sum(type(mod).__name__.endswith("Block") for name, mod in stage.named_modules()
+                         if not name.startswith("decoder"))  # timm's ViT Block / SwinTransformerBlock
+            rows.append({"stage": k, "tap": tap.index, "blocks": blocks, "scale": tap.scale,
+                         "target_cell": tap.cell, "params_encoder": total - head, "params_head": head,
+                         "gflops": counter.get_total_flops() / 1e9,
+                         "fwd_ms": 1e3 * statistics.median(times)})
+            x = out
+    return pd.DataFrame(rows)

@@ -1,0 +1,20 @@
+"""Run recipes: a TOML run config plus `--set` overrides, with the preset it names resolved, validated.
+
+`isolocal.config` holds the schema and knows no model; presets live in `isolocal.models.presets`;
+this module joins the two, so a recipe names a preset and overrides any of its fields.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from isolocal.config import RunConfig, apply_overrides, from_dict, read_toml, validate_run
+from isolocal.models.presets import resolve_model_config
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config (or the defaults), apply overrides, resolve the preset, validate."""
+    data = apply_overrides({} if path is None else read_toml(path), overrides or [])
+    cfg = from_dict(RunConfig, data)
+    cfg.model = resolve_model_config(cfg.preset, data.get("model", {}))
+    validate_run(cfg)
+    return cfg

@@ -1,0 +1,349 @@
+"""The pre-training loop both runners share: position, micro-batches, logs, checkpoints and resume.
+
+Read `PretrainLoop.fit` top to bottom. The loop owns the run's position (step, epoch, step within
+the epoch, elapsed time), draws each optimizer step's micro-batches, writes the log records and
+decides when to save. A runner supplies only its step and its state:
+- `isolocal.train.trainer.Trainer`: one process or data parallel (torchrun), global or stage-wise
+  isolated back-propagation;
+- `isolocal.pipeline.runner.PipelineRun`: a DeepSpeed pipeline over the model's stages.
+
+Micro-batches (`epoch_micro_batches`): one loader per epoch, seeded by (seed, epoch, replica), a
+`DistributedSampler` splitting the data over replicas, `micro_per_step` micro-batches per optimizer
+step, and masks from the run's own generator, seeded by (seed, replica). So a pipeline with
+`pipeline.micro_batches` = the trainer's `train.accum_steps` sees the trainer's images and masks, by
+construction; pipeline ranks other than the first read no data.
+
+Resume is exact, also mid-epoch: the lr is a function of the step, the loader of an epoch a
+function of (seed, epoch, replica), and every rank's mask generator, RNG states and epoch loss sums
+are checkpointed. A resumed epoch re-reads (without training on) the micro-batches it had already
+used, so that the augmentation RNG stream is where it was. What decides which images and masks
+step n sees (the model, `FIXED_ON_RESUME`, the number of processes) is fixed on resume: a change is
+refused with one line, before any work.
+
+Where code that must see every step or every save of both runners hooks in: `after_step` (each
+optimizer step, with its losses still on the device) and `save` (the one save point).
+"""
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from isolocal.checkpoint import LAST, PIPELINE_DIR, load_model_state, run_state
+from isolocal.config import ConfigError, RunConfig, TrainConfig, to_dict
+from isolocal.data import build_dataset, build_loader
+from isolocal.models.mim import LocalMIM
+from isolocal.train import distributed
+from isolocal.train.distributed import DistInfo
+from isolocal.train.metrics import MetricsLog, PeakMemory, check_tensorboard, write_config
+from isolocal.train.step import is_stagewise
+
+MASK_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2  # the keys of a run's independent random streams
+MicroBatches = list[tuple[Tensor, Tensor]]  # one optimizer step's (images, mask) micro-batches
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed seed from integer keys, so mask and data streams of ranks and epochs never collide."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def build_train_dataset(cfg: RunConfig) -> Dataset:
+    """The pre-training set (missing files fail here, before any training), cut to `data.train_subset`."""
+    d, m = cfg.data, cfg.model
+    dataset, _, _ = build_dataset(d.name, d.root or None, train=True, img_size=m.img_size, in_chans=m.in_chans,
+                                  transform_train=True, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
+                                  crop_scale_min=d.crop_scale_min)
+    if d.train_subset:
+        if d.train_subset > len(dataset):
+            raise ConfigError(f"data.train_subset ({d.train_subset}) exceeds the {len(dataset)} training images")
+        dataset = Subset(dataset, range(d.train_subset))
+    return dataset
+
+
+def micro_batch_size(t: TrainConfig, micro_per_step: int, replicas: int, names: tuple[str, str]) -> int:
+    """Images per micro-batch: `train.batch_size` split into `micro_per_step` micro-batches on each of
+    `replicas`; `names` say what those two numbers are called in the error when they do not divide it."""
+    if t.batch_size % (micro_per_step * replicas):
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by {names[0]} ({micro_per_step}) "
+                          f"x {names[1]} ({replicas})")
+    return t.batch_size // (micro_per_step * replicas)
+
+
+def step_counts(t: TrainConfig, images: int, replicas: int, micro_batch: int, micro_per_step: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run) for `images` split over `replicas`."""
+    per_epoch = images // replicas // micro_batch // micro_per_step
+    if per_epoch == 0:
+        raise ConfigError(f"{images} training images over {replicas} replica(s) give no full step "
+                          f"of train.batch_size {t.batch_size}; lower the batch or use more data")
+    total = t.epochs * per_epoch
+    return per_epoch, min(total, t.max_steps) if t.max_steps else total
+
+
+def build_model(cfg: RunConfig, init: str | None = None) -> LocalMIM:
+    """The run's model at its seeded init (the same weights in every process and mode), or with `init`
+    the weights of that checkpoint (any isolocal checkpoint or run directory)."""
+    torch.manual_seed(cfg.train.seed)
+    model = LocalMIM(cfg.model)
+    if init is not None:
+        model.load_state_dict(load_model_state(init)[1])
+    return model
+
+
+def _setting(cfg: dict, key: str) -> Any:
+    section, name = key.split(".")
+    return cfg.get(section, {}).get(name)
+
+
+def check_resume(saved: dict, cfg: RunConfig, world: int, fixed: Sequence[str]) -> None:
+    """Refuse (one line) to resume a run whose model, `fixed` settings or process count differ from
+    the checkpoint's: they decide which images and masks step n sees."""
+    before, now = saved["config"], to_dict(cfg)
+    diff = [f"model.{k}" for k in now["model"] if before["model"].get(k) != now["model"][k]]
+    diff += [key for key in fixed if _setting(before, key) != _setting(now, key)]
+    if diff:
+        was = ", ".join(repr(_setting(before, key)) for key in diff)
+        got = ", ".join(repr(_setting(now, key)) for key in diff)
+        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {', '.join(diff)} "
+                         f"(checkpoint: {was}; this run: {got})")
+    if saved["world_size"] != world:
+        raise ValueError(f"cannot resume exactly: the checkpoint was written by {saved['world_size']} "
+                         f"process(es), this run has {world}")
+
+
+@dataclass
+class StageValues:
+    """One log record's per-stage values, gathered from every rank that holds a stage."""
+
+    loss: list[float]
+    grad_norm: list[float]
+    lr: list[float]
+
+
+class PretrainLoop(ABC):
+    """Position, micro-batches, logs, checkpoints and resume of a pre-training run; `fit()` runs it.
+
+    A runner builds its model and optimizers between `_open` / `_prepare_data` and `_start`, and
+    supplies `train_step`, `stage_values`, `write_checkpoint`, `load_runner_state`.
+    """
+
+    FIXED_ON_RESUME: tuple[str, ...] = ("train.batch_size", "train.accum_steps", "train.seed")
+
+    cfg: RunConfig
+    dist: DistInfo
+    device: torch.device
+    model: LocalMIM
+    optimizers: list[torch.optim.Optimizer]
+    resume_path: Path  # what `--resume` reads: the trainer's last.pt, the pipeline's checkpoint directory
+
+    # ------------------------------------------------------------------------------ building
+
+    def _open(self, resume: bool, world: int) -> dict | None:
+        """Refuse to overwrite a run; with `resume`, the saved run state, checked against this run."""
+        self.out_dir = Path(self.cfg.out_dir)
+        if self.cfg.train.tensorboard:
+            check_tensorboard()
+        if not resume:
+            held = [p for p in (self.out_dir / LAST, self.out_dir / PIPELINE_DIR / "latest") if p.exists()]
+            if held:
+                raise ValueError(f"{self.out_dir} already holds a run ({held[0].relative_to(self.out_dir)}); "
+                                 "pass --resume to continue it or choose another out_dir")
+            return None
+        if not self.resume_path.exists():
+            raise FileNotFoundError(f"no checkpoint at {self.resume_path} to resume")
+        saved = run_state(self.resume_path)
+        check_resume(saved, self.cfg, world, self.FIXED_ON_RESUME)
+        return saved
+
+    def _prepare_data(self, replicas: int, micro_per_step: int, names: tuple[str, str]) -> None:
+        """The micro-batch size (see `micro_batch_size`), the training set and the step counts it gives."""
+        micro_batch = micro_batch_size(self.cfg.train, micro_per_step, replicas, names)
+        self.replicas, self.micro_batch, self.micro_per_step = replicas, micro_batch, micro_per_step
+        self.dataset = build_train_dataset(self.cfg)
+        self.steps_per_epoch, self.total_steps = step_counts(self.cfg.train, len(self.dataset), replicas,
+                                                             micro_batch, micro_per_step)
+
+    def _start(self, saved: dict | None, replica: int, loads_data: bool, loss_device: torch.device) -> None:
+        """Mask stream and position (restored from `saved`: the runner's state first, then the
+        loop's), then the run directory's config and logs."""
+        t = self.cfg.train
+        self.replica, self.loads_data = replica, loads_data
+        self.mask_gen = torch.Generator().manual_seed(derive_seed(t.seed, MASK_STREAM, replica))
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.epoch_loss_sum = torch.zeros(self.model.num_stages, device=loss_device)  # this epoch so far
+        self.elapsed_before = 0.0
+        self.saved_step = -1
+        if saved is not None:
+            self.load_runner_state(saved)
+            self._restore(saved)
+        self.log = MetricsLog(self.out_dir, enabled=self.dist.main, tensorboard=t.tensorboard)
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_config(self.cfg, self.out_dir)
+            self.log.start(self.step if saved is not None else None)
+        self.memory = PeakMemory(self.device)
+
+    @property
+    def mode(self) -> str:
+        return "isolated" if is_stagewise(self.model) else "global"
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.main, desc=self.description,
+                   unit="step", dynamic_ncols=True)
+        self.memory.reset()
+        self.start = last_log = time.perf_counter()
+        logged_steps = 0
+        losses = torch.zeros_like(self.epoch_loss_sum)
+        while self.epoch < t.epochs and self.step < self.total_steps:
+            epoch_start, epoch_first_step = time.perf_counter(), self.step
+            for micro in self.epoch_micro_batches():
+                losses = self.train_step(micro)
+                self.after_step(losses)
+                self.epoch_loss_sum += losses
+                logged_steps += 1
+                if self.step % t.log_every == 0:
+                    now = time.perf_counter()
+                    rec = self._log("step", self.step, losses, now - last_log, logged_steps)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    last_log, logged_steps = now, 0
+                self.step += 1
+                self.step_in_epoch += 1
+                bar.update()
+                if self.step >= self.total_steps:
+                    break
+            if self.step_in_epoch == self.steps_per_epoch:  # a whole epoch (not a max_steps stop)
+                self._end_epoch(time.perf_counter() - epoch_start, self.step - epoch_first_step)
+        if self.saved_step != self.step and self.step > 0:
+            self.save()
+        bar.close()
+        final = self.stage_values(losses).loss
+        return {"steps": self.step, "epochs_completed": self.epoch, "final_loss": math.fsum(final),
+                "final_loss_stage": final, "peak_mem_mb": self.memory.peak_mb(), "time": self._elapsed(),
+                "out_dir": str(self.out_dir), "mode": self.mode}
+
+    def _end_epoch(self, seconds: float, steps_here: int) -> None:
+        """Log the epoch's mean losses (over all its steps, also across a resume), checkpoint it.
+        Its time and speed cover the steps this process ran (all of them unless it resumed)."""
+        t = self.cfg.train
+        self._log("epoch", self.step - 1, self.epoch_loss_sum / self.steps_per_epoch, seconds, steps_here,
+                  epoch_time=seconds)
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch_loss_sum.zero_()
+        self.after_epoch()
+        if self.epoch % t.ckpt_every_epochs == 0 or self.epoch == t.epochs:
+            self.save()
+
+    def epoch_micro_batches(self) -> Iterator[MicroBatches | None]:
+        """Per remaining step of the current epoch, its micro-batches (images, mask); None on ranks
+        that read no data (pipeline ranks after the first)."""
+        first = self.step_in_epoch
+        if not self.loads_data:
+            for _ in range(first, self.steps_per_epoch):
+                yield None
+            return
+        t = self.cfg.train
+        sampler = None
+        if self.replicas > 1:
+            sampler = DistributedSampler(self.dataset, self.replicas, self.replica, shuffle=True, seed=t.seed,
+                                         drop_last=True)
+            sampler.set_epoch(self.epoch)
+        loader = build_loader(self.dataset, self.micro_batch, shuffle=sampler is None,
+                              seed=derive_seed(t.seed, DATA_STREAM, self.epoch, self.replica),
+                              num_workers=self.cfg.data.num_workers, drop_last=True, sampler=sampler)
+        images = (batch[0] for batch in loader)
+        for step in range(self.steps_per_epoch):
+            group = [next(images) for _ in range(self.micro_per_step)]
+            if step >= first:
+                yield [(x, self.model.random_mask(len(x), generator=self.mask_gen)) for x in group]
+
+    # ------------------------------------------------------------------------------ what a runner supplies
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """The progress bar's label."""
+
+    @abstractmethod
+    def train_step(self, micro: MicroBatches | None) -> Tensor:
+        """One optimizer step on `micro` -> this rank's per-stage losses (summed or averaged, as
+        `stage_values` expects them), left on their device."""
+
+    @abstractmethod
+    def stage_values(self, losses: Tensor) -> StageValues:
+        """Every stage's loss (from `train_step`'s output, or a sum of them), gradient norm and lr;
+        every rank calls it (it may reduce over ranks)."""
+
+    @abstractmethod
+    def write_checkpoint(self, state: dict) -> None:
+        """Save the runner's state together with the loop's `state`; every rank calls it."""
+
+    @abstractmethod
+    def load_runner_state(self, saved: dict) -> None:
+        """Restore what `write_checkpoint` saved besides the loop's state."""
+
+    def after_step(self, losses: Tensor) -> None:
+        """Called after every optimizer step, before it is counted or logged."""
+
+    def after_epoch(self) -> None:
+        """Called after every whole epoch, once it is counted and logged, before its checkpoint."""
+
+    # ------------------------------------------------------------------------------ logs
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def _log(self, kind: str, step: int, losses: Tensor, seconds: float, steps: int, **extra: float) -> dict:
+        """Write a log record; every rank calls it. `step` is the 0-based index of the last optimizer
+        step it covers, which is how a resume trims the log; `steps` optimizer steps took `seconds`."""
+        values = self.stage_values(losses)
+        group = self.optimizers[0].param_groups[0]
+        rec = {"kind": kind, "step": step, "epoch": self.epoch, "loss": math.fsum(values.loss),
+               "loss_stage": values.loss, "lr": group["lr"] / group["lr_scale"], "lr_stage": values.lr,
+               "img_per_s": steps * self.cfg.train.batch_size / max(seconds, 1e-9) if steps else None,
+               "peak_mem_mb": distributed.max_over_ranks(self.memory.peak_mb(), self.dist.world, self.device),
+               "time": self._elapsed(), **extra}
+        if kind == "step":
+            rec["grad_norm_stage"] = values.grad_norm
+        self.log.write(rec)
+        return rec
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """The one save point; every rank calls it and contributes its RNG states and epoch sums."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        ranks = distributed.gather_objects({"mask_generator": self.mask_gen.get_state(), "torch": torch.get_rng_state(),
+                                            "cuda": cuda, "epoch_loss_sum": self.epoch_loss_sum.cpu()},
+                                           self.dist.world)
+        self.write_checkpoint({"config": to_dict(self.cfg), "step": self.step, "epoch": self.epoch,
+                               "step_in_epoch": self.step_in_epoch, "elapsed": self._elapsed(),
+                               "world_size": self.dist.world, "ranks": ranks})
+        self.saved_step = self.step
+
+    def _restore(self, saved: dict) -> None:
+        self.step, self.epoch, self.step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
+        self.elapsed_before = saved["elapsed"]
+        self.saved_step = self.step
+        mine = saved["ranks"][self.dist.rank]
+        self.epoch_loss_sum.copy_(mine["epoch_loss_sum"])
+        self.mask_gen.set_state(mine["mask_generator"])
+        torch.set_rng_state(mine["torch"])
+        if self.device.type == "cuda" and mine["cuda"] is not None:
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+    def close(self) -> None:
+        """Flush the logs; end the process group if this run created it."""
+        self.log.close()
+        distributed.teardown(self.dist)
