@@ -19,6 +19,7 @@ import isolocal
 from analysis.glyphs import bin_angles, draw_glyphs, hog_glyphs
 from analysis.loading import load_images
 from analysis.reconstruction import pixel_mask, pixel_views, unpatchify
+from analysis.reconstruction_figure import MASK_COLOUR, glyph_panels
 from isolocal.cli import main
 from isolocal.config import RunConfig, to_dict
 from isolocal.data import FASHION_MNIST_ROOT
@@ -175,6 +176,24 @@ def test_pixel_views_undo_the_per_cell_normalization(spec, chans, scales):
         target = unpatchify(rec.target, rec.grid, rec.cell, chans)
         assert torch.equal(views["pred"].float()[visible], target[visible])
         assert not torch.allclose(views["pred"].float()[~visible], target[~visible])  # masked: the decoder's guess
+
+
+@needs_fmnist
+def test_hog_prediction_panels_paste_the_visible_cells_target_glyphs():
+    """Cells the encoder saw show their target glyphs; masked cells show the decoder's, on a shade."""
+    model = _model("vit_hog")
+    images = load_images("fmnist:0", model.img_size, 1).images
+    mask = model.random_mask(1, torch.Generator().manual_seed(2))
+    for rec in analysis.reconstruct(model, images, mask):
+        target, pred = glyph_panels(rec, model, 0, "mean")
+        side = target.shape[0] // rec.grid
+        blocks = [(w, (slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side)))
+                  for (r, c), w in np.ndenumerate(rec.weight[0].reshape(rec.grid, rec.grid).numpy())]
+        assert all(np.array_equal(pred[b], target[b]) for w, b in blocks if w == 0)
+        decoder = hog_glyphs(rec.pred[0].numpy(), rec.grid, 1, model.cfg.hog_nbins, side)[..., None]
+        shade = MASK_COLOUR * 0.6
+        masked = [b for w, b in blocks if w == 1]
+        assert masked and all(np.allclose(pred[b], np.maximum(decoder[b], shade)) for b in masked)
 
 
 # ---- command ---------------------------------------------------------------------------------------
