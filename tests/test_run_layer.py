@@ -9,11 +9,8 @@ from __future__ import annotations
 import ast
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -203,12 +200,6 @@ def test_init_starts_a_single_process_run_from_a_checkpoints_weights(tmp_path):
 
 # ------------------------------------------------------------------------------ a 2-rank pipeline
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(out: Path, cfg_dict: dict) -> None:
     """One rank: a pipeline run recording, per call of the model's target bank, which targets it made."""
     from isolocal.config import RunConfig, from_dict
@@ -231,24 +222,20 @@ def pipeline_run(tmp_path_factory) -> Path:
     """A finished 2-rank isolated pipeline run with TensorBoard logs; returns its run directory."""
     from isolocal.config import to_dict
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pipeline import free_port, wait_all
+
     out = tmp_path_factory.mktemp("pipe")
     cfg = tiny(out / "run", "train.epochs=1", "train.tensorboard=true", "pipeline.stages=2",
                "pipeline.micro_batches=2", "pipeline.timeout_s=60")
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(2):
         env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         log = open(out / f"log_rank{rank}.txt", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, str(out), json.dumps(to_dict(cfg))], env=env,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + 240
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(deadline - time.monotonic(), 0.1)))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            codes.append(p.wait())
+    codes = wait_all(procs, timeout=240)
     logs = "\n".join((out / f"log_rank{r}.txt").read_text()[-3000:] for r in range(2))
     assert codes == [0, 0], logs
     return out / "run"
