@@ -92,14 +92,12 @@ def _stamp_knn_steps(metrics: Path, steps_per_epoch: int) -> None:
 
 def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
     """Train (resuming from last.pt when a previous attempt left one); the summary gains the step it resumed from."""
-    import torch
-
-    from isolocal.checkpoint import LAST
+    from isolocal.checkpoint import LAST, run_state
     from isolocal.train import train
 
     resumed = 0
     if (run_dir / LAST).exists():
-        resumed = int(torch.load(run_dir / LAST, map_location="cpu", weights_only=False)["step"])
+        resumed = int(run_state(run_dir / LAST)["step"])
         print(f"resuming pre-training from {run_dir / LAST} (step {resumed})", flush=True)
         _stamp_knn_steps(run_dir / "metrics.jsonl", step_plan(spec)[0])
     summary = train(cfg, resume=(run_dir / LAST).exists())
