@@ -34,7 +34,8 @@ class Family:
     taps: Callable[[ModelConfig], list[Tap]]
     build_stages: Callable[[ModelConfig, list[Tap]], list[Any]]
     mask_grid: Callable[[ModelConfig], int]  # side of the grid masks are drawn on
-    context: Callable[[ModelConfig, Any], Any]  # (cfg, mask or None) -> what the stages need
+    # (cfg, mask on the model's device or None, the same mask on the host or None) -> what the stages need
+    context: Callable[[ModelConfig, Any, Any], Any]
     has_cls: bool
     # export to timm (see timm_export.py): (model) -> (timm name, create_model overrides); (model) -> weights
     timm_name_and_kwargs: Callable[[Any], tuple[str, dict[str, Any]]]

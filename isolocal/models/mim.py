@@ -7,15 +7,17 @@ same per-stage step, `stage_step`, and so computes the same numbers.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from isolocal.config import Boundary, ModelConfig
-from isolocal.masking import random_mask, regrid
+from isolocal.masking import random_mask, regrid, to_device, visible_count
 from isolocal.models.geometry import Family
 from isolocal.targets import TargetBank
 
@@ -94,6 +96,11 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _compiled_in_training(module: nn.Module, compiled: Callable, eager: Callable, *args: Any) -> Any:
+    """The compiled graph for training calls, the eager method otherwise (see `compile_stages`)."""
+    return compiled(*args) if module.training and torch.is_grad_enabled() else eager(*args)
+
+
 _FAMILIES = {"vit": "isolocal.models.vit:VIT", "swin": "isolocal.models.swin:SWIN"}
 
 
@@ -156,17 +163,30 @@ class LocalMIM(nn.Module):
         return random_mask(batch_size, self.mask_grid, self.cfg.mask_ratio, generator,
                            self.cfg.mask_unit, self.cfg.mask_per_batch)
 
+    @property
+    def num_visible(self) -> int:
+        """Visible tokens per image in every mask this model trains on (what `random_mask` draws)."""
+        return visible_count(self.mask_grid, self.cfg.mask_ratio, self.cfg.mask_unit)
+
     def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None) -> Batch:
         """Targets and loss weights for every stage (or only for `stages`, None for the others: what a
-        pipeline rank owns), and the token selection for the encoder."""
+        pipeline rank owns), and the token selection for the encoder.
+
+        Made for the hot loop: no host sync. A host mask reaches the device with a non-blocking copy
+        (Swin plans its windows from the host copy first); token selection is sized by the config's
+        keep count, not read from the mask. Targets and weights are computed with autocast disabled,
+        in fp32 whatever the caller's autocast (CUDA autocast would run the pixel target's einsum in bf16).
+        """
         expected = (images.shape[0], self.mask_grid ** 2)
         if tuple(mask.shape) != expected:
             raise ValueError(f"mask must have shape {expected} (batch, tokens), got {tuple(mask.shape)}")
-        mask = mask.to(images.device)
-        targets = self.target_bank(images, stages)
-        weights = [regrid(mask, self.mask_grid, t.out_grid / self.mask_grid) if target is not None else None
-                   for t, target in zip(self.taps, targets)]
-        return Batch(self.family.context(self.cfg, mask), targets, weights)
+        host = mask if mask.device.type == "cpu" else None
+        (mask,) = to_device([mask], images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            targets = self.target_bank(images, stages)
+            weights = [regrid(mask, self.mask_grid, t.out_grid / self.mask_grid) if target is not None else None
+                       for t, target in zip(self.taps, targets)]
+        return Batch(self.family.context(self.cfg, mask, host), targets, weights)
 
     def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Run stage k on its input: (output tokens, local loss, prediction)."""
@@ -188,12 +208,36 @@ class LocalMIM(nn.Module):
 
     def encode(self, images: Tensor) -> list[Tensor]:
         """Full unmasked images -> each stage's normalized output tokens."""
-        ctx = self.family.context(self.cfg, None)
+        ctx = self.family.context(self.cfg, None, None)
         x, feats = images, []
         for stage in self.stages:
             x = stage(x, ctx)
             feats.append(stage.features(x))
         return feats
+
+    def compile_stages(self, backend: str | Callable = "inductor") -> None:
+        """`torch.compile` each stage's training forward and its head (`predict`), with fixed shapes.
+
+        Only training calls run compiled (`self.training` and grad enabled): every stage then compiles
+        once, on the first training step, into a static-shape graph (stage 0 reads 4-D images, the
+        others 3-D tokens; the ViT's keep count comes from the config, so no shape changes between
+        steps) and never recompiles. Eval-mode forwards (features, k-NN, probes, `info`) run eager,
+        so they add no cache entries. State-dict keys are unchanged. Not supported for Swin: its
+        packed window groups change size every batch, so a compiled stage would recompile or fall
+        back to dynamic shapes; Swin warns and stays eager.
+        """
+        if self.cfg.arch == "swin":
+            warnings.warn("torch.compile is not supported for Swin (packed window groups change shape every "
+                          "batch); training runs eager", stacklevel=2)
+            return
+        # Stages share their classes' code objects: each stage is one cache entry of them (`cache_size_limit`
+        # is the recompile limit's name in every torch this supports).
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, self.num_stages)
+        for stage in self.stages:
+            for name in ("forward", "predict"):
+                eager = getattr(stage, name)
+                compiled = torch.compile(eager, backend=backend, dynamic=False)
+                setattr(stage, name, partial(_compiled_in_training, stage, compiled, eager))
 
     def stage_of(self, param_name: str) -> int:
         """Index of the stage owning a parameter (names start with `stages.<k>.`)."""

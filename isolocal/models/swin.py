@@ -105,10 +105,14 @@ class SwinContext:
         return None if self.plans is None else self.plans[level]
 
 
-def swin_context(cfg: ModelConfig, mask: Tensor | None) -> SwinContext:
+def swin_context(cfg: ModelConfig, mask: Tensor | None, host_mask: Tensor | None = None) -> SwinContext:
+    """Plans for the visible-token encoder, made from the host copy of the mask when the caller has one
+    (else `mask` is read back from its device) and placed on `mask`'s device; the dense encoder reads
+    the mask itself."""
     if mask is None or cfg.dense_encoder:
         return SwinContext(mask, cfg.dense_encoder, None)
-    return SwinContext(mask, False, plan_levels(mask, swin_levels(cfg)))
+    return SwinContext(mask, False, plan_levels(mask if host_mask is None else host_mask, swin_levels(cfg),
+                                                mask.device))
 
 
 class SwinLayer(nn.Module):

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
-from isolocal.masking import visible_indices
+from isolocal.masking import visible_count, visible_indices
 from isolocal.models.decoder import LayerNorm, LocalDecoder
 from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.posembed import sincos_pos_embed
@@ -29,10 +29,6 @@ class ViTContext:
 
     ids_keep: Tensor
     ids_restore: Tensor
-
-    @classmethod
-    def from_mask(cls, mask: Tensor | None) -> "ViTContext | None":
-        return None if mask is None else cls(*visible_indices(mask))
 
 
 class ViTStage(nn.Module):
@@ -99,6 +95,14 @@ def vit_mask_grid(cfg: ModelConfig) -> int:
     return cfg.img_size // cfg.patch_size
 
 
+def vit_context(cfg: ModelConfig, mask: Tensor | None, host_mask: Tensor | None = None) -> ViTContext | None:
+    """Token selection computed on the mask's device (the host copy is not needed): a stable sort of the
+    mask, cut at the config's keep count, so shapes are fixed and no mask value is read on the host."""
+    if mask is None:
+        return None
+    return ViTContext(*visible_indices(mask, visible_count(vit_mask_grid(cfg), cfg.mask_ratio, cfg.mask_unit)))
+
+
 # ---- export to timm's VisionTransformer ----------------------------------------------------------
 
 _TIMM_SIZES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base", (1024, 24, 16): "vit_large"}
@@ -128,6 +132,5 @@ def vit_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
         img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads))
 
 
-VIT = Family(taps=vit_taps, build_stages=build_vit_stages, mask_grid=vit_mask_grid,
-             context=lambda cfg, mask: ViTContext.from_mask(mask), has_cls=True,
-             timm_name_and_kwargs=vit_timm_name_and_kwargs, timm_state_dict=vit_state_dict)
+VIT = Family(taps=vit_taps, build_stages=build_vit_stages, mask_grid=vit_mask_grid, context=vit_context,
+             has_cls=True, timm_name_and_kwargs=vit_timm_name_and_kwargs, timm_state_dict=vit_state_dict)

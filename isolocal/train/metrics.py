@@ -2,8 +2,9 @@
 scalars), the resolved config as TOML, peak memory.
 
 Peak memory is what the training loop adds, in MiB:
-- CUDA: `torch.cuda.max_memory_allocated` since the loop started (tensors only: weights, optimizer
-  state, activations; allocator caching excluded).
+- CUDA: `torch.cuda.max_memory_allocated` since the loop started minus what was allocated at that
+  moment (tensors only: gradients, optimizer state, activations; the weights and batches that existed
+  before, and allocator caching, excluded), the same quantity as the CPU path measures.
 - CPU: the process's peak resident set size (VmHWM) since the loop started minus its resident size
   at that moment. Linux lets a process reset its high-water mark (`/proc/self/clear_refs` <- "5"),
   so this is the true peak of the training loop (activations, gradients, optimizer state), not an
@@ -18,10 +19,10 @@ import resource
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 import torch
 
 from isolocal.config import ConfigError, RunConfig, to_dict
+from isolocal.toml_writer import dumps_toml
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
@@ -31,7 +32,7 @@ TENSORBOARD = "tensorboard"  # event files: <out_dir>/tensorboard/
 def write_config(cfg: RunConfig, out_dir: Path) -> Path:
     """The resolved config, loadable again with `isolocal pretrain -c <out_dir>/config.toml`."""
     path = out_dir / CONFIG
-    path.write_text(tomli_w.dumps(to_dict(cfg)))
+    path.write_text(dumps_toml(to_dict(cfg)))
     return path
 
 
@@ -49,10 +50,12 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.base_kib = 0
+        self.base_bytes = 0
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_bytes = torch.cuda.memory_allocated(self.device)
             return
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -63,7 +66,7 @@ class PeakMemory:
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+            return (torch.cuda.max_memory_allocated(self.device) - self.base_bytes) / 2**20
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return max(peak_kib - self.base_kib, 0) / 1024
 

@@ -1,0 +1,231 @@
+"""GPU readiness checked on CPU: no host syncs in the training step, fp32 targets under autocast,
+compile without recompiles, pinned loaders, and imports without the optional packages."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import isolocal
+import isolocal.models.mim as mim
+from isolocal import targets
+from isolocal.config import to_dict
+from isolocal.data import SyntheticImages, build_loader
+from isolocal.eval.features import cuda_eval_precision
+from isolocal.masking import visible_indices
+from isolocal.recipes import load_run_config
+from isolocal.syncs import HostSyncCounter
+from isolocal.toml_writer import dumps_toml
+from isolocal.train.step import backward_step, compile_stages
+
+REPO = Path(isolocal.__file__).resolve().parents[1]
+
+
+def _batch(model: isolocal.LocalMIM, b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, model.cfg.in_chans, model.img_size, model.img_size, generator=g)
+    return images, model.random_mask(b, generator=g)
+
+
+# ---- the sync counter and the training step ----------------------------------------------------
+
+
+def test_counter_sees_every_kind_of_host_read():
+    x = torch.randn(4, 3)
+    m = x > 0
+    with HostSyncCounter() as syncs:
+        x.sum().item()
+        int(x.argmax())
+        bool(m.any())
+        x.tolist()
+        x.cpu()
+        torch.equal(x, x)
+        x[m]
+        torch.nonzero(m)
+        x.sum(0)  # no read
+        torch._assert_async(torch.tensor(True))  # checked on the device on CUDA: no read
+    ops = [e.op for e in syncs.events]
+    assert ops == ["aten._local_scalar_dense.default"] * 3 + [
+        "Tensor.tolist", "Tensor.cpu", "aten.equal.default", "aten.index.Tensor", "aten.nonzero.default"]
+    assert [e.floating for e in syncs.events] == [True, False, False, True, True, True, False, False]
+    assert syncs.on_device() == []  # a CPU run: no tensor lives on an accelerator
+
+
+@pytest.mark.parametrize("boundary", ["global", "isolated"])
+@pytest.mark.parametrize("name", ["localmim_vit_nano", "localmim_swin_nano"])
+def test_training_step_makes_no_host_sync(name, boundary):
+    """ViT: no host read at all (before: 2 per micro-batch, `.any()` and `int(counts[0])` when
+    selecting visible tokens). Swin: only its window planning reads the host mask (integer data),
+    nothing floating-point is ever read (before: the same 32 reads after a `.cpu()` of the mask)."""
+    torch.manual_seed(0)
+    model = isolocal.create_model(name, boundary=boundary)
+    images, mask = _batch(model)
+    with HostSyncCounter() as syncs:
+        losses = backward_step(model, images, mask)
+    assert losses.shape == (model.num_stages,) and torch.isfinite(losses).all()
+    if model.cfg.arch == "vit":
+        assert syncs.events == []
+    else:
+        assert syncs.floating() == []
+        assert syncs.events and all(e.dtype in (torch.bool, torch.int64) for e in syncs.events)
+        assert "Tensor.cpu" not in syncs.by_op()  # a host mask is planned where it is, not copied
+
+
+def test_vit_keep_count_comes_from_the_config_and_is_checked_on_device():
+    model = isolocal.create_model("localmim_vit_nano")
+    images, mask = _batch(model)
+    assert model.num_visible == int((~mask[0]).sum()) == 16  # 64 tokens, ratio 0.75
+    keep = model.prepare(images, mask).ctx.ids_keep
+    assert keep.shape == (2, model.num_visible) and (~torch.gather(mask, 1, keep)).all()
+    other = torch.zeros_like(mask)
+    other[:, 20:] = True  # 20 visible tokens, not 16
+    with pytest.raises(RuntimeError, match="every mask row must have 16 visible"):
+        model.prepare(images, other)
+    with pytest.raises(ValueError, match="same number of visible tokens"):  # without a keep count: read
+        visible_indices(torch.tensor([[True, False], [False, False]]))
+
+
+# ---- targets under autocast --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,boundary", [("localmim_vit_nano", "isolated"), ("mae_vit_nano", "global")])
+def test_targets_are_fp32_inside_a_bf16_training_step(monkeypatch, name, boundary):
+    """The step runs under bf16 autocast; every target and loss weight is built with autocast off and
+    equals the autocast-free one bit for bit (CUDA autocast would cast the pixel einsum to bf16)."""
+    torch.manual_seed(0)
+    model = isolocal.create_model(name, boundary=boundary)
+    images, mask = _batch(model)
+    seen: dict[str, list[bool]] = {}
+
+    def spy(fn_name: str, module=targets):
+        original = getattr(module, fn_name)
+
+        def wrapped(*args, **kwargs):
+            seen.setdefault(fn_name, []).append(torch.is_autocast_enabled("cpu"))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, fn_name, wrapped)
+
+    for fn_name in ("hog_histogram", "pixels", "pool_histogram", "finish_hog"):
+        spy(fn_name)
+    spy("regrid", mim)
+    expected = model.target_bank(images)  # no autocast anywhere
+    seen.clear()
+    got = []
+    model.target_bank.register_forward_hook(lambda mod, args, out: got.append(out))
+    backward_step(model, images, mask, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    kind = "pixels" if model.cfg.target == "pixels" else "hog_histogram"
+    assert seen[kind] and seen["regrid"]
+    assert not any(flag for flags in seen.values() for flag in flags), seen
+    assert len(got) == 1 and all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got[0], expected))
+
+
+# ---- torch.compile -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("boundary", ["global", "isolated"])
+def test_compiled_stages_compile_once_and_eval_runs_eager(boundary):
+    """Each stage's forward and head compile on the first training step only; eval forwards (features,
+    k-NN, probes) stay eager and add no graph; losses equal the eager model's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_vit_nano", boundary=boundary)
+    torch.manual_seed(0)
+    eager = isolocal.create_model("localmim_vit_nano", boundary=boundary)
+    counter = CompileCounter()
+    compile_stages(model, backend=counter)
+    frames = []
+    for step in range(4):
+        images, mask = _batch(model, seed=step)
+        before = counter.frame_count
+        losses = backward_step(model, images, mask)
+        frames.append(counter.frame_count - before)
+        assert torch.allclose(losses, backward_step(eager, images, mask), rtol=1e-6, atol=0)
+    assert frames == [2 * model.num_stages, 0, 0, 0]  # forward + predict per stage, then never again
+    model.eval()
+    with torch.no_grad():
+        model.encode(images)
+        model.encode(images[:1])  # another batch size: still no graph
+    model.train()
+    backward_step(model, images, mask)
+    assert counter.frame_count == 2 * model.num_stages
+    assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_compile_warns_and_stays_eager_for_swin():
+    model = isolocal.create_model("localmim_swin_nano")
+    with pytest.warns(UserWarning, match="not supported for Swin"):
+        compile_stages(model, backend=CompileCounter())
+    assert all("forward" not in vars(stage) for stage in model.stages)
+
+
+# ---- data, eval, memory ------------------------------------------------------------------------
+
+
+def test_loaders_pin_memory_when_cuda_is_available():
+    loader = build_loader(SyntheticImages(8, 16, 1, num_classes=2, seed=0), 4, shuffle=True, seed=0)
+    assert loader.pin_memory == torch.cuda.is_available()
+
+
+def test_eval_precision_changes_nothing_on_cpu():
+    precision = torch.get_float32_matmul_precision()
+    with cuda_eval_precision(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.get_float32_matmul_precision() == precision
+
+
+# ---- optional packages -------------------------------------------------------------------------
+
+
+def test_config_toml_is_written_without_tomli_w(monkeypatch):
+    data = to_dict(load_run_config(None, ['model.boundary=["isolated", 0.5, "global"]']))
+    with_tomli_w = dumps_toml(data)
+    monkeypatch.setitem(sys.modules, "tomli_w", None)  # import tomli_w now raises ImportError
+    text = dumps_toml(data)
+    assert tomllib.loads(text) == tomllib.loads(with_tomli_w) == data
+    with pytest.raises(ValueError, match="cannot write NoneType value None"):
+        dumps_toml({"a": None})
+
+
+@pytest.mark.slow
+def test_cli_eval_and_benchmarks_run_without_tomli_w_and_deepspeed(tmp_path):
+    """A GPU image without tomli-w and deepspeed: `info`, a 2-step pretrain, loading its checkpoint,
+    the eval and analysis modules and the benchmarks all import and run (from the repository root)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["tomli_w"] = None
+        sys.modules["deepspeed"] = None
+        from isolocal.cli import main
+        assert main(["info", "--set", "preset=localmim_vit_nano", "--repeats", "1"]) == 0
+        assert main(["pretrain", "--set", "data.name=synthetic", "data.synthetic_size=16", "train.batch_size=8",
+                     "train.max_steps=2", "--out", {str(tmp_path / "run")!r}]) == 0
+        import isolocal
+        model = isolocal.load_checkpoint({str(tmp_path / "run" / "last.pt")!r})
+        import analysis.cli, isolocal.eval.cli, isolocal.eval.finetune, isolocal.eval.knn, isolocal.eval.linear
+        import benchmarks.bench_models, benchmarks.bench_swin, benchmarks.bench_syncs
+        benchmarks.bench_syncs.main(["--presets", "localmim_vit_nano", "--batch", "2", "--warmup", "0",
+                                     "--steps", "1"])
+        assert sys.modules["tomli_w"] is None and sys.modules["deepspeed"] is None
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert config["train"]["max_steps"] == 2
+    assert "per stage" in proc.stdout and "global run: 2 steps" in proc.stdout
+    assert "localmim_vit_nano   global            0" in proc.stdout  # the benchmark's ViT step: no sync
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gets")
+def test_gpu_script_stops_at_once_without_cuda():
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OUT": "/nonexistent-gpu-results"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "benchmarks/gpu.sh needs a CUDA device (torch.cuda.is_available() is False here); nothing was run"]
