@@ -65,7 +65,7 @@ def test_bad_unit(unit):
 
 
 def test_visible_count_and_a_single_visible_unit():
-    assert visible_count(8, 0.75) == 16 and visible_count(56, 0.75, unit=8) == 12 * 64
+    assert visible_count(6, 0.75) == 9 and visible_count(56, 0.75, unit=8) == 12 * 64  # 9 of 36 tokens; 12 of 49 units
     m = random_mask(3, 2, 0.75, torch.Generator().manual_seed(0))  # 4 units, int(4 * 0.25) = 1 visible
     assert ((~m).sum(1) == 1).all()
     with pytest.raises(ValueError, match="leaves no visible unit out of 4"):

@@ -1,4 +1,7 @@
 """The stage-split model: shapes, isolation with autograd, determinism, validation, timm export."""
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import timm
@@ -6,11 +9,14 @@ import torch
 
 import isolocal
 from isolocal import targets
+from isolocal.masking import random_mask, visible_indices
+from isolocal.models.decoder import LocalDecoder, rescale_head
 from isolocal.models.mim import LocalMIM
+from isolocal.models.posembed import sincos_pos_embed
 from isolocal.models.swin import swin_taps
 from isolocal.models.vit import vit_taps
 from isolocal.targets import target_dim
-from isolocal.train.step import backward_step
+from isolocal.train.step import backward_step, is_stagewise
 
 
 def batch(model, b=2, seed=0):
@@ -74,6 +80,74 @@ def test_published_vit_b_geometry():
     assert [len(s.blocks) for s in model.stages] == [2, 2, 6, 2]
 
 
+def test_weights_start_from_maes_init():
+    """Xavier-uniform linears with zero biases, the patch projection's weight xavier-uniform as a
+    linear (its bias keeps PyTorch's default, as in MAE), N(0, 0.02) CLS and mask tokens."""
+    torch.manual_seed(0)
+    for name in ("localmim_vit_nano", "simmim_swin_nano"):
+        model = isolocal.create_model(name)
+        linears = [(n, m.weight, m.bias) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        embed = model.stages[0].patch_embed.proj
+        linears.append(("patch_embed", embed.weight.flatten(1), None))
+        for n, w, b in linears:
+            bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+            assert w.abs().max() <= bound and w.std() > 0.9 * bound / math.sqrt(3), n  # U(-a, a): std a/sqrt(3)
+            assert b is None or torch.count_nonzero(b) == 0, n
+        tokens = [p for n, p in model.named_parameters() if n.endswith(("cls_token", "mask_token"))]
+        assert len(tokens) == (1 + 4 if name == "localmim_vit_nano" else 1 + 1)
+        assert all(0.01 < t.std() < 0.03 for t in tokens), [t.std() for t in tokens]
+
+
+def test_rescale_heads_follow_the_published_design():
+    """x2^n: n transposed convolutions (kernel 2, stride 2) halving the channels, channel LayerNorm +
+    GELU between them; x1: only the 1x1 projection; x2^-n: average pooling first."""
+    def layers(head):
+        return [(type(m).__name__, getattr(m, "out_channels", None)) for m in head]
+
+    assert layers(rescale_head(64, 4.0, 27)) == [("ConvTranspose2d", 32), ("LayerNorm2d", None), ("GELU", None),
+                                                 ("ConvTranspose2d", 16), ("Conv2d", 27)]
+    assert layers(rescale_head(64, 2.0, 27)) == [("ConvTranspose2d", 32), ("Conv2d", 27)]
+    assert layers(rescale_head(64, 1.0, 27)) == [("Conv2d", 27)]
+    pool = rescale_head(64, 0.25, 27)
+    assert layers(pool) == [("AvgPool2d", None), ("Conv2d", 27)] and pool[0].kernel_size == pool[0].stride == 4
+    assert all(m.kernel_size == (2, 2) and m.stride == (2, 2) for m in rescale_head(64, 4.0, 27)[::3])
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_decoder_places_visible_tokens_and_mask_tokens_by_position(has_cls):
+    """The decoder written out: embed, each visible token at its own grid position (read from the
+    mask), the mask token everywhere else, fixed positions added, blocks, norm, prefix dropped, the
+    grid through the rescale head, cells in raster order."""
+    torch.manual_seed(0)
+    kwargs = {} if has_cls else {"has_cls": False}
+    dec = LocalDecoder(16, 32, 1, 2, 4.0, grid=4, scale=2.0, out_dim=5, **kwargs).eval()
+    assert 0.005 < dec.mask_token.std() < 0.05 and not dec.pos_embed.requires_grad
+    assert all(n.eps == 1e-6 for n in dec.modules() if isinstance(n, torch.nn.LayerNorm))
+    assert all(b.attn.qkv.bias is not None for b in dec.blocks)
+    mask = random_mask(2, 4, 0.75, torch.Generator().manual_seed(0))
+    x = torch.randn(2, int(has_cls) + 4, 16)
+    with torch.no_grad():
+        got = dec(x, visible_indices(mask)[1])
+        e = dec.embed(x)
+        grid = dec.mask_token.expand(2, 16, 32).clone()
+        for b in range(2):
+            grid[b, (~mask[b]).nonzero().flatten()] = e[b, int(has_cls):]
+        seq = torch.cat([e[:, :int(has_cls)], grid], 1) + sincos_pos_embed(32, 4, cls_token=has_cls)
+        y = dec.norm(dec.blocks(seq))[:, int(has_cls):]
+        expected = dec.head(y.transpose(1, 2).reshape(2, 32, 4, 4)).flatten(2).transpose(1, 2)
+    assert got.shape == (2, 64, 5)
+    torch.testing.assert_close(got, expected)
+
+
+def test_outputs_predictions_only_on_request_and_features_per_stage():
+    model = isolocal.create_model("localmim_vit_nano")
+    images, mask = batch(model)
+    assert model(images, mask).preds is None
+    assert len(model(images, mask, return_pred=True).preds) == model.num_stages
+    feats = model.encode(images)
+    assert [f.shape for f in feats] == [(2, 1 + 64, 64)] * model.num_stages
+
+
 # ------------------------------------------------------------------------------ the masked loss
 
 def hand_weights(mask: torch.Tensor, grid: int, img_size: int, out_grid: int) -> torch.Tensor:
@@ -127,6 +201,7 @@ def test_loss_is_the_weighted_mse_over_masked_cells(name, overrides):
         assert ((w > 0) & (w < 1)).any()  # the case this preset is here for: fractional weights
     with torch.no_grad():
         out = model(images, mask, return_pred=True)
+        assert len(out.losses) == len(out.preds) == len(weights) == model.num_stages
         for loss, pred, target, w in zip(out.losses, out.preds, hand_targets(model, images), weights):
             assert loss.item() == pytest.approx(hand_loss(pred, target, w), rel=1e-5)
         # Predictions at cells with no masked pixel do not enter the loss; at masked cells they do.
@@ -157,8 +232,8 @@ def test_isolated_stage_loss_touches_only_its_own_stage():
     for k in range(model.num_stages):
         grads = stage_grads(model, model(images, mask).losses[k])
         for name, grad in grads.items():
-            if model.stage_of(name) != k:
-                assert grad is None or torch.count_nonzero(grad) == 0, name
+            if model.stage_of(name) != k:  # not even reached: the stream is detached, no graph crosses
+                assert grad is None, name
             elif ".blocks." in name and "decoder" not in name:
                 assert grad is not None and torch.count_nonzero(grad) > 0, name
 
@@ -186,11 +261,20 @@ def test_stagewise_isolated_step_gives_the_gradients_of_the_summed_loss(name):
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-8, msg=n)
     torch.testing.assert_close(losses, torch.stack(out.losses).detach())
+    assert not losses.requires_grad  # no graph kept alive by what the caller logs
     model.zero_grad(set_to_none=True)
     losses = backward_step(model, images, mask, scale=lambda loss: 3.0 * loss, accum=4)
     torch.testing.assert_close(losses, torch.stack(out.losses).detach() / 4)
     for n, g in param_grads(model).items():
         torch.testing.assert_close(g, expected[n] * 0.75, rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_stagewise_backward_is_used_exactly_when_isolated_with_several_stages():
+    two = isolocal.create_model("localmim_vit_nano", taps=[1, 3], scales=[1.0, 0.5], boundary="isolated")
+    assert two.num_stages == 2 and is_stagewise(two)
+    assert is_stagewise(isolocal.create_model("localmim_vit_nano", boundary="isolated"))
+    assert not is_stagewise(isolocal.create_model("localmim_vit_nano", boundary=["isolated", 0.5, "isolated"]))
+    assert not is_stagewise(isolocal.create_model("localmim_vit_nano", boundary="global"))
 
 
 def test_global_step_divides_by_accum_and_scales():
@@ -203,6 +287,7 @@ def test_global_step_divides_by_accum_and_scales():
     model.zero_grad(set_to_none=True)
     losses = backward_step(model, images, mask, scale=lambda loss: 3.0 * loss, accum=4)
     torch.testing.assert_close(losses, torch.stack(out.losses).detach() / 4)
+    assert not losses.requires_grad
     got = param_grads(model)
     assert got.keys() == expected.keys()
     for n, g in got.items():
@@ -284,6 +369,19 @@ def test_small_config_exports_through_timm_kwargs():
     ({"scales": [8.0, 2.0, 1.0, 0.5]}, "target cell"),
     ({"scales": [4.0, 2.0, 1.0, 0.0625]}, "non-integer output grid"),
     ({"mask_ratio": 1.0}, "mask_ratio"),
+    ({"mask_ratio": 0.0}, r"mask_ratio must be in \(0, 1\), got 0.0"),
+    ({"img_size": 0}, "img_size must be >= 1, got 0"),
+    ({"in_chans": 0}, "in_chans must be >= 1, got 0"),
+    ({"hog_nbins": 0}, "hog_nbins must be >= 1, got 0"),
+    ({"decoder_depth": 0}, "decoder_depth must be >= 1, got 0"),
+    ({"taps": [], "scales": []}, "taps must list at least one block"),
+    ({"taps": [1, 0, 2, 3]}, "increasing"),
+    ({"taps": [0, 1, 1, 3]}, "increasing"),
+    ({"decoder_dim": [64, 64]}, r"decoder_dim must have 1 entry or one per tap \(4\), got \[64, 64\]"),
+    ({"decoder_dim": [64, 63, 64, 64]}, r"decoder_dim 63 must be divisible by scales\[1\] = 2.0"),
+    ({"scales": [4.0, 2.0, 1.0, 0.0]}, "power of two"),
+    ({"img_size": 24, "scales": [4.0, 2.0, 1.0, 0.25]}, "non-integer output grid 6 x 0.25 = 1.5"),
+    ({"img_size": 24, "patch_size": 6}, "target cell of 1.5 px"),
     ({"target": "sift"}, "target"),
     ({"boundary": "detached"}, "boundary"),
     ({"boundary": 1.5}, "boundary"),
@@ -294,6 +392,28 @@ def test_bad_configs_are_clear_errors_at_build(overrides, message):
         isolocal.create_model("localmim_vit_nano", **overrides)
 
 
+def test_config_checks_run_without_building():
+    cfg = isolocal.preset_config("localmim_vit_nano")
+    cfg.boundary = "detached"
+    with pytest.raises(ValueError, match="boundary 'detached' is not valid"):
+        LocalMIM.check_config(cfg)
+    cfg.boundary = ["isolated", 0.5]
+    with pytest.raises(ValueError, match=r"one entry per boundary \(3\), got 2"):
+        LocalMIM.check_config(cfg)
+    cfg.boundary, cfg.target = ["isolated", 0.5, "global"], "sift"
+    with pytest.raises(ValueError, match="target must be 'hog' or 'pixels'"):
+        LocalMIM.check_config(cfg)
+
+
+def test_edge_configs_that_are_valid():
+    """Numeric boundaries 0 and 1 (as int or float), a tap whose single output cell is the image, and
+    the smallest image size and bin count the checks accept."""
+    model = isolocal.create_model("localmim_vit_nano", boundary=[0, 1.0, 0.0], scales=[4.0, 2.0, 1.0, 0.125])
+    assert model.alphas == [0.0, 1.0, 0.0] and (model.taps[-1].out_grid, model.taps[-1].cell) == (1, 32)
+    for overrides in ({"img_size": 1, "patch_size": 1, "scales": [1.0] * 4}, {"hog_nbins": 1}):
+        LocalMIM.check_config(dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), **overrides))
+
+
 def test_unknown_preset_and_field_name_the_value():
     with pytest.raises(ValueError, match="unknown preset 'vit_huge'"):
         isolocal.create_model("vit_huge")
@@ -302,6 +422,7 @@ def test_unknown_preset_and_field_name_the_value():
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 64\)"):
         model = isolocal.create_model("localmim_vit_nano")
         model(torch.zeros(2, 1, 32, 32), torch.zeros(2, 16, dtype=torch.bool))
+
 
 
 def test_model_is_a_plain_module():

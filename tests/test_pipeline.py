@@ -1,8 +1,8 @@
 """DeepSpeed pipeline: real engines on CPU (gloo), one subprocess per rank (tests/pipeline_worker.py).
 
 Each launch costs seconds of imports per process on 2 cores, so checks are grouped: one 2-rank
-launch (gradient cases with 2 pipeline ranks, then runner runs of one config also run by the
-single-process trainer: logs, checkpoint conversion, resume, start from a single-process
+launch of gradient cases with 2 pipeline ranks, one 2-rank launch of runner runs of one config also
+run by the single-process trainer (logs, checkpoint conversion, resume, start from a single-process
 checkpoint), one 4-rank launch (4 pipeline ranks; 2 ranks x 2 replicas), one 2-rank launch with a
 rank killed mid-run. References are computed here, in one process, from the same seed, data and
 masks.
@@ -160,10 +160,19 @@ def check_modes_differ(results: dict, global_case: str, isolated_case: str) -> N
 
 
 @pytest.fixture(scope="module")
+def two_rank_grads(tmp_path_factory) -> Path:
+    """One 2-rank launch of the gradient cases (its own launch, so that it is also a quick check of the
+    engines alone: `tools/mutate.py` runs it for every mutant of the engine module)."""
+    out = tmp_path_factory.mktemp("pipe2grads")
+    launch(2, out, {"grads": CASES_2})
+    return out
+
+
+@pytest.fixture(scope="module")
 def two_rank_launch(tmp_path_factory) -> tuple[Path, list]:
-    """The single-process trainer's run of a config, then one 2-rank launch: gradient cases, then
-    pipeline runs of the same config (isolated; interrupted + resumed; started from the trainer's
-    checkpoint; global). Returns the directory and the trainer's micro-batches (images, mask)."""
+    """The single-process trainer's run of a config, then one 2-rank launch of pipeline runs of the
+    same config (isolated; interrupted + resumed; started from the trainer's checkpoint; global).
+    Returns the directory and the trainer's micro-batches (images, mask)."""
     out = tmp_path_factory.mktemp("pipe2")
     base = load_run_config(None, ["preset=" + PRESET, "data.name=synthetic", "data.synthetic_size=64",
                                   "train.batch_size=16", "train.epochs=2", "train.log_every=1",
@@ -184,13 +193,13 @@ def two_rank_launch(tmp_path_factory) -> tuple[Path, list]:
     glob["model"]["boundary"] = "global"
     runs = [[cfg("full"), False, None], [cfg("cut", max_steps=6), False, None], [cfg("cut"), True, None],
             [cfg("init", max_steps=1), False, str(out / "single" / LAST)], [glob, False, None]]
-    launch(2, out, {"grads": CASES_2, "runs": runs})
+    launch(2, out, {"runs": runs})
     return out, micro_batches
 
 
 @pytest.mark.slow
-def test_two_ranks_match_single_process_gradients_and_params(two_rank_launch):
-    results = merged(two_rank_launch[0], 2)
+def test_two_ranks_match_single_process_gradients_and_params(two_rank_grads):
+    results = merged(two_rank_grads, 2)
     assert set(results) == set(CASES_2)
     check_against_reference(results)
     check_modes_differ(results, "2,1,3,global,auto,0", "2,1,3,isolated,auto,0")

@@ -19,7 +19,7 @@ import isolocal
 from isolocal.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
 from isolocal.config import ConfigError, RunConfig
 from isolocal.models.mim import LocalMIM
-from isolocal.train import Trainer, train
+from isolocal.train import Trainer, distributed, train
 from isolocal.recipes import load_run_config
 from isolocal.train.optim import build_optimizers, build_scheduler
 
@@ -308,6 +308,21 @@ def test_per_stage_optimizers_and_bad_stage_scales():
         build_optimizers(model, tiny(Path("unused"), "train.stage_lr_scale=[1.0, 2.0]").train)
 
 
+def test_clip_stage_gradients_clips_each_stage_on_its_own_norm():
+    from isolocal.train.step import clip_stage_gradients
+
+    a = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    b = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(1))]  # b[1] gets no gradient
+    a[0].grad, a[1].grad, b[0].grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0]), torch.full((4,), 0.05)
+    norms = clip_stage_gradients([a, b], 0.0)  # 0: measure only
+    assert norms.tolist() == pytest.approx([5.0, 0.1])
+    assert a[0].grad.tolist() == [3.0, 0.0, 0.0] and b[0].grad.tolist() == pytest.approx([0.05] * 4)
+    norms = clip_stage_gradients([a, b], 1.0)
+    assert norms.tolist() == pytest.approx([5.0, 0.1])  # the norms before clipping
+    assert a[0].grad.tolist() + a[1].grad.tolist() == pytest.approx([0.6, 0.0, 0.0, 0.0, 0.8], abs=1e-6)
+    assert b[0].grad.tolist() == pytest.approx([0.05] * 4) and b[1].grad is None  # under the limit: untouched
+
+
 def test_gradients_are_clipped_per_stage(tmp_path):
     trainer = Trainer(tiny(tmp_path, "train.clip_grad=0.05", "model.boundary='isolated'"))
     try:
@@ -398,6 +413,75 @@ def test_two_process_data_parallel_ends_with_identical_parameters(tmp_path):
     steps = records(tmp_path)
     assert [r["step"] for r in steps] == [0, 1, 2]  # rank 0 alone writes the log
     assert_same_weights(load_state(tmp_path / LAST)["model"], r0["model"])
+
+
+AVERAGE_SCRIPT = """
+import sys, torch
+import isolocal
+from isolocal.train import distributed
+from isolocal.train.step import backward_step
+info = distributed.setup("cpu")
+g = torch.Generator().manual_seed(0)
+images = torch.randn(8, 1, 32, 32, generator=g)
+out = {"gathered": distributed.gather_objects(info.rank * 10, info.world),
+       "max": distributed.max_over_ranks(3.0 * info.rank + 1.0, info.world, torch.device("cpu"))}
+for boundary in ("isolated", "global"):
+    torch.manual_seed(info.rank)  # different weights per rank until the broadcast
+    model = isolocal.create_model("localmim_vit_nano", boundary=boundary)
+    mask = model.random_mask(8, generator=torch.Generator().manual_seed(1))
+    distributed.broadcast_parameters(model)
+    mine = slice(4 * info.rank, 4 * info.rank + 4)  # this rank's half, as two micro-batches of 2
+    losses = sum(backward_step(model, images[mine][i:i + 2], mask[mine][i:i + 2], accum=2) for i in (0, 2))
+    distributed.average_gradients([[p for p in s.parameters() if p.requires_grad] for s in model.stages], info.world)
+    local = losses.clone()
+    out[boundary] = {"losses": distributed.mean_over_ranks(losses, info.world), "kept": torch.equal(local, losses),
+                     "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+torch.save(out, f"{sys.argv[1]}/rank{info.rank}.pt")
+distributed.teardown(info)
+"""
+
+
+@pytest.mark.slow
+def test_averaged_gradients_of_two_processes_equal_one_process_over_the_whole_batch(tmp_path):
+    """2 gloo processes, each with half of a batch of 8 (two micro-batches of 2), gradients averaged
+    by `average_gradients`: equal, parameter by parameter, to one process's gradient over all 8
+    (every image masks the same number of tokens, so the loss is a plain mean over the halves)."""
+    script = tmp_path / "average.py"
+    script.write_text(AVERAGE_SCRIPT)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True) for r in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0, 10]
+    assert ranks[0]["max"] == ranks[1]["max"] == 4.0
+    one = torch.tensor([1.0, 2.0])  # one process: the values themselves, no process group needed
+    assert distributed.mean_over_ranks(one, 1) is one and distributed.max_over_ranks(3.0, 1, torch.device("cpu")) == 3.0
+    assert distributed.gather_objects(7, 1) == [7]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 1, 32, 32, generator=g)
+    for boundary in ("isolated", "global"):
+        torch.manual_seed(0)  # rank 0's weights, which the broadcast gave both ranks
+        model = isolocal.create_model("localmim_vit_nano", boundary=boundary)
+        mask = model.random_mask(8, generator=torch.Generator().manual_seed(1))
+        out = model(images, mask)
+        out.loss.backward()
+        for rank in ranks:
+            torch.testing.assert_close(rank[boundary]["losses"], torch.stack(out.losses).detach())
+            assert rank[boundary]["kept"]  # the rank's own values are not overwritten by the mean
+            grads = rank[boundary]["grads"]
+            assert grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=f"{boundary} {n}")
 
 
 def test_probes_log_attention_and_knn_without_changing_training(tmp_path):
