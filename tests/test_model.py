@@ -424,6 +424,13 @@ def test_unknown_preset_and_field_name_the_value():
         model(torch.zeros(2, 1, 32, 32), torch.zeros(2, 16, dtype=torch.bool))
 
 
+def test_a_mask_with_another_visible_count_is_refused():
+    """The encoder keeps the config's count of visible tokens (16 of 64 at ratio 0.75); a mask with
+    another count (here all visible) must fail, not silently drop visible tokens."""
+    model = isolocal.create_model("localmim_vit_nano")
+    with pytest.raises(RuntimeError, match="16 visible"):
+        model(torch.zeros(2, 1, 32, 32), torch.zeros(2, 64, dtype=torch.bool))
+
 
 def test_model_is_a_plain_module():
     assert isinstance(isolocal.create_model("mae_vit_nano"), LocalMIM)
