@@ -185,6 +185,17 @@ def test_trainer_tensorboard_holds_the_per_stage_losses_and_a_resume_rewrites_no
     assert [s for s, _ in tensorboard_scalars(tmp_path)["step/loss"]] == list(range(8))
 
 
+def test_resume_refuses_a_checkpoint_without_the_loops_per_rank_state(tmp_path):
+    from isolocal.checkpoint import LAST, atomic_save, load_state
+    from isolocal.train import Trainer, train
+
+    train(tiny(tmp_path, "train.max_steps=1"))
+    old = {k: v for k, v in load_state(tmp_path / LAST).items() if k != "ranks"}  # as written before the loop
+    atomic_save(old, tmp_path / LAST)
+    with pytest.raises(ValueError, match="predates the per-rank run state .* with --init"):
+        Trainer(tiny(tmp_path), resume=True)
+
+
 def test_init_starts_a_single_process_run_from_a_checkpoints_weights(tmp_path):
     from isolocal.checkpoint import load_model_state
     from isolocal.train import Trainer, train

@@ -107,6 +107,9 @@ def _setting(cfg: dict, key: str) -> Any:
 def check_resume(saved: dict, cfg: RunConfig, world: int, fixed: Sequence[str]) -> None:
     """Refuse (one line) to resume a run whose model, `fixed` settings or process count differ from
     the checkpoint's: they decide which images and masks step n sees."""
+    if "ranks" not in saved:
+        raise ValueError("cannot resume: the checkpoint predates the per-rank run state of the shared loop "
+                         "(RNG states, epoch sums); start a new run from its weights with --init")
     before, now = saved["config"], to_dict(cfg)
     diff = [f"model.{k}" for k in now["model"] if before["model"].get(k) != now["model"][k]]
     diff += [key for key in fixed if _setting(before, key) != _setting(now, key)]
