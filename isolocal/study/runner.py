@@ -147,9 +147,9 @@ class StudyRunner:
         (run.dir / RESULT).unlink(missing_ok=True)
         with self.lock:
             slot = self.slots.pop(0)
+        tqdm.write(f"[compare] run {index}/{count}: {run.label} -> {run.dir}")
         start = time.perf_counter()
         progress = Progress(run, spec, slot)
-        tqdm.write(f"[compare] run {index}/{count}: {run.label} -> {run.dir}")
         try:
             with open(run.dir / LOG, "a") as log:
                 log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} isolocal.study.job {run.dir}\n")
