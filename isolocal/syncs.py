@@ -21,6 +21,7 @@ on the device (`on_device()`). `torch._assert_async` is not counted: on CUDA it 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,15 +127,21 @@ class _Function(TorchFunctionMode):
 
 
 class HostSyncCounter:
-    """`with HostSyncCounter() as syncs: ...` then `syncs.events`, `len(syncs)`, `syncs.by_op()`."""
+    """`with HostSyncCounter() as syncs: ...` then `syncs.events`, `len(syncs)`, `syncs.by_op()`.
 
-    def __init__(self) -> None:
+    `host`: tensors that stay on the host on a GPU run too, so reading them is no sync there (the
+    step counts of torch's non-fused optimizers); reads of them are not counted.
+    """
+
+    def __init__(self, host: Iterable[torch.Tensor] = ()) -> None:
         self.events: list[SyncEvent] = []
+        self._host = {t.untyped_storage().data_ptr() for t in host}
         self._inside_host_method = False
         self._modes = (_Function(self), _Dispatch(self))
 
     def _record(self, op: str, tensor: torch.Tensor) -> None:
-        self.events.append(SyncEvent(op, tensor.dtype, str(tensor.device)))
+        if tensor.untyped_storage().data_ptr() not in self._host:
+            self.events.append(SyncEvent(op, tensor.dtype, str(tensor.device)))
 
     def __enter__(self) -> HostSyncCounter:
         for mode in self._modes:

@@ -2,7 +2,9 @@
 compile without recompiles, pinned loaders, and imports without the optional packages."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +28,12 @@ from isolocal.toml_writer import dumps_toml
 from isolocal.train.step import backward_step, compile_stages
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _batch(model: isolocal.LocalMIM, b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,3 +237,115 @@ def test_gpu_script_stops_at_once_without_cuda():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "benchmarks/gpu.sh needs a CUDA device (torch.cuda.is_available() is False here); nothing was run"]
+
+
+# ---- the trainer's and the pipeline's whole steps ------------------------------------------------
+
+
+def _optimizer_steps(optimizers) -> list[torch.Tensor]:
+    """The step counts of torch's non-fused optimizers: host tensors on a GPU run too (not syncs)."""
+    return [s["step"] for opt in optimizers for s in opt.state.values()]
+
+
+@pytest.mark.parametrize("name,boundary", [("localmim_vit_nano", "isolated"), ("localmim_vit_nano", "global"),
+                                           ("localmim_swin_nano", "isolated")])
+def test_a_non_logging_trainer_step_makes_no_host_sync(tmp_path, name, boundary):
+    """The trainer's whole optimizer step (2 micro-batches, per-stage clipping, AdamW) leaves losses and
+    norms on the device: no host read for ViT, none of floating-point data for Swin. The log reads them."""
+    from isolocal.train.trainer import Trainer
+
+    cfg = load_run_config(None, [f"preset={name!r}", f"model.boundary={boundary!r}", "data.name=synthetic",
+                                 "data.synthetic_size=16", "train.batch_size=8", "train.accum_steps=2",
+                                 "train.clip_grad=0.5"])
+    cfg.out_dir = str(tmp_path)
+    trainer = Trainer(cfg)
+    try:
+        micro = next(trainer.epoch_micro_batches())
+        trainer.train_step(micro)  # the first step creates the optimizer state
+        with HostSyncCounter(host=_optimizer_steps(trainer.optimizers)) as syncs:
+            losses = trainer.train_step(micro)
+        assert torch.isfinite(losses).all() and (trainer.grad_norms > 0).all()
+        if name.startswith("localmim_vit"):
+            assert syncs.events == []
+        else:
+            assert syncs.floating() == [] and "Tensor.cpu" not in syncs.by_op()
+        with HostSyncCounter() as syncs:
+            trainer.stage_values(losses)
+        assert syncs.by_op() == {"Tensor.tolist": 2}  # the log step's reads: losses and norms
+    finally:
+        trainer.close()
+
+
+PIPELINE_STEP_SCRIPT = """
+import json, os, sys
+import torch
+import isolocal
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from isolocal.pipeline.engine import build_engine
+from isolocal.pipeline.module import MIMPipe
+from isolocal.pipeline.runner import init_distributed
+from isolocal.syncs import HostSyncCounter
+
+init_distributed(torch.device("cpu"), 120)
+executed = []
+run_schedule = PipelineEngine._exec_schedule
+def recording(engine, schedule):
+    executed.append(type(schedule).__name__)
+    executed.extend(sorted({type(cmd).__name__ for step in schedule.steps() for cmd in step}))
+    return run_schedule(engine, schedule)
+PipelineEngine._exec_schedule = recording
+def no_hook(engine):  # a DeepSpeed whose train_batch no longer picks the schedule through this hook
+    raise AssertionError("the isolated engine must not depend on _train_schedule")
+out = {}
+for name, boundary in [("localmim_vit_nano", "isolated"), ("localmim_vit_nano", "global"),
+                       ("localmim_swin_nano", "isolated")]:
+    torch.manual_seed(0)
+    model = isolocal.create_model(name, boundary=boundary)
+    pipe = MIMPipe(model, PipeDataParallelTopology(num_pp=1, num_dp=1))
+    opt = torch.optim.AdamW([q for q in pipe.parameters() if q.requires_grad], lr=1e-3)
+    engine = build_engine(pipe, opt, 2, 2, "auto", 0.5)
+    original_hook = PipelineEngine._train_schedule
+    if boundary == "isolated":
+        PipelineEngine._train_schedule = no_hook
+    g = torch.Generator().manual_seed(0)
+    feed = lambda: iter([((torch.randn(2, 1, 32, 32, generator=g), model.random_mask(2, generator=g).to(torch.uint8)),
+                          torch.zeros(1)) for _ in range(2)])
+    engine.train_batch(feed())  # the first step creates the optimizer state
+    executed.clear()
+    steps = [s["step"] for s in opt.state.values()]
+    with HostSyncCounter(host=steps) as syncs:
+        engine.train_batch(feed())
+    PipelineEngine._train_schedule = original_hook
+    out[f"{name} {boundary}"] = {"engine": type(engine).__name__, "executed": list(executed),
+                                 "events": [[e.op, str(e.dtype)] for e in syncs.events],
+                                 "floating": len(syncs.floating()), "norms_device": str(engine.grad_norms.device),
+                                 "losses": pipe.pop_loss_sums().tolist()}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_a_pipeline_step_makes_no_host_sync_and_runs_the_isolated_schedule(tmp_path):
+    """A whole `train_batch` of a real one-rank DeepSpeed engine (load, forward, local backward,
+    per-stage norms and clipping, AdamW): no host read for ViT (before: 144 of floating-point
+    values: the norms' `.cpu()` and `torch.tensor([k])` per stage; AdamW's host step counts are not
+    syncs), none of floating-point data for Swin. The isolated engine runs its own schedule even when
+    DeepSpeed's `train_batch` hook `_train_schedule` is gone; the default engine runs DeepSpeed's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", PIPELINE_STEP_SCRIPT, str(result)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(result.read_text())
+    vit, vit_global, swin = out.values()
+    assert vit["events"] == [] and vit_global["events"] == []
+    assert swin["floating"] == 0 and ["Tensor.cpu", "torch.float32"] not in swin["events"]
+    for case in (vit, swin):
+        assert case["engine"] == "IsolatedScheduleEngine"
+        assert case["executed"] == ["IsolatedSchedule", "ForwardPass", "LoadMicroBatch", "LocalBackward",
+                                    "OptimizerStep", "ReduceGrads"]
+    assert vit_global["engine"] == "DefaultScheduleEngine" and "BackwardPass" in vit_global["executed"]
+    assert all(case["norms_device"] == "cpu" and all(v > 0 for v in case["losses"]) for case in out.values())

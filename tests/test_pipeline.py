@@ -349,3 +349,54 @@ def test_bad_pipeline_settings_fail_before_any_work(monkeypatch):
     with pytest.raises(ConfigError, match="divisible by pipeline.micro_batches"):
         check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=12", "pipeline.micro_batches=4"]))
     assert check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=16"])) == (2, 2)
+    with pytest.raises(ConfigError, match=r"^train.compile = true is not supported by the pipeline runner"):
+        check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=16", "train.compile=true"]))
+
+
+RNG_RESUME_SCRIPT = """
+import sys
+import torch
+from isolocal.checkpoint import run_state
+from isolocal.pipeline.runner import PipelineRun
+from isolocal.recipes import load_run_config
+
+cfg = load_run_config(None, sys.argv[2:])
+cfg.out_dir = sys.argv[1]
+run = PipelineRun(cfg)
+run.fit()
+def states(run):
+    out = {"torch": torch.get_rng_state(), "mask_generator": run.mask_gen.get_state()}
+    if run.device.type == "cuda":  # drop path on a GPU draws from the CUDA generator
+        out["cuda"] = torch.cuda.get_rng_state(run.device)
+    return out
+at_save = states(run)
+run.close()
+torch.manual_seed(123)  # move every stream on, as a fresh process's would be
+if torch.cuda.is_available():
+    torch.cuda.manual_seed_all(123)
+resumed = PipelineRun(cfg, resume=True)
+torch.save({"at_save": at_save, "resumed": states(resumed), "step": resumed.step,
+            "saved": run_state(resumed.resume_path)["ranks"][0]}, sys.argv[1] + "/rng.pt")
+"""
+
+
+@pytest.mark.slow
+def test_pipeline_resume_restores_every_rng_state_it_uses(tmp_path):
+    """A one-rank pipeline run with drop path: its checkpoint holds the torch CPU RNG, the mask
+    generator and (on CUDA) the CUDA RNG, and a resumed run starts from exactly those states."""
+    overrides = ["data.name=synthetic", "data.synthetic_size=48", "train.batch_size=8", "train.max_steps=2",
+                 "model.boundary='isolated'", "model.drop_path_rate=0.2", "pipeline.stages=1",
+                 "pipeline.micro_batches=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", RNG_RESUME_SCRIPT, str(tmp_path), *overrides], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torch.load(tmp_path / "rng.pt", weights_only=False)
+    assert out["step"] == 2
+    assert out["at_save"].keys() == out["resumed"].keys() >= {"torch", "mask_generator"}
+    for name, state in out["at_save"].items():
+        assert torch.equal(out["resumed"][name], state), name
+        assert torch.equal(out["saved"][name], state), name
+    assert "cuda" in out["saved"]  # the CUDA state's slot (None on a CPU run)

@@ -39,9 +39,11 @@ class StageNormsEngine(PipelineEngine):
     grad_norms: Tensor | None = None
 
     def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
+        """Norms stay on the device (zeros for other ranks' stages): the runner reads them when it logs."""
         local = self.module.stage_parameters()
-        norms = torch.zeros(self.module.model.num_stages)
-        norms[list(local)] = clip_stage_gradients(list(local.values()), self.clip_grad).cpu()
+        ids = self.module.stage_ids
+        norms = torch.zeros_like(self.module.loss_sums)
+        norms[ids[0]:ids[-1] + 1] = clip_stage_gradients(list(local.values()), self.clip_grad)
         self.grad_norms = norms
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
@@ -96,8 +98,23 @@ class IsolatedScheduleEngine(StageNormsEngine):
 
     _in_flight: tuple = ((), ())  # (outputs being sent, their isend handles)
 
-    def _train_schedule(self) -> IsolatedSchedule:
-        return IsolatedSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id)
+    def train_batch(self, data_iter: Any = None) -> Tensor:
+        """One optimizer step of the isolated schedule, run here explicitly: DeepSpeed's `train_batch`
+        picks its schedule through a private hook (`_train_schedule`) that its newer sources no longer
+        call. Returns the last rank's mean loss (NaN elsewhere, see `_aggregate_total_loss`)."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError("train_batch() needs gradients enabled; use eval_batch() instead")
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self.total_loss = None
+        self.total_additional_losses = None
+        self._compute_loss = True
+        self._exec_schedule(IsolatedSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
+                                             stage_id=self.stage_id))
+        with torch.no_grad():
+            self.agg_train_loss = self._aggregate_total_loss()
+        return self.agg_train_loss
 
     def _backward_local(self, loss: Tensor) -> None:
         (loss / self.micro_batches).backward()

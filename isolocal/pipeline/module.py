@@ -80,8 +80,10 @@ class MIMPipe(PipelineModule):
         super().__init__(layers=list(model.stages), topology=topology, loss_fn=total_loss,
                          partition_method="explicit")
         self.stage_ids = list(range(self._local_start, self._local_stop))
-        device = next(self.parameters()).device
-        self.loss_sums = torch.zeros(model.num_stages, device=device)
+        # Buffers (not saved) so that they follow the module to DeepSpeed's device: the per-step loss
+        # sums and the stage indices `forward` adds losses at stay there, and no step waits on the host.
+        self.register_buffer("loss_sums", torch.zeros(model.num_stages), persistent=False)
+        self.register_buffer("stage_index", torch.arange(model.num_stages), persistent=False)
         self.pending_loss: Tensor | None = None
 
     def _partition_layers(self, method: str = "explicit") -> None:
@@ -111,7 +113,7 @@ class MIMPipe(PipelineModule):
             with self._autocast(images.device.type):
                 x, loss, _ = self.model.stage_step(k, x, batch)
             self.loss_sums[k] += loss.detach()
-            losses = losses.index_add(0, torch.tensor([k], device=losses.device), loss.reshape(1))
+            losses = losses.index_add(0, self.stage_index[k:k + 1], loss.reshape(1))
             if backward is not None and k != self.stage_ids[-1]:
                 backward(loss)
         self.pending_loss = loss

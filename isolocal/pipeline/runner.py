@@ -62,6 +62,9 @@ def check_launch(cfg: RunConfig) -> tuple[int, int]:
                           "the pipeline accumulates pipeline.micro_batches micro-batches per step")
     if t.amp == "fp16":
         raise ConfigError("train.amp = 'fp16' is not supported by the pipeline runner; use auto, bf16 or off")
+    if t.compile:
+        raise ConfigError("train.compile = true is not supported by the pipeline runner (its stages run eager); "
+                          "set train.compile = false or train with `isolocal pretrain`")
     return p.stages, dp
 
 
@@ -126,7 +129,7 @@ class PipelineRun(PretrainLoop):
         self.engine = build_engine(self.pipe, optimizer, self.micro_batch, p.micro_batches, p.schedule, t.clip_grad)
         self.optimizers = [self.engine.optimizer]
         self.scheduler = build_scheduler(optimizer, t, self.steps_per_epoch)
-        self._start(saved, replica, loads_data=self.first, loss_device=torch.device("cpu"))
+        self._start(saved, replica, loads_data=self.first, loss_device=self.device)
 
     @property
     def description(self) -> str:
@@ -145,7 +148,7 @@ class PipelineRun(PretrainLoop):
         stages of other ranks)."""
         self.scheduler.step_update(self.step)
         self.engine.train_batch(self._feed(micro))
-        return self.pipe.pop_loss_sums().cpu()
+        return self.pipe.pop_loss_sums()
 
     def _feed(self, micro: MicroBatches | None) -> Iterator | None:
         """What this rank's `train_batch` / `eval_batch` reads: the first rank (images, mask), the last
@@ -157,13 +160,12 @@ class PipelineRun(PretrainLoop):
     def stage_values(self, losses: Tensor) -> StageValues:
         """Per stage, over all ranks: loss averaged per micro-batch, gradient norm and lr."""
         S, m = self.model.num_stages, self.cfg.pipeline.micro_batches
-        owned = torch.zeros(3, S)
+        owned = torch.zeros(3, S, device=self.device)
         owned[0] = losses / (m * self.dp)
         if self.replica == 0:  # norms and lrs are the same on every replica: count them once
             owned[1] = self.engine.grad_norms if self.engine.grad_norms is not None else 0.0
             for g in self.engine.optimizer.param_groups:
                 owned[2, g["stage"]] = g["lr"]
-        owned = owned.to(self.device)
         dist.all_reduce(owned)
         loss, grad_norm, lr = owned.tolist()
         return StageValues(loss, grad_norm, lr)
@@ -174,7 +176,7 @@ class PipelineRun(PretrainLoop):
         batches = eval_batches(self.cfg, self.model, self.micro_batch, m * self.dp)
         self.pipe.pop_loss_sums()
         self.engine.eval_batch(self._feed(batches[self.replica * m:(self.replica + 1) * m]), num_micro_batches=m)
-        return self._log("eval", self.step, self.pipe.pop_loss_sums().cpu(), 0.0, 0)["loss"]
+        return self._log("eval", self.step, self.pipe.pop_loss_sums(), 0.0, 0)["loss"]
 
     # ------------------------------------------------------------------------------ checkpoints
 

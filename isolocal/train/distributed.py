@@ -1,8 +1,9 @@
 """Process groups for both runners, and data parallelism for the trainer: parameter broadcast,
 gradient averaging, values reduced over ranks for the logs.
 
-Gradients are averaged by hand (one flat all-reduce per stage after all local backwards of a step)
-instead of wrapping the model in DistributedDataParallel. DDP hooks `forward()` and expects one
+Gradients are averaged by hand (one flat all-reduce per stage once its local backwards of a step are
+done; isolated stages launch theirs asynchronously right after their last backward) instead of
+wrapping the model in DistributedDataParallel. DDP hooks `forward()` and expects one
 backward per forward; the isolated trainer runs `stage_step` per stage with one backward each, and
 accumulates micro-batches. The manual all-reduce is correct for every mode, and it runs once per
 optimizer step, which is what DDP's `no_sync` + accumulation would do anyway.
@@ -68,20 +69,42 @@ def broadcast_parameters(model: nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-def average_gradients(param_lists: list[list[nn.Parameter]], world: int) -> None:
-    """Average gradients over ranks: one flat all-reduce per parameter list (one list per stage)."""
-    for params in param_lists:
-        for p in params:
+class GradientAverager:
+    """Average gradients over ranks, one flat all-reduce per parameter list (one list per stage),
+    each launched asynchronously by `launch(k)` as soon as list k's gradients are final (in isolated
+    mode right after stage k's last backward, while later stages still compute); `finish()` waits
+    for them and writes the averages back. Launching all lists at the end gives the same numbers."""
+
+    def __init__(self, param_lists: list[list[nn.Parameter]], world: int):
+        self.param_lists, self.world = param_lists, world
+        self.pending: dict[int, tuple[torch.Tensor, dist.Work]] = {}  # list index -> (flat sum, its reduce)
+
+    def launch(self, k: int) -> None:
+        for p in self.param_lists[k]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
+        flat = torch.cat([p.grad.reshape(-1) for p in self.param_lists[k]])
+        self.pending[k] = (flat, dist.all_reduce(flat, async_op=True))
+
+    def finish(self) -> None:
+        """Launch the lists not launched yet, wait for every reduce, write the averages back."""
+        for k in range(len(self.param_lists)):
+            if k not in self.pending:
+                self.launch(k)
+        for k, (flat, work) in self.pending.items():
+            work.wait()
+            flat /= self.world
+            offset = 0
+            for p in self.param_lists[k]:
+                n = p.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+        self.pending = {}
+
+
+def average_gradients(param_lists: list[list[nn.Parameter]], world: int) -> None:
+    """Average gradients over ranks now: every list's all-reduce launched, then waited for."""
+    GradientAverager(param_lists, world).finish()
 
 
 def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:

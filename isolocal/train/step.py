@@ -25,9 +25,12 @@ def is_stagewise(model: LocalMIM) -> bool:
 
 
 def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = lambda x: x, accum: int = 1,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Tensor:
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  stage_done: Callable[[int], None] | None = None) -> Tensor:
     """Accumulate gradients of one micro-batch (losses divided by `accum`, then `scale`d, e.g. by a
-    GradScaler); returns the detached per-stage losses divided by `accum`."""
+    GradScaler); returns the detached per-stage losses divided by `accum`. Stage-wise, `stage_done(k)`
+    runs right after stage k's backward, when its gradients are final for this micro-batch (the
+    trainer launches that stage's data-parallel all-reduce there, overlapping the later stages)."""
     if not is_stagewise(model):
         with autocast():
             out = model(images, mask)
@@ -40,6 +43,8 @@ def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = 
         with autocast():
             x, loss, _ = model.stage_step(k, x, batch)
         scale(loss / accum).backward()  # frees stage k's graph before stage k+1 runs
+        if stage_done is not None:
+            stage_done(k)
         x = x.detach()
         losses.append(loss.detach().float())
     return torch.stack(losses) / accum

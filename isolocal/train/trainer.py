@@ -88,13 +88,18 @@ class Trainer(PretrainLoop):
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         losses = torch.zeros(self.model.num_stages, device=self.device)
-        for images, mask in micro:
+        # Data parallel: a stage's all-reduce starts right after its backward of the last micro-batch
+        # (isolated mode; global mode launches all of them after the one backward).
+        averager = distributed.GradientAverager(self.stage_params, self.dist.world) if self.dist.world > 1 else None
+        for i, (images, mask) in enumerate(micro):
             images = images.to(self.device, non_blocking=True)
             if self.on_batch is not None:
                 self.on_batch(images, mask)
-            losses += backward_step(self.model, images, mask, self.scaler.scale, len(micro), self._autocast)
-        if self.dist.world > 1:
-            distributed.average_gradients(self.stage_params, self.dist.world)
+            stage_done = averager.launch if averager is not None and i == len(micro) - 1 else None
+            losses += backward_step(self.model, images, mask, self.scaler.scale, len(micro), self._autocast,
+                                    stage_done)
+        if averager is not None:
+            averager.finish()
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         self.grad_norms = clip_stage_gradients(self.stage_params, self.cfg.train.clip_grad)
