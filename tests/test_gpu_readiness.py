@@ -309,18 +309,22 @@ for name, boundary in [("localmim_vit_nano", "isolated"), ("localmim_vit_nano", 
     if boundary == "isolated":
         PipelineEngine._train_schedule = no_hook
     g = torch.Generator().manual_seed(0)
-    feed = lambda: iter([((torch.randn(2, 1, 32, 32, generator=g), model.random_mask(2, generator=g).to(torch.uint8)),
-                          torch.zeros(1)) for _ in range(2)])
-    engine.train_batch(feed())  # the first step creates the optimizer state
+    micro = lambda: [(torch.randn(2, 1, 32, 32, generator=g), model.random_mask(2, generator=g)) for _ in range(2)]
+    engine.train_batch(pipe.batches(micro(), torch.zeros(1)))  # the first step creates the optimizer state
     executed.clear()
     steps = [s["step"] for s in opt.state.values()]
+    loaded, planned = micro(), []
+    prepare = model.prepare
+    model.prepare = lambda images, mask, stages: planned.append(mask) or prepare(images, mask, stages)
     with HostSyncCounter(host=steps) as syncs:
-        engine.train_batch(feed())
+        engine.train_batch(pipe.batches(loaded, torch.zeros(1)))
+    model.prepare = prepare
     PipelineEngine._train_schedule = original_hook
     out[f"{name} {boundary}"] = {"engine": type(engine).__name__, "executed": list(executed),
                                  "events": [[e.op, str(e.dtype)] for e in syncs.events],
                                  "floating": len(syncs.floating()), "norms_device": str(engine.grad_norms.device),
-                                 "losses": pipe.pop_loss_sums().tolist()}
+                                 "losses": pipe.pop_loss_sums().tolist(),
+                                 "host_masks_planned": [m is mask for m, (_, mask) in zip(planned, loaded)]}
 json.dump(out, open(sys.argv[1], "w"))
 """
 
@@ -328,9 +332,10 @@ json.dump(out, open(sys.argv[1], "w"))
 @pytest.mark.slow
 def test_a_pipeline_step_makes_no_host_sync_and_runs_the_isolated_schedule(tmp_path):
     """A whole `train_batch` of a real one-rank DeepSpeed engine (load, forward, local backward,
-    per-stage norms and clipping, AdamW): no host read for ViT (before: 144 of floating-point
-    values: the norms' `.cpu()` and `torch.tensor([k])` per stage; AdamW's host step counts are not
-    syncs), none of floating-point data for Swin. The isolated engine runs its own schedule even when
+    per-stage norms and clipping, AdamW): no host read for ViT (before: the norms' `.cpu()` per step,
+    and on a GPU a pageable copy of `torch.tensor([k])` per stage and micro-batch, which a CPU run
+    cannot see; AdamW's host step counts are not syncs), none of floating-point data for Swin, which plans its windows from the loader's host mask
+    (on a GPU, the device copy would be read back once per micro-batch). The isolated engine runs its own schedule even when
     DeepSpeed's `train_batch` hook `_train_schedule` is gone; the default engine runs DeepSpeed's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
@@ -349,3 +354,5 @@ def test_a_pipeline_step_makes_no_host_sync_and_runs_the_isolated_schedule(tmp_p
                                     "OptimizerStep", "ReduceGrads"]
     assert vit_global["engine"] == "DefaultScheduleEngine" and "BackwardPass" in vit_global["executed"]
     assert all(case["norms_device"] == "cpu" and all(v > 0 for v in case["losses"]) for case in out.values())
+    # the first rank plans from the loader's host masks, not from DeepSpeed's device copies
+    assert all(case["host_masks_planned"] == [True, True] for case in out.values())

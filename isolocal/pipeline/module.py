@@ -19,7 +19,8 @@ only, and a float tensor after an int one receives garbage. The first rank's inp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from deepspeed.pipe import PipelineModule
@@ -85,6 +86,7 @@ class MIMPipe(PipelineModule):
         self.register_buffer("loss_sums", torch.zeros(model.num_stages), persistent=False)
         self.register_buffer("stage_index", torch.arange(model.num_stages), persistent=False)
         self.pending_loss: Tensor | None = None
+        self.host_masks: deque[Tensor] = deque()  # the first rank's loader masks, in load order (`batches`)
 
     def _partition_layers(self, method: str = "explicit") -> None:
         self.parts = self.requested_parts
@@ -101,12 +103,14 @@ class MIMPipe(PipelineModule):
         """
         if self._local_start == 0:
             images, mask = carry
+            known = self.host_masks.popleft() if self.host_masks else mask  # see `batches`
             x = images
             losses = torch.zeros(self.model.num_stages, device=images.device)
         else:
             x, losses, bits, mask = carry
             images = bits.view(torch.float32)
-        batch = self.model.prepare(images, mask.bool(), self.stage_ids)
+            known = mask
+        batch = self.model.prepare(images, known.bool(), self.stage_ids)
         for k in self.stage_ids:
             if k > 0:
                 x = enter_stage(x, self.model.alphas[k - 1], received=k == self._local_start)
@@ -118,6 +122,16 @@ class MIMPipe(PipelineModule):
                 backward(loss)
         self.pending_loss = loss
         return x, losses, _bits(images), mask
+
+    def batches(self, micro: Iterable[tuple[Tensor, Tensor]], label: Tensor) -> Iterator[tuple]:
+        """The first rank's `train_batch` / `eval_batch` input, ((images, uint8 mask), label) per
+        micro-batch. DeepSpeed copies both to the device; the host mask is also kept for `forward`
+        (DeepSpeed loads a micro-batch right before its forward), which hands it to `prepare`: Swin
+        plans its windows from it instead of copying the device mask back (a sync per micro-batch)."""
+        self.host_masks.clear()
+        for images, mask in micro:
+            self.host_masks.append(mask)
+            yield (images, mask.to(torch.uint8)), label
 
     def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:

@@ -154,7 +154,7 @@ class PipelineRun(PretrainLoop):
         """What this rank's `train_batch` / `eval_batch` reads: the first rank (images, mask), the last
         rank labels for DeepSpeed's loss call (the MIM loss needs none), middle ranks nothing."""
         if self.first:
-            return iter([((x, mask.to(torch.uint8)), _LABEL) for x, mask in micro])
+            return self.pipe.batches(micro, _LABEL)
         return iter([(None, _LABEL)] * self.cfg.pipeline.micro_batches) if self.last else None
 
     def stage_values(self, losses: Tensor) -> StageValues:
