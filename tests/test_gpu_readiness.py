@@ -356,3 +356,62 @@ def test_a_pipeline_step_makes_no_host_sync_and_runs_the_isolated_schedule(tmp_p
     assert all(case["norms_device"] == "cpu" and all(v > 0 for v in case["losses"]) for case in out.values())
     # the first rank plans from the loader's host masks, not from DeepSpeed's device copies
     assert all(case["host_masks_planned"] == [True, True] for case in out.values())
+
+
+EARLY_REDUCE_SCRIPT = """
+import sys, torch
+import isolocal
+from isolocal.train import distributed
+from isolocal.train.step import backward_step
+
+info = distributed.setup("cpu")
+g = torch.Generator().manual_seed(info.rank)  # each rank its own images and masks
+models = []
+for _ in range(2):
+    torch.manual_seed(0)
+    models.append(isolocal.create_model("localmim_vit_nano", boundary="isolated"))
+early, late = models
+images = torch.randn(4, 1, 32, 32, generator=g)
+mask = early.random_mask(4, generator=g)
+params = [[[p for p in s.parameters() if p.requires_grad] for s in m.stages] for m in models]
+order = []
+for k, stage in enumerate(early.stages):
+    stage.register_forward_hook(lambda mod, args, out, k=k: order.append(f"forward {k}"))
+averager = distributed.GradientAverager(params[0], info.world)
+def launch(k):
+    order.append(f"reduce {k}")
+    averager.launch(k)
+for i in (0, 2):  # two micro-batches; the reduces start during the last one's backward
+    backward_step(early, images[i:i + 2], mask[i:i + 2], accum=2, stage_done=launch if i == 2 else None)
+    backward_step(late, images[i:i + 2], mask[i:i + 2], accum=2)
+averager.finish()
+distributed.average_gradients(params[1], info.world)  # all of them after the whole backward
+same = all(torch.equal(a.grad, b.grad) for pa, pb in zip(*params) for a, b in zip(pa, pb))
+torch.save({"order": order, "same": same}, f"{sys.argv[1]}/rank{info.rank}.pt")
+distributed.teardown(info)
+"""
+
+
+@pytest.mark.slow
+def test_isolated_data_parallel_reduces_start_after_each_stage_and_average_bit_identically(tmp_path):
+    """2 gloo processes: with `stage_done` = `GradientAverager.launch`, stage k's all-reduce starts
+    right after its backward of the last micro-batch, before stage k+1 runs, and the averaged
+    gradients equal, bit for bit, those of one all-reduce per stage after the whole backward."""
+    script = tmp_path / "early.py"
+    script.write_text(EARLY_REDUCE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["same"]
+        assert out["order"] == [f"forward {k}" for k in range(4)] + [
+            f"{what} {k}" for k in range(4) for what in ("forward", "reduce")]
