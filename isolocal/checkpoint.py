@@ -20,6 +20,10 @@ Read for analysis (encoders trained elsewhere; formats are told apart by keys, n
 timm models are built as `timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
 **overrides)` with the overrides read off the tensor shapes, so nothing is ever downloaded.
 
+Failures are one `CheckpointError` line naming the file: unreadable (empty, truncated, not a torch
+file), weights that do not fit the model its config describes (the first differing key and shapes),
+non-finite weights (the tensor), a failed write (disk full: the old checkpoint stays, the temp goes).
+
 A path may name a checkpoint file, a pipeline checkpoint (root or tag directory) or a run directory
 (its `last.pt`, else its pipeline checkpoint). Readers: `load_model_state` / `load_checkpoint`
 (isolocal formats; eval, export, `pretrain --init`), `run_state` (`pretrain --resume`) and
@@ -42,12 +46,14 @@ import torch
 from torch import Tensor, nn
 
 from isolocal.config import RunConfig, from_dict, to_dict
+from isolocal.errors import CheckpointError, CheckpointWriteError
 from isolocal.models.mim import LocalMIM
 
 LAST = "last.pt"
 PIPELINE_DIR = "pipeline"  # where the pipeline runner keeps a run's checkpoints: <run>/pipeline/<tag>/
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt")
+_TEMP_FILE = re.compile(r"\.(last|epoch_\d+)\.pt\.(\w+\.tmp|link\.tmp)")  # what atomic_save / _atomic_link leave
 
 # num_heads of the standard ViT widths (Ti, S, B, L, H); other widths need an explicit hint.
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -68,7 +74,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to `path` via a temporary file + fsync + rename; the old file survives any failure."""
+    """torch.save to `path` via a temporary file + fsync + rename; the old file survives any failure,
+    and a failed write (disk full) is one `CheckpointError` line, its temp file removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -78,6 +85,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        kept = "; the previous checkpoints are intact" if any(path.parent.glob("*.pt")) else ""
+        raise CheckpointWriteError(f"cannot write {path}: {_first_line(err)}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -95,6 +106,20 @@ def _atomic_link(src: Path, dst: Path) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         atomic_save(torch.load(src, map_location="cpu", weights_only=True), dst)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def remove_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temp files a save that was killed left in `out_dir`; the paths deleted."""
+    out_dir = Path(out_dir)
+    stale = [p for p in out_dir.glob(".*.tmp") if _TEMP_FILE.fullmatch(p.name)] if out_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def epoch_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -122,7 +147,38 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return _torch_load(path, map_location=map_location)
+
+
+def _torch_load(path: Path, **kwargs: Any) -> Any:
+    """torch.load(weights_only) with an unreadable file as one `CheckpointError` line naming it."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a save that did not finish?")
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by cause
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is unreadable: truncated or not a torch "
+                              f"checkpoint ({_first_line(err)})") from None
+
+
+def check_finite_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights with NaN or inf, naming the first such tensor (a diverged run's checkpoint)."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"checkpoint {path} has non-finite weights in {key}: it comes from a run "
+                                  "that diverged; use an earlier checkpoint")
+
+
+def check_fits(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Refuse a state dict that does not fit `model`, naming the first differing key and its shapes."""
+    expected = model.state_dict()
+    for key in sorted(expected.keys() | state.keys()):
+        want, got = expected.get(key), state.get(key)
+        if want is None or got is None or tuple(want.shape) != tuple(getattr(got, "shape", ())):
+            shape = lambda t: "missing" if t is None else f"shape {tuple(t.shape)}"  # noqa: E731
+            raise CheckpointError(f"checkpoint {path} does not fit the model its config describes: first "
+                                  f"difference at {key} (checkpoint: {shape(got)}, model: {shape(want)})")
 
 
 # ---------------------------------------------------------------------------- pipeline directories
@@ -154,8 +210,8 @@ def pipeline_client_state(path: str | os.PathLike, tag: str | None = None) -> di
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir} has no mp_rank_*_model_states.pt (the run's client state)")
-    state = torch.load(files[0], map_location="cpu", weights_only=True)
-    if "config" not in state:
+    state = _torch_load(files[0], map_location="cpu")
+    if not isinstance(state, Mapping) or "config" not in state:
         raise ValueError(f"{tag_dir} was not written by isolocal's pipeline runner (no config)")
     return state
 
@@ -170,7 +226,7 @@ def pipeline_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict
         if match:
             k = int(match.group(1))
             layers.append(k)
-            for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
+            for key, value in _torch_load(file, map_location="cpu").items():
                 state[f"stages.{k}.{key}"] = value
     if layers != list(range(len(layers))) or not layers:
         raise ValueError(f"{tag_dir}: layer files {layers} are not one per stage 0..S-1")
@@ -229,7 +285,8 @@ def run_state(path: str | os.PathLike) -> dict:
 
 def _checked_state(state: Any, path: Path) -> tuple[RunConfig, dict[str, Tensor]]:
     if not isinstance(state, Mapping) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not an isolocal checkpoint (it lacks 'model' or 'config')")
+        raise CheckpointError(f"{path} is not an isolocal checkpoint (it lacks 'model' or 'config')")
+    check_finite_weights(state["model"], path)
     return from_dict(RunConfig, state["config"]), state["model"]
 
 
@@ -237,7 +294,9 @@ def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tens
     """(the run's resolved config, a LocalMIM state dict) from any isolocal checkpoint or run directory."""
     kind, path = _locate(path)
     if kind == "pipeline":
-        return _pipeline_model_state(path)
+        cfg, state = _pipeline_model_state(path)
+        check_finite_weights(state, path)
+        return cfg, state
     return _checked_state(load_state(path), path)
 
 
@@ -245,6 +304,7 @@ def _model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -> LocalMI
     if cfg.model is None:
         raise ValueError(f"{path}: its config has no resolved model section")
     model = LocalMIM(cfg.model)
+    check_fits(model, state_dict, path)
     model.load_state_dict(state_dict)
     return model.eval()
 
@@ -269,7 +329,7 @@ def read_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by cause
-        raise ValueError(f"cannot read {path} as a torch checkpoint: {err}") from None
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {_first_line(err)}") from None
 
 
 def _describe(keys: Any) -> str:
@@ -355,6 +415,7 @@ def _timm_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 
 def _build_timm(sd: dict[str, Tensor], arch_hint: Mapping[str, Any] | None, path: Path) -> nn.Module:
     kwargs = timm_vit_kwargs(sd, arch_hint)
+    check_finite_weights(sd, path)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **kwargs)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:

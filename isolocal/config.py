@@ -7,6 +7,8 @@ names the key, because a typo that silently falls back to a default wastes a who
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
@@ -87,6 +89,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every_epochs: int = 1
+    ckpt_every_steps: int = 0  # > 0: also save last.pt every N optimizer steps (mid-epoch; resumes exactly)
+    ckpt_every_minutes: float = 0.0  # > 0: also save last.pt when this much time passed since the last save
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that step's update
+    nonfinite_max_skips: int = 10  # "skip": stop after this many consecutive skipped steps
     keep_last: int = 2
     analysis_every: int = 0  # > 0: NMI / attention distance on a probe batch every N steps
     knn_every_epochs: int = 0  # > 0: online k-NN every N epochs
@@ -245,13 +251,65 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _lookup(cfg: Any, key: str | None) -> Any:
+    """The value at a dotted key with optional [i] indices, e.g. 'train.betas[1]'."""
+    value = cfg
+    for part in re.findall(r"[^.\[\]]+", key or ""):
+        value = value[int(part)] if part.isdigit() else getattr(value, part)
+    return value
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
+def _non_finite(value: Any, key: str) -> str | None:
+    """The key of the first NaN or infinite float in a config value (dataclass, list or float)."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            found = _non_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _non_finite(item, f"{key}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, float) and not math.isfinite(value):
+        return key
+    return None
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """Ranges of the model's numeric fields (geometry that needs the family is checked by the model)."""
+    for name in ("img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_heads", "window_size",
+                 "hog_nbins"):
+        _check(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    _check(m.decoder_depth >= 0, f"model.decoder_depth must be >= 0, got {m.decoder_depth}")
+    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    _check(m.decoder_mlp_ratio > 0, f"model.decoder_mlp_ratio must be > 0, got {m.decoder_mlp_ratio}")
+    _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    _check(0 < m.mask_ratio < 1, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    _check(m.mask_unit >= 1, f"model.mask_unit must be >= 1, got {m.mask_unit}")
+    _check(m.target in ("hog", "pixels"), f"model.target must be hog or pixels, got {m.target!r}")
+    for name in ("depths", "stage_heads", "decoder_dim", "decoder_heads"):
+        bad = [v for v in getattr(m, name) if v < 1]
+        _check(not bad, f"model.{name} entries must be >= 1, got {getattr(m, name)}")
+    _check(bool(m.decoder_dim) and bool(m.decoder_heads),
+           f"model.decoder_dim and model.decoder_heads need at least one value, got {m.decoder_dim}, "
+           f"{m.decoder_heads}")
+    bad_scales = [v for v in m.scales if v <= 0]
+    _check(not bad_scales, f"model.scales entries must be > 0, got {m.scales}")
+
+
 def validate_run(cfg: RunConfig) -> None:
-    """Range checks that types cannot express; the model validates its own geometry at build."""
+    """Range checks that types cannot express, all before any work: every float finite, every count
+    in range. The model's family geometry (taps, grids, mask units) is checked by `LocalMIM.check_config`."""
+    bad = _non_finite(cfg, "")
+    _check(bad is None, f"{bad} must be a finite number, got {_lookup(cfg, bad)}")
+    if cfg.model is not None:
+        _validate_model(cfg.model)
     t = cfg.train
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
@@ -274,16 +332,31 @@ def validate_run(cfg: RunConfig) -> None:
            f"train.device must be one of auto, cpu, cuda; got {t.device!r}")
     _check(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _check(t.ckpt_every_epochs >= 1, f"train.ckpt_every_epochs must be >= 1, got {t.ckpt_every_epochs}")
+    _check(t.ckpt_every_steps >= 0, f"train.ckpt_every_steps must be >= 0 (0 = off), got {t.ckpt_every_steps}")
+    _check(t.ckpt_every_minutes >= 0,
+           f"train.ckpt_every_minutes must be >= 0 (0 = off), got {t.ckpt_every_minutes}")
+    _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
+    _check(t.nonfinite_max_skips >= 1, f"train.nonfinite_max_skips must be >= 1, got {t.nonfinite_max_skips}")
+    _check(t.analysis_every >= 0, f"train.analysis_every must be >= 0, got {t.analysis_every}")
+    _check(t.knn_every_epochs >= 0, f"train.knn_every_epochs must be >= 0, got {t.knn_every_epochs}")
+    bad_scales = [v for v in t.stage_lr_scale if v <= 0]
+    _check(not bad_scales, f"train.stage_lr_scale entries must be > 0, got {t.stage_lr_scale}")
     d = cfg.data
     _check(d.name in ("fashion_mnist", "folder", "synthetic"),
            f"data.name must be one of fashion_mnist, folder, synthetic; got {d.name!r}")
     _check(d.name != "folder" or bool(d.root), "data.root must name the image folder when data.name = 'folder'")
     _check(d.train_subset >= 0, f"data.train_subset must be >= 0, got {d.train_subset}")
+    _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check(d.synthetic_size >= 1, f"data.synthetic_size must be >= 1, got {d.synthetic_size}")
     _check(0 < d.crop_scale_min <= 1, f"data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     p = cfg.pipeline
     _check(p.stages >= 0, f"pipeline.stages must be >= 0, got {p.stages}")
     _check(p.micro_batches >= 1, f"pipeline.micro_batches must be >= 1, got {p.micro_batches}")
     _check(p.schedule in ("auto", "default"), f"pipeline.schedule must be auto or default, got {p.schedule!r}")
+    _check(p.timeout_s >= 1, f"pipeline.timeout_s must be >= 1, got {p.timeout_s}")
+    _check(p.stages == 0 or t.nonfinite == "stop",
+           "train.nonfinite = 'skip' is not supported with a pipeline (pipeline.stages > 0); use 'stop'")
     e = cfg.eval
     _check(e.feature in ("cls", "mean"), f"eval.feature must be cls or mean, got {e.feature!r}")
     _check(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")

@@ -412,9 +412,26 @@ class SeededLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         if self.num_workers > 0:
-            return super().__iter__()
+            return self._from_workers(super().__iter__())
         seed = int(torch.randint(2**62, (), generator=self.generator))
         return self._in_process(super().__iter__(), torch.Generator().manual_seed(seed).get_state())
+
+    @staticmethod
+    def _from_workers(batches: Iterator[Any]) -> Iterator[Any]:
+        """A worker's error as the same one-line error it is without workers: torch re-raises it with
+        the worker's whole traceback in the message; only its last line (the error itself) is kept."""
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:
+                text = str(err)
+                if "Original Traceback" not in text:
+                    raise
+                last = text.strip().splitlines()[-1]
+                raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+            yield batch
 
     @staticmethod
     def _in_process(batches: Iterator[Any], state: torch.Tensor) -> Iterator[Any]:

@@ -101,6 +101,15 @@ def _compiled_in_training(module: nn.Module, compiled: Callable, eager: Callable
     return compiled(*args) if module.training and torch.is_grad_enabled() else eager(*args)
 
 
+def _require(ok: Tensor, message: str) -> None:
+    """A value check with no host read: raises ValueError at once on the CPU; on an accelerator it is
+    a device-side assert (like `check_visible_count`), so the training step never waits for it."""
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
 _FAMILIES = {"vit": "isolocal.models.vit:VIT", "swin": "isolocal.models.swin:SWIN"}
 
 
@@ -139,6 +148,7 @@ class LocalMIM(nn.Module):
         """Validate a config's geometry and boundaries without allocating any weights."""
         family = _family(cfg.arch)
         parse_boundaries(cfg.boundary, len(family.taps(cfg)) - 1)
+        visible_count(family.mask_grid(cfg), cfg.mask_ratio, cfg.mask_unit)
 
     @property
     def num_stages(self) -> int:
@@ -168,6 +178,29 @@ class LocalMIM(nn.Module):
         """Visible tokens per image in every mask this model trains on (what `random_mask` draws)."""
         return visible_count(self.mask_grid, self.cfg.mask_ratio, self.cfg.mask_unit)
 
+    def check_images(self, images: Tensor) -> None:
+        """(B, in_chans, img_size, img_size) floating-point images, B >= 1, finite: shape and dtype read
+        no values; finiteness is checked without a host read (`_require`)."""
+        if not isinstance(images, Tensor) or not images.is_floating_point():
+            what = images.dtype if isinstance(images, Tensor) else type(images).__name__
+            raise TypeError(f"images must be a floating-point tensor, got {what}")
+        c, s = self.cfg.in_chans, self.cfg.img_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s) or images.shape[0] < 1:
+            raise ValueError(f"images must have shape (batch >= 1, {c}, {s}, {s}), got {tuple(images.shape)}")
+        _require(torch.isfinite(images).all(), "images must be finite; they hold NaN or inf values")
+
+    def check_mask(self, mask: Tensor, batch: int) -> None:
+        """A (batch, tokens) bool mask (True = masked) with >= 1 visible and >= 1 masked token per image."""
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor (True = masked), got {what}; use mask.bool() or "
+                            "model.random_mask")
+        expected = (batch, self.mask_grid ** 2)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask must have shape {expected} (batch, tokens), got {tuple(mask.shape)}")
+        _require(mask.any(1).all() & (~mask).any(1).all(),
+                 "every mask row needs at least one visible (False) and one masked (True) token")
+
     def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None) -> Batch:
         """Targets and loss weights for every stage (or only for `stages`, None for the others: what a
         pipeline rank owns), and the token selection for the encoder.
@@ -177,9 +210,8 @@ class LocalMIM(nn.Module):
         keep count, not read from the mask. Targets and weights are computed with autocast disabled,
         in fp32 whatever the caller's autocast (CUDA autocast would run the pixel target's einsum in bf16).
         """
-        expected = (images.shape[0], self.mask_grid ** 2)
-        if tuple(mask.shape) != expected:
-            raise ValueError(f"mask must have shape {expected} (batch, tokens), got {tuple(mask.shape)}")
+        self.check_images(images)
+        self.check_mask(mask, images.shape[0])
         host = mask if mask.device.type == "cpu" else None
         (mask,) = to_device([mask], images.device)
         with torch.autocast(images.device.type, enabled=False):
@@ -208,6 +240,7 @@ class LocalMIM(nn.Module):
 
     def encode(self, images: Tensor) -> list[Tensor]:
         """Full unmasked images -> each stage's normalized output tokens."""
+        self.check_images(images)
         ctx = self.family.context(self.cfg, None, None)
         x, feats = images, []
         for stage in self.stages:

@@ -46,7 +46,10 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.out:
         cfg.out_dir = args.out
     summary = pretrain(cfg, resume=args.resume, init=args.init)
-    if summary.get("rank", 0) == 0:
+    if summary.get("rank", 0) == 0 and summary.get("already_finished"):
+        print(f"{summary['out_dir']} is already finished: {summary['steps']} steps, {summary['epochs_completed']} "
+              f"epochs, final loss {summary['final_loss']:.4f}; nothing to resume (raise train.epochs to go on)")
+    elif summary.get("rank", 0) == 0:
         print(f"{summary['mode']} run: {summary['steps']} steps, {summary['epochs_completed']} epochs, "
               f"final loss {summary['final_loss']:.4f}, {summary['time']:.0f} s; "
               f"logs and checkpoints in {summary['out_dir']}")

@@ -22,10 +22,32 @@ refused with one line, before any work.
 
 Where code that must see every step or every save of both runners hooks in: `after_step` (each
 optimizer step, with its losses still on the device) and `save` (the one save point).
+
+When things go wrong (both runners get all of this from here):
+- Non-finite values, `train.nonfinite = "stop"`: after every step the loop folds "is any stage's loss
+  or gradient norm NaN/inf" into a device-side record of the first bad step per stage (a few tiny
+  device ops, no host read, so the hot path stays free of syncs). The record is read at every log
+  step and before every save: the run stops there with one line naming the first bad step, the stage
+  and loss or gradient, and no checkpoint is written after it, so the last good one stays. The price
+  of reading it only there: up to `train.log_every` - 1 steps run on after the bad one (their weights
+  are never saved). `"skip"` reads the flag every step (one host read per step, on the trainer only):
+  that step's update is dropped, counted in the log (`skipped_steps`), and `train.nonfinite_max_skips`
+  consecutive skips stop the run.
+- SIGINT / SIGTERM: the handler only sets a flag; the current step finishes, `save` writes the
+  checkpoint atomically, and `RunInterrupted` (exit 130) says how to resume. Several processes agree
+  on the step to stop at (and on time-based saves) with one two-value all-reduce per step, which is a
+  host read per step; a single process needs none.
+- Mid-epoch checkpoints: `train.ckpt_every_steps` and `train.ckpt_every_minutes` save `last.pt`
+  mid-epoch; resume from them is exact like any mid-epoch resume.
+- `--resume` with an unreadable newest checkpoint falls back to the newest intact `epoch_NNNN.pt`
+  and says so; temp files of a save that was killed are removed at start.
 """
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -39,9 +61,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from isolocal.checkpoint import LAST, PIPELINE_DIR, load_model_state, run_state
+from isolocal.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, load_model_state, load_state,
+                                 remove_stale_temps, run_state)
 from isolocal.config import ConfigError, RunConfig, TrainConfig, to_dict
 from isolocal.data import build_dataset, build_loader
+from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
 from isolocal.models.mim import LocalMIM
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
@@ -151,10 +175,14 @@ class PretrainLoop(ABC):
     # ------------------------------------------------------------------------------ building
 
     def _open(self, resume: bool, world: int) -> dict | None:
-        """Refuse to overwrite a run; with `resume`, the saved run state, checked against this run."""
+        """Refuse to overwrite a run; with `resume`, the saved run state, checked against this run.
+        Also checks the model's geometry and removes temp files of a killed save, before any work."""
         self.out_dir = Path(self.cfg.out_dir)
+        LocalMIM.check_config(self.cfg.model)
         if self.cfg.train.tensorboard:
             check_tensorboard()
+        for tmp in remove_stale_temps(self.out_dir):
+            print(f"isolocal: removed {tmp.name}, left by a save that was killed", file=sys.stderr)
         if not resume:
             held = [p for p in (self.out_dir / LAST, self.out_dir / PIPELINE_DIR / "latest") if p.exists()]
             if held:
@@ -163,9 +191,27 @@ class PretrainLoop(ABC):
             return None
         if not self.resume_path.exists():
             raise FileNotFoundError(f"no checkpoint at {self.resume_path} to resume")
-        saved = run_state(self.resume_path)
+        saved = self._read_resume_state()
         check_resume(saved, self.cfg, world, self.FIXED_ON_RESUME)
         return saved
+
+    def _read_resume_state(self) -> dict:
+        """The newest readable run state: `resume_path`, else (a single-file run) the newest intact
+        `epoch_NNNN.pt`, with one line saying which; the unreadable file's error if none is intact."""
+        try:
+            return run_state(self.resume_path)
+        except CheckpointError as err:
+            if not self.resume_path.is_file():
+                raise
+            for path in reversed(epoch_checkpoints(self.out_dir)):
+                try:
+                    saved = load_state(path)
+                except CheckpointError:
+                    continue
+                print(f"isolocal: {err}; resuming from {path.name} (step {saved['step']}) instead",
+                      file=sys.stderr)
+                return saved
+            raise CheckpointError(f"{err}; no intact epoch_NNNN.pt beside it to resume from") from None
 
     def _prepare_data(self, replicas: int, micro_per_step: int, names: tuple[str, str]) -> None:
         """The micro-batch size (see `micro_batch_size`), the training set and the step counts it gives."""
@@ -185,6 +231,11 @@ class PretrainLoop(ABC):
         self.epoch_loss_sum = torch.zeros(self.model.num_stages, device=loss_device)  # this epoch so far
         self.elapsed_before = 0.0
         self.saved_step = -1
+        # Non-finite guard: first bad step per (loss, gradient) x stage, -1 = none; on the device.
+        self.first_bad = torch.full((2, self.model.num_stages), -1, dtype=torch.long, device=loss_device)
+        self.skipped_steps = self.consecutive_skips = 0
+        self.last_loss_stage: list[float] | None = None  # of the last step, as saved (a finished run's)
+        self._signal: str | None = None
         if saved is not None:
             self.load_runner_state(saved)
             self._restore(saved)
@@ -202,21 +253,42 @@ class PretrainLoop(ABC):
     # ------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        t = self.cfg.train
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.main, desc=self.description,
-                   unit="step", dynamic_ncols=True)
+        """Train to the end (or until SIGINT/SIGTERM: `RunInterrupted` once the state is saved); the
+        summary dict. A run that had already finished trains nothing and reports its saved final loss
+        (`already_finished`)."""
+        finished = self.step >= self.total_steps or self.epoch >= self.cfg.train.epochs
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.main or finished,
+                   desc=self.description, unit="step", dynamic_ncols=True)
         self.memory.reset()
-        self.start = last_log = time.perf_counter()
+        self.start = self.last_save_time = time.perf_counter()
+        self.last_losses = torch.zeros_like(self.epoch_loss_sum)
+        handlers = self._catch_signals()
+        try:
+            self._run(bar)
+        finally:
+            bar.close()  # before any error line, so the two never share a terminal line
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        final = self.last_loss_stage if finished and self.last_loss_stage else self.stage_values(self.last_losses).loss
+        return {"steps": self.step, "epochs_completed": self.epoch, "final_loss": math.fsum(final),
+                "final_loss_stage": final, "peak_mem_mb": self.memory.peak_mb(), "time": self._elapsed(),
+                "out_dir": str(self.out_dir), "mode": self.mode, "already_finished": finished}
+
+    def _run(self, bar: tqdm) -> None:
+        t = self.cfg.train
+        last_log = time.perf_counter()
         logged_steps = 0
-        losses = torch.zeros_like(self.epoch_loss_sum)
+        self.save_pending = False
         while self.epoch < t.epochs and self.step < self.total_steps:
             epoch_start, epoch_first_step = time.perf_counter(), self.step
             for micro in self.epoch_micro_batches():
-                losses = self.train_step(micro)
+                losses = self.last_losses = self.train_step(micro)
+                self._track_nonfinite(losses)
                 self.after_step(losses)
                 self.epoch_loss_sum += losses
                 logged_steps += 1
                 if self.step % t.log_every == 0:
+                    self.check_finite()
                     now = time.perf_counter()
                     rec = self._log("step", self.step, losses, now - last_log, logged_steps)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -224,17 +296,23 @@ class PretrainLoop(ABC):
                 self.step += 1
                 self.step_in_epoch += 1
                 bar.update()
+                stop, due = self._poll()
+                if stop and self.step < self.total_steps:
+                    self.save()
+                    bar.close()
+                    raise RunInterrupted(
+                        f"interrupted by {self._signal or 'a signal on another rank'} after step {self.step} "
+                        f"(epoch {self.epoch}); state saved to {self.resume_path}; continue with the same "
+                        "command plus --resume")
+                if due and self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    self.save()
+                self.save_pending = due and self.saved_step != self.step
                 if self.step >= self.total_steps:
                     break
             if self.step_in_epoch == self.steps_per_epoch:  # a whole epoch (not a max_steps stop)
                 self._end_epoch(time.perf_counter() - epoch_start, self.step - epoch_first_step)
         if self.saved_step != self.step and self.step > 0:
             self.save()
-        bar.close()
-        final = self.stage_values(losses).loss
-        return {"steps": self.step, "epochs_completed": self.epoch, "final_loss": math.fsum(final),
-                "final_loss_stage": final, "peak_mem_mb": self.memory.peak_mb(), "time": self._elapsed(),
-                "out_dir": str(self.out_dir), "mode": self.mode}
 
     def _end_epoch(self, seconds: float, steps_here: int) -> None:
         """Log the epoch's mean losses (over all its steps, also across a resume), checkpoint it.
@@ -245,7 +323,7 @@ class PretrainLoop(ABC):
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.epoch_loss_sum.zero_()
         self.after_epoch()
-        if self.epoch % t.ckpt_every_epochs == 0 or self.epoch == t.epochs:
+        if self.epoch % t.ckpt_every_epochs == 0 or self.epoch == t.epochs or self.save_pending:
             self.save()
 
     def epoch_micro_batches(self) -> Iterator[MicroBatches | None]:
@@ -296,11 +374,83 @@ class PretrainLoop(ABC):
     def load_runner_state(self, saved: dict) -> None:
         """Restore what `write_checkpoint` saved besides the loop's state."""
 
+    @abstractmethod
+    def step_grad_norms(self) -> Tensor:
+        """The last step's per-stage gradient norms that the non-finite guard watches (zeros where a
+        non-finite gradient is expected and handled, e.g. by an fp16 GradScaler)."""
+
     def after_step(self, losses: Tensor) -> None:
         """Called after every optimizer step, before it is counted or logged."""
 
     def after_epoch(self) -> None:
         """Called after every whole epoch, once it is counted and logged, before its checkpoint."""
+
+    # ------------------------------------------------------------------------------ when things go wrong
+
+    def _track_nonfinite(self, losses: Tensor) -> None:
+        """Fold this step's non-finite losses / gradient norms into `first_bad`, on the device (no read)."""
+        if self.cfg.train.nonfinite != "stop":
+            return
+        norms = self.step_grad_norms().to(losses.device)
+        bad = torch.stack([~torch.isfinite(losses), ~torch.isfinite(norms)])
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
+
+    def check_finite(self) -> None:
+        """Raise `NonFiniteError` naming the first bad step, stage and value if any step so far had one;
+        every rank calls it (it gathers the ranks' records)."""
+        records = distributed.gather_objects(self.first_bad.tolist(), self.dist.world)
+        found = [(step, stage, what) for rec in records for what, row in zip(("loss", "gradient"), rec)
+                 for stage, step in enumerate(row) if step >= 0]
+        if not found:
+            return
+        step = min(found)[0]
+        where = "; ".join(f"{what} of stage(s) {', '.join(str(k) for s, k, w in sorted(set(found)) if s == step and w == what)}"
+                          for what in ("loss", "gradient") if (step, what) in {(s, w) for s, _, w in found})
+        kept = f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step >= 0 else \
+            "no checkpoint was written"
+        raise NonFiniteError(f"non-finite values at step {step} (0-based): {where}; training stopped and {kept}; "
+                             "lower train.base_lr, set train.clip_grad, or train.nonfinite='skip'")
+
+    def skip_nonfinite(self, losses: Tensor, grad_norms: Tensor) -> bool:
+        """With `train.nonfinite = "skip"`: True when this step's losses or gradients are non-finite,
+        so the runner drops its update (a host read per step); `nonfinite_max_skips` in a row stop the run."""
+        if self.cfg.train.nonfinite != "skip":
+            return False
+        if bool(torch.isfinite(losses).all() and torch.isfinite(grad_norms).all()):
+            self.consecutive_skips = 0
+            return False
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        limit = self.cfg.train.nonfinite_max_skips
+        if self.consecutive_skips >= limit:
+            raise NonFiniteError(f"non-finite loss or gradient in {limit} consecutive steps (the last: step "
+                                 f"{self.step}, 0-based): train.nonfinite_max_skips reached, training stopped; "
+                                 f"the last good checkpoint (step {self.saved_step}) is kept")
+        return True
+
+    def _catch_signals(self) -> dict:
+        """SIGINT/SIGTERM only set a flag (the loop saves and stops after the step); the old handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def flag(signum: int, frame: Any) -> None:
+            if self._signal is not None:  # a second Ctrl-C: stop now, without saving
+                raise KeyboardInterrupt
+            self._signal = signal.Signals(signum).name
+
+        return {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _poll(self) -> tuple[bool, bool]:
+        """(stop for a signal, a step- or time-based checkpoint is due), the same on every rank."""
+        t = self.cfg.train
+        due_time = bool(t.ckpt_every_minutes) and time.perf_counter() - self.last_save_time >= 60 * t.ckpt_every_minutes
+        stop = self._signal is not None
+        if self.dist.world > 1:  # ranks agree (a signal or the clock may differ between them)
+            flags = torch.tensor([stop, due_time], dtype=torch.float32, device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop, due_time = (bool(v) for v in flags.tolist())
+        due_steps = bool(t.ckpt_every_steps) and self.step % t.ckpt_every_steps == 0
+        return stop, due_steps or due_time
 
     # ------------------------------------------------------------------------------ logs
 
@@ -319,26 +469,36 @@ class PretrainLoop(ABC):
                "time": self._elapsed(), **extra}
         if kind == "step":
             rec["grad_norm_stage"] = values.grad_norm
+        if self.cfg.train.nonfinite == "skip":
+            rec["skipped_steps"] = self.skipped_steps
         self.log.write(rec)
         return rec
 
     # ------------------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """The one save point; every rank calls it and contributes its RNG states and epoch sums."""
+        """The one save point; every rank calls it and contributes its RNG states and epoch sums.
+        Nothing is written after a non-finite step (`check_finite` raises first)."""
+        self.check_finite()
+        if self.step > self.saved_step:  # a step ran since the last save or restore
+            self.last_loss_stage = self.stage_values(self.last_losses).loss
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         ranks = distributed.gather_objects({"mask_generator": self.mask_gen.get_state(), "torch": torch.get_rng_state(),
                                             "cuda": cuda, "epoch_loss_sum": self.epoch_loss_sum.cpu()},
                                            self.dist.world)
         self.write_checkpoint({"config": to_dict(self.cfg), "step": self.step, "epoch": self.epoch,
                                "step_in_epoch": self.step_in_epoch, "elapsed": self._elapsed(),
-                               "world_size": self.dist.world, "ranks": ranks})
+                               "world_size": self.dist.world, "ranks": ranks, "last_loss_stage": self.last_loss_stage,
+                               "skipped_steps": self.skipped_steps})
         self.saved_step = self.step
+        self.last_save_time = time.perf_counter()
 
     def _restore(self, saved: dict) -> None:
         self.step, self.epoch, self.step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
         self.elapsed_before = saved["elapsed"]
         self.saved_step = self.step
+        self.last_loss_stage = saved.get("last_loss_stage")
+        self.skipped_steps = saved.get("skipped_steps", 0)
         mine = saved["ranks"][self.dist.rank]
         self.epoch_loss_sum.copy_(mine["epoch_loss_sum"])
         self.mask_gen.set_state(mine["mask_generator"])

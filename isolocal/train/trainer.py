@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from isolocal.checkpoint import LAST, save_checkpoint
+from isolocal.checkpoint import LAST, check_fits, save_checkpoint
 from isolocal.config import RunConfig
 from isolocal.device import resolve_amp, resolve_device
 from isolocal.train import distributed
@@ -103,6 +103,9 @@ class Trainer(PretrainLoop):
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         self.grad_norms = clip_stage_gradients(self.stage_params, self.cfg.train.clip_grad)
+        if self.skip_nonfinite(losses, self.step_grad_norms()):
+            self.scaler.update()
+            return losses  # the update is dropped; the next step zeroes the gradients
         for opt in self.optimizers:
             self.scaler.step(opt)
         self.scaler.update()
@@ -117,6 +120,10 @@ class Trainer(PretrainLoop):
         per_stage = {g["stage"]: g["lr"] for opt in self.optimizers for g in opt.param_groups}
         return StageValues(distributed.mean_over_ranks(losses, self.dist.world).tolist(), self.grad_norms.tolist(),
                            [per_stage[k] for k in sorted(per_stage)])
+
+    def step_grad_norms(self) -> Tensor:
+        """An fp16 GradScaler skips steps with inf gradients itself: then only losses are watched."""
+        return torch.zeros_like(self.grad_norms) if self.scaler.is_enabled() else self.grad_norms
 
     def after_step(self, losses: Tensor) -> None:
         if self.probes is not None:
@@ -142,6 +149,7 @@ class Trainer(PretrainLoop):
         save_checkpoint(state, self.out_dir, epoch_end, self.cfg.train.keep_last)
 
     def load_runner_state(self, saved: dict) -> None:
+        check_fits(self.model, saved["model"], self.resume_path)
         self.model.load_state_dict(saved["model"])
         for opt, s in zip(self.optimizers, saved["optimizer"]):
             opt.load_state_dict(s)

@@ -1,0 +1,117 @@
+"""Interrupts and mid-epoch checkpoints: Ctrl-C (SIGINT) or SIGTERM finishes the step, saves, exits 130
+with one line; resuming ends bit-identical to an uninterrupted run (weights, optimizer, RNG states)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import isolocal
+from isolocal.checkpoint import LAST, load_state
+
+REPO = Path(isolocal.__file__).resolve().parents[1]
+# 12 steps per epoch (96 images, batch 8), 2 epochs: an interrupt after a few steps lands mid-epoch.
+RUN = ["data.name=synthetic", "data.synthetic_size=96", "train.batch_size=8", "train.epochs=2",
+       "train.log_every=1", "train.warmup_epochs=0.5"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def pretrain(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "isolocal.cli", "pretrain", "--set", *RUN, *extra, "--out",
+                             str(out)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def step_records(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum('"kind": "step"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def untimed(out: Path) -> list[dict]:
+    clock = {"time", "img_per_s", "peak_mem_mb", "epoch_time"}
+    return [{k: v for k, v in json.loads(line).items() if k not in clock}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_equal_state(a, b, where: str = "") -> None:
+    """Every tensor, number and nested entry equal (weights, optimizer moments, RNG states)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def interrupt_after(out: Path, steps: int, sig: int, *extra: str) -> tuple[int, str]:
+    proc = pretrain(out, *extra)
+    deadline = time.time() + 300
+    while step_records(out) < steps and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, sig):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    code, err = interrupt_after(cut, 3, sig)
+    assert code == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("isolocal")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert f"interrupted by {signal.Signals(sig).name} after step" in lines[0]
+    assert "continue with the same command plus --resume" in lines[0] and str(cut / LAST) in lines[0]
+    stopped = load_state(cut / LAST)
+    assert 0 < stopped["step"] < 12 and stopped["step_in_epoch"] == stopped["step"]  # mid-epoch 1
+    assert f"after step {stopped['step']} " in lines[0]
+
+    resumed = subprocess.run([sys.executable, "-m", "isolocal.cli", "pretrain", "--set", *RUN, "--out", str(cut),
+                              "--resume"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert pretrain(whole).wait(timeout=300) == 0
+    a, b = load_state(whole / LAST), load_state(cut / LAST)
+    for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "step_in_epoch", "last_loss_stage"):
+        assert_equal_state(a[key], b[key], key)
+    for key in ("mask_generator", "torch", "epoch_loss_sum"):
+        assert_equal_state(a["ranks"][0][key], b["ranks"][0][key], key)
+    assert untimed(whole) == untimed(cut)
+
+
+@pytest.mark.slow
+def test_ckpt_every_steps_saves_mid_epoch_and_a_killed_run_resumes_from_it_exactly(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    code, _ = interrupt_after(cut, 7, signal.SIGKILL, "train.ckpt_every_steps=5")
+    assert code == -signal.SIGKILL
+    assert load_state(cut / LAST)["step"] == 5  # saved at step 5, mid-epoch, no epoch file yet
+    assert not list(cut.glob("epoch_*.pt"))
+    resumed = subprocess.run([sys.executable, "-m", "isolocal.cli", "pretrain", "--set", *RUN,
+                              "train.ckpt_every_steps=5", "--out", str(cut), "--resume"], cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert pretrain(whole, "train.ckpt_every_steps=5").wait(timeout=300) == 0
+    a, b = load_state(whole / LAST), load_state(cut / LAST)
+    for key in ("model", "optimizer", "step"):
+        assert_equal_state(a[key], b[key], key)
+    assert untimed(whole) == untimed(cut)
+
+
+def test_ckpt_every_minutes_saves_on_the_clock(tmp_path):
+    """0.0001 minutes: due after every step, so every step writes last.pt (the step counter shows it)."""
+    out = tmp_path / "clock"
+    code, _ = interrupt_after(out, 4, signal.SIGKILL, "train.ckpt_every_minutes=0.0001")
+    assert code == -signal.SIGKILL
+    assert load_state(out / LAST)["step"] >= 3
