@@ -34,6 +34,7 @@ from isolocal.checkpoint import PIPELINE_DIR, prune_pipeline_tags
 from isolocal.config import ConfigError, RunConfig
 from isolocal.data import build_dataset, build_loader
 from isolocal.device import resolve_amp, resolve_device
+from isolocal.errors import NonFiniteError, RunInterrupted
 from isolocal.models.mim import LocalMIM
 from isolocal.train.distributed import DistInfo, shutdown
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
@@ -170,6 +171,9 @@ class PipelineRun(PretrainLoop):
         loss, grad_norm, lr = owned.tolist()
         return StageValues(loss, grad_norm, lr)
 
+    def step_grad_norms(self) -> Tensor:
+        return self.engine.grad_norms if self.engine.grad_norms is not None else torch.zeros(self.model.num_stages)
+
     def evaluate(self) -> float:
         """Mean loss on `eval_batches` (each replica its share); writes the `eval` record."""
         m = self.cfg.pipeline.micro_batches
@@ -199,6 +203,10 @@ def exit_on_failure() -> Iterator[None]:
     """Inside a process group, any exception prints and ends this process at once (see module docstring)."""
     try:
         yield
+    except (RunInterrupted, NonFiniteError):  # every rank raises it at the same step: end together
+        if dist.is_initialized():
+            shutdown()
+        raise
     except BaseException as err:  # noqa: BLE001 - a failing rank must not linger in a collective
         if not dist.is_initialized():
             raise
