@@ -115,3 +115,64 @@ def test_ckpt_every_minutes_saves_on_the_clock(tmp_path):
     code, _ = interrupt_after(out, 4, signal.SIGKILL, "train.ckpt_every_minutes=0.0001")
     assert code == -signal.SIGKILL
     assert load_state(out / LAST)["step"] >= 3
+
+
+PIPE = ["data.name=synthetic", "data.synthetic_size=160", "train.batch_size=16", "train.epochs=1",
+        "train.log_every=1", "train.warmup_epochs=0.5", "train.base_lr=0.01", "pipeline.micro_batches=2",
+        "pipeline.timeout_s=60", "model.boundary=isolated"]  # 10 steps
+
+
+def pipeline_ranks(out: Path, *extra: str) -> list[subprocess.Popen]:
+    """Two pipeline ranks wired like torchrun does, each in its own session (so a test can signal both)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "isolocal.cli", "pretrain", "--set", *PIPE,
+                                       "--pipeline-stages", "2", "--out", str(out), *extra], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    done = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            _, err = p.communicate()
+        done.append((p.returncode, err))
+    return done
+
+
+@pytest.mark.slow
+def test_a_two_stage_pipeline_interrupted_by_sigint_resumes_exactly(tmp_path):
+    from isolocal.checkpoint import pipeline_client_state, pipeline_state_dict
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    procs = pipeline_ranks(cut)
+    deadline = time.time() + 300
+    while step_records(cut) < 3 and all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    for p in procs:  # Ctrl-C reaches every process of the foreground group
+        p.send_signal(signal.SIGINT)
+    (code0, err0), (code1, err1) = finish(procs)
+    assert (code0, code1) == (130, 130), err0[-3000:] + err1[-3000:]
+    lines = [line for line in err0.splitlines() if line.startswith("isolocal")]
+    assert len(lines) == 1 and "interrupted by SIGINT after step" in lines[0]
+    assert not [line for line in err1.splitlines() if line.startswith("isolocal")]  # rank 0 speaks for both
+    stopped = pipeline_client_state(cut / "pipeline")["step"]
+    assert 0 < stopped < 10
+
+    assert [c for c, _ in finish(pipeline_ranks(cut, "--resume"))] == [0, 0]
+    assert [c for c, _ in finish(pipeline_ranks(whole))] == [0, 0]
+    a, b = pipeline_state_dict(whole / "pipeline"), pipeline_state_dict(cut / "pipeline")
+    assert_equal_state(a, b, "weights")
+    assert [r for r in untimed(whole) if r["kind"] == "step"] == [r for r in untimed(cut) if r["kind"] == "step"]

@@ -434,7 +434,7 @@ class PretrainLoop(ABC):
             return {}
 
         def flag(signum: int, frame: Any) -> None:
-            if self._signal is not None:  # a second Ctrl-C: stop now, without saving
+            if self._signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
                 raise KeyboardInterrupt
             self._signal = signal.Signals(signum).name
 
