@@ -426,10 +426,14 @@ def test_unknown_preset_and_field_name_the_value():
 
 def test_a_mask_with_another_visible_count_is_refused():
     """The encoder keeps the config's count of visible tokens (16 of 64 at ratio 0.75); a mask with
-    another count (here all visible) must fail, not silently drop visible tokens."""
+    another count must fail, not silently drop visible tokens (all visible: refused at the entry)."""
     model = isolocal.create_model("localmim_vit_nano")
-    with pytest.raises(RuntimeError, match="16 visible"):
+    with pytest.raises(ValueError, match="at least one visible .* and one masked"):
         model(torch.zeros(2, 1, 32, 32), torch.zeros(2, 64, dtype=torch.bool))
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, :8] = True  # 56 visible
+    with pytest.raises(RuntimeError, match="16 visible"):
+        model(torch.zeros(2, 1, 32, 32), mask)
 
 
 def test_model_is_a_plain_module():

@@ -148,7 +148,12 @@ class LocalMIM(nn.Module):
         """Validate a config's geometry and boundaries without allocating any weights."""
         family = _family(cfg.arch)
         parse_boundaries(cfg.boundary, len(family.taps(cfg)) - 1)
-        visible_count(family.mask_grid(cfg), cfg.mask_ratio, cfg.mask_unit)
+
+    @staticmethod
+    def check_masking(cfg: ModelConfig) -> None:
+        """Validate that the config's masks can be drawn (mask unit divides the grid, >= 1 visible unit):
+        a training run checks it before any work, not at its first step."""
+        visible_count(_family(cfg.arch).mask_grid(cfg), cfg.mask_ratio, cfg.mask_unit)
 
     @property
     def num_stages(self) -> int:

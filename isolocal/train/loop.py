@@ -179,6 +179,7 @@ class PretrainLoop(ABC):
         Also checks the model's geometry and removes temp files of a killed save, before any work."""
         self.out_dir = Path(self.cfg.out_dir)
         LocalMIM.check_config(self.cfg.model)
+        LocalMIM.check_masking(self.cfg.model)
         if self.cfg.train.tensorboard:
             check_tensorboard()
         for tmp in remove_stale_temps(self.out_dir):
