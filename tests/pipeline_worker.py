@@ -3,8 +3,10 @@
 usage: pipeline_worker.py OUT_DIR SPEC_JSON; SPEC holds any of these tasks, run in this order, each
 writing OUT_DIR/<task>_rank<r>.pt or .json:
 - "grads": cases "P,dp,M,boundary,schedule,clip[,preset]"; for each a real DeepSpeed engine trains 3 steps on
-  `case_data` and records every step's gradients (captured just before the optimizer step) and the
-  parameters after the last step, keyed by LocalMIM parameter name.
+  `case_data` and records every step's gradients (captured just before the optimizer step), the
+  parameters after the last step, keyed by LocalMIM parameter name, the loss `train_batch`
+  reported at every step (with the rank's replica and whether it holds the last stage), and how
+  many of its activation sends were still in flight when `train_batch` returned.
 - "runs": a list of [RunConfig dict, resume, init], run one after another through the runner, the
   last through `pretrain_pipeline` (which also shuts the process group down); its summary is saved.
 """
@@ -71,10 +73,13 @@ def run_case(case: str) -> dict:
     grads: list[dict] = []
     engine.optimizer.register_step_pre_hook(lambda *_: grads.append({n: params[n].grad.clone() for n in names}))
     replica = pipe.mpu().get_data_parallel_id()
+    reported, sending = [], []
     for step in case_data(model, dp, m):
-        engine.train_batch(feed(engine, pipe, step[replica]))
+        reported.append(float(engine.train_batch(feed(engine, pipe, step[replica]))))
+        sending.append(len(getattr(engine, "_in_flight", ((), ()))[1]))  # sends not yet finished
     return {"engine": type(engine).__name__, "stages": pipe.stage_ids, "grads": grads,
-            "params": {n: params[n].detach().clone() for n in names}}
+            "params": {n: params[n].detach().clone() for n in names},
+            "reported": (replica, engine.is_last_stage(), reported), "sending": sending}
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ masks.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 import isolocal
 from isolocal.checkpoint import LAST, convert_pipeline_checkpoint, load_model_state, pipeline_state_dict
 from isolocal.config import RunConfig, from_dict, to_dict
-from isolocal.pipeline.engine import IsolatedSchedule, LocalBackward
+from isolocal.pipeline.engine import IsolatedSchedule, LocalBackward, build_engine
 from isolocal.pipeline.runner import eval_batches
 from isolocal.recipes import load_run_config
 from isolocal.train import train
@@ -89,15 +90,19 @@ def launch(n: int, out: Path, spec: dict, timeout: float = 180) -> None:
 
 
 def merged(out: Path, n: int) -> dict:
-    """Per case: the engine class per rank, gradients per step and final parameters over all ranks."""
+    """Per case: the engine class per rank, gradients per step and final parameters over all ranks,
+    and per rank (replica, holds the last stage, the loss `train_batch` reported at each step)."""
     results: dict = {}
     for rank in range(n):
         for case, r in torch.load(out / f"grads_rank{rank}.pt").items():
-            entry = results.setdefault(case, {"engines": set(), "grads": [{} for _ in r["grads"]], "params": {}})
+            entry = results.setdefault(case, {"engines": set(), "grads": [{} for _ in r["grads"]], "params": {},
+                                              "reported": []})
             entry["engines"].add(r["engine"])
             for step, grads in enumerate(r["grads"]):
                 entry["grads"][step].update(grads)
             entry["params"].update(r["params"])
+            entry["reported"].append(r["reported"])
+            entry.setdefault("sending", []).extend(r["sending"])
     return results
 
 
@@ -109,13 +114,17 @@ def reference(case: str) -> dict:
     model = isolocal.create_model(preset, boundary=boundary)
     named = {n: q for n, q in model.named_parameters() if q.requires_grad}
     optimizer = make_optimizer(list(named.values()))
-    grads = []
+    grads, losses = [], []
     for step in case_data(model, dp, m):
         per_replica = []
+        losses.append([])
         for replica in step:
             optimizer.zero_grad()
+            losses[-1].append(0.0)
             for images, mask in replica:
-                (model(images, mask).loss / m).backward()
+                loss = model(images, mask).loss / m
+                loss.backward()
+                losses[-1][-1] += loss.item()
             per_replica.append({n: q.grad.clone() for n, q in named.items()})
         for n, q in named.items():
             q.grad = sum(g[n] for g in per_replica) * (1.0 / dp)
@@ -124,7 +133,7 @@ def reference(case: str) -> dict:
                 torch.nn.utils.clip_grad_norm_([q for q in stage.parameters() if q.requires_grad], clip)
         grads.append({n: q.grad.clone() for n, q in named.items()})
         optimizer.step()
-    return {"grads": grads, "params": {n: q.detach().clone() for n, q in named.items()}}
+    return {"grads": grads, "params": {n: q.detach().clone() for n, q in named.items()}, "losses": losses}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -146,6 +155,22 @@ def check_against_reference(results: dict) -> None:
         for step in range(STEPS):
             assert max_rel(got["grads"][step], ref["grads"][step]) < TOL, (case, step)
         assert max_rel(got["params"], ref["params"]) < TOL, case
+        check_reported_losses(got["reported"], ref["losses"], isolated=engine == "IsolatedScheduleEngine")
+        assert set(got["sending"]) == {0}, case  # every batch ends with its sends finished (gloo drops the rest)
+
+
+def check_reported_losses(reported: list, reference_losses: list, isolated: bool) -> None:
+    """What `train_batch` returns: DeepSpeed's default schedule gives every rank the loss averaged over
+    micro-batches and replicas; the isolated schedule gives it to the last rank alone, for its own
+    replica (NaN elsewhere: no pipeline-wide broadcast)."""
+    for replica, last, losses in reported:
+        for step, loss in enumerate(losses):
+            per_replica = reference_losses[step]
+            if isolated and not last:
+                assert math.isnan(loss)
+            else:
+                expected = per_replica[replica] if isolated else sum(per_replica) / len(per_replica)
+                assert loss == pytest.approx(expected, rel=TOL)
 
 
 def check_modes_differ(results: dict, global_case: str, isolated_case: str) -> None:
@@ -330,6 +355,11 @@ def test_isolated_schedule_only_sends_forward_and_holds_two_micro_batches():
             # each micro-batch's backward runs before the next micro-batch is received or loaded
             order = [n for n in names if n in ("ForwardPass", "LocalBackward")]
             assert order == ["ForwardPass", "LocalBackward"] * 5
+
+
+def test_build_engine_defaults_to_the_auto_schedule_without_clipping():
+    defaults = {n: p.default for n, p in inspect.signature(build_engine).parameters.items()}
+    assert defaults["schedule_name"] == "auto" and defaults["clip_grad"] == 0.0
 
 
 def test_bad_pipeline_settings_fail_before_any_work(monkeypatch):
