@@ -143,6 +143,7 @@ def test_outputs_predictions_only_on_request_and_features_per_stage():
     model = isolocal.create_model("localmim_vit_nano")
     images, mask = batch(model)
     assert model(images, mask).preds is None
+    assert torch.isfinite(model(images[:1], mask[:1]).loss)  # a batch of one image is a batch
     assert len(model(images, mask, return_pred=True).preds) == model.num_stages
     feats = model.encode(images)
     assert [f.shape for f in feats] == [(2, 1 + 64, 64)] * model.num_stages
@@ -403,6 +404,13 @@ def test_config_checks_run_without_building():
     cfg.boundary, cfg.target = ["isolated", 0.5, "global"], "sift"
     with pytest.raises(ValueError, match="target must be 'hog' or 'pixels'"):
         LocalMIM.check_config(cfg)
+
+
+def test_mask_settings_are_checked_before_a_run():
+    cfg = dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), mask_unit=3)
+    with pytest.raises(ValueError, match="mask_unit 3 must be >= 1 and divide the token grid 8"):
+        LocalMIM.check_masking(cfg)
+    LocalMIM.check_masking(isolocal.preset_config("localmim_swin_nano"))
 
 
 def test_edge_configs_that_are_valid():
