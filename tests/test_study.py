@@ -132,6 +132,21 @@ def test_runs_are_paired_by_seed(study):
     assert first[("global", 0)] != pytest.approx(first[("global", 1)], rel=1e-3)
 
 
+@pytest.mark.slow
+def test_report_shows_every_variants_reconstruction_on_the_same_image_and_mask(study):
+    report = (study["root"] / "report.md").read_text()
+    assert "### reconstruct run" in report
+    tables = []
+    for variant in ("global", "isolated"):
+        run = _run_dir(study["root"], variant, 0)
+        assert f"runs/{variant}/seed0/reconstruct_run.png" in report
+        tables.append(pd.read_csv(run / "reconstruct_run.csv"))
+    # one image, one mask (seed 0): same cells for both variants, one error row per stage
+    assert list(tables[0]["mask_seed"].unique()) == [0] and len(tables[0]) == len(tables[1])
+    assert tables[0].drop(columns=[c for c in tables[0] if "err" in c or c == "run"]).equals(
+        tables[1].drop(columns=[c for c in tables[1] if "err" in c or c == "run"]))
+
+
 def _numbers(root: Path, variant: str, metric: str) -> np.ndarray:
     out = []
     for seed in (0, 1):

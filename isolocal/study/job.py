@@ -151,16 +151,20 @@ def run_figures(spec: dict, model: nn.Module, batch: Any, attn: list, layout: An
     here and the report gains a row of it; returns file names relative to the run directory."""
     from analysis.capture import is_windowed
     from analysis.figures import plot_attention_maps
-    from analysis.loading import encoder_depth
+    from analysis.loading import ImageBatch, encoder_depth
+    from analysis.reconstruction_figure import write_reconstruction
 
     figures: list[Path] = []
+    i = spec["attention_image"]
     if not is_windowed(model):
         depth = encoder_depth(model)
         layers = sorted({min(2, depth), min(4, depth), max(depth - 2, 1), depth})  # the same for every variant
-        i = spec["attention_image"]
         figures += plot_attention_maps(batch.images[i], [a[i:i + 1] for a in attn], layers,
                                        [tuple(q) for q in spec["query"]], layout.grid, layout.patch[0],
                                        run_dir / "attention_maps.png", layout.num_prefix_tokens, batch.mean, batch.std)
+    # What each stage reconstructs, on the same image and mask (seed 0) for every run of the study.
+    one = ImageBatch(batch.images[i:i + 1], batch.names[i:i + 1], batch.mean, batch.std)
+    figures += [f for f in write_reconstruction(model, one, run_dir, "run", mask_seed=0) if f.suffix == ".png"]
     return [f.name for f in figures]
 
 
