@@ -47,6 +47,8 @@ def test_paired_difference_by_hand():
     (-1.5, 0.3, 1.0, "undecided"),  # straddles -1
     (0.1, 0.9, 0.0, "holds"),       # margin 0: a better than b
     (-0.4, 0.9, 0.0, "undecided"),
+    (3.5, 5.0, -3.0, "holds"),      # margin -3: a beats b by more than 3
+    (1.0, 2.5, -3.0, "fails"),
 ])
 def test_verdict_outcomes(low, high, margin, expected):
     assert verdict(Interval((low + high) / 2, low, high, 3), margin) == expected
@@ -131,7 +133,6 @@ def test_claim_table_gives_all_three_verdicts(tmp_path):
     ('[study.claims.x]\na = "g"\nb = "top"\nmetric = "knn"\nstage = 2', "stage 2 is not among variant top's"),
     ('[study.claims.x]\na = "g"\nb = "i"\nmetric = "nmi"\nlayer = 9', "layer 9 is not among variant g's"),
     ('[study.claims.x]\na = "g"\nb = "random"\nmetric = "loss_total"', "variant random is not pre-trained"),
-    ('[study.claims.x]\na = "g"\nb = "i"\nmetric = "finetune"\nmargin = -1', "margin must be >= 0"),
     ('[study.claims.x]\na = "g"\nb = "i"\nmetric = "finetune"\ncolour = 1', "unknown config key study.claims.x.colour"),
 ])
 def test_bad_claims_are_errors_before_any_work(tmp_path, claims, message):

@@ -186,7 +186,7 @@ def claim_rows(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
                      "a − b": fmt(d.mean, digits),
                      "95% CI": DASH if d.n < 2 else f"[{fmt(d.low, digits)}, {fmt(d.high, digits)}]",
                      "p (paired t)": DASH if math.isnan(result.p_value) else f"{result.p_value:.3g}",
-                     "seeds": str(d.n), "holds if CI low >": fmt(-claim.margin, digits),
+                     "seeds": str(d.n), "holds if CI low >": fmt(0.0 - claim.margin, digits),
                      "verdict": f"**{verdict(d, claim.margin)}**"})
     return pd.DataFrame(rows)
 

@@ -18,8 +18,9 @@ A study without `seeds` is a one-seed study at `base.train.seed`, and keeps the 
 A claim compares two variants on one metric: `a - b` per seed, and its verdict is "holds" when
 the lower 95% bound of the mean difference is above `-margin`, "fails" when the upper bound is
 below `-margin`, "undecided" otherwise (see `isolocal.study.stats.verdict`). With `margin = 0` a
-claim says "a is better than b"; with `margin = 1` "a is at most one point worse than b". For a
-metric where lower is better (losses, time, memory) swap `a` and `b`.
+claim says "a is better than b"; with `margin = 1` "a is at most one point worse than b"; with
+`margin = -3` "a beats b by more than 3 points". For a metric where lower is better (losses, time,
+memory) swap `a` and `b`.
 """
 from __future__ import annotations
 
@@ -205,8 +206,6 @@ def check_claim(name: str, claim: Claim, study: Study) -> None:
                           f"(index) or layer (tap layer), or use {claim.metric}_best")
     if kind == "layer" and (claim.layer is None or claim.stage is not None):
         raise ConfigError(f"{where}: metric {claim.metric!r} has one value per layer; set layer (1-based)")
-    if claim.margin < 0:
-        raise ConfigError(f"{where}.margin must be >= 0, got {claim.margin}")
     asked = claim.stage if claim.stage is not None else claim.layer
     if asked is None:
         return
