@@ -5,8 +5,10 @@ import pandas as pd
 import pytest
 
 from isolocal.config import ConfigError
+from isolocal.study.job import write_json
 from isolocal.study.report import claim_rows, values
-from isolocal.study.schema import load_study, select_runs
+from isolocal.study.runner import check_stale
+from isolocal.study.schema import load_study, run_spec, select_runs
 from isolocal.study.stats import Interval, mean_ci, paired_difference, verdict
 
 T_975_DF2 = 4.302652729749464  # Student t 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
@@ -180,3 +182,19 @@ def test_study_without_seeds_keeps_the_older_layout(tmp_path):
 def test_shipped_study_files_load(name):
     study = load_study(f"experiments/{name}.toml")
     assert "random" in study.variants and not study.pretrain["random"]
+
+
+def test_run_made_with_another_config_is_refused(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(out=tmp_path / "out", claims=""))
+    study = load_study(path)
+    run = study.runs()[1]
+    spec = run_spec(study, run)
+    run.dir.mkdir(parents=True)
+    del spec["config"]["train"]["compile"]  # a config field added to isolocal after the run was made
+    write_json(run.dir / "run.json", spec)
+    check_stale(study, study.runs())
+    spec["config"]["train"]["epochs"] = 7
+    write_json(run.dir / "run.json", spec)
+    with pytest.raises(ConfigError, match=r"runs/i/seed0 was run with a different config: config.train.epochs \(7 -> 1\)"):
+        check_stale(study, study.runs())

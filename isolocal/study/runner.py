@@ -35,9 +35,11 @@ def is_finished(run: Run) -> bool:
 
 
 def _first_difference(old: object, new: object, key: str = "") -> str | None:
+    """The first key whose value differs; keys only one side has (a config field added to or
+    removed from isolocal since the run was made) are not differences."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
+        for k in sorted(set(old) & set(new)):
+            found = _first_difference(old[k], new[k], f"{key}.{k}" if key else k)
             if found:
                 return found
         return None
