@@ -3,6 +3,7 @@
     python tools/mutate.py                      # every module below, 2 jobs
     python tools/mutate.py --module isolocal/targets.py --jobs 2
     python tools/mutate.py --list               # print the mutants, run nothing
+    python tools/mutate.py --resume             # go on after an interrupted run (outcomes kept in --report)
 
 Why: a green suite says nothing about the bugs it cannot see. Each mutant changes one operator,
 constant, comparison, boolean, sign, value-preserving call (`.detach()`, `.float()`, ...) or drops one
@@ -37,6 +38,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "testing.md"
@@ -377,7 +379,8 @@ def write_version(path: Path, text: str) -> None:
     os.utime(path, (_VERSION[0], _VERSION[0]))
 
 
-def run_all(mutants: list[Mutant], jobs: int, timeouts: dict[str, float], work: Path, log) -> None:
+def run_all(mutants: list[Mutant], jobs: int, timeouts: dict[str, float], work: Path, log,
+            on_done: Callable[[], None]) -> None:
     """Run mutants on `jobs` copies at once; every copy holds at most one mutant at a time."""
     copies = [work / f"copy{j}" for j in range(jobs)]
     free, running = list(range(jobs)), {}  # pid -> (mutant, copy index, start, original source)
@@ -409,6 +412,7 @@ def run_all(mutants: list[Mutant], jobs: int, timeouts: dict[str, float], work: 
                 del running[pid]
                 done += 1
                 log(f"[{done}/{len(mutants)}] {m.status:8s} {m.seconds:6.1f}s {m.cpu:6.1f}s cpu  {m.key}")
+                on_done()
     finally:  # interrupted: end the test runs still going (the copies are removed by the caller)
         for pid in running:
             kill_tree(pid)
@@ -439,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a mutant times out after this many times its module's baseline, at least 30 s")
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "mutation.json")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the outcomes already in --report (written after every mutant) and run the rest")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -447,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     known = {key: status for status, title in LISTS.items() for key in listed(title)}
     for m in mutants:
         m.status = known.get(m.key, m.status)
+    before = resume(mutants, args.report) if args.resume else 0.0  # wall seconds of the earlier sessions
     if args.list:
         for m in mutants:
             print(f"{m.path}:{m.line}  {m.key}" + (f"  [{m.status}]" if m.key in known else ""))
@@ -454,13 +461,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg", DS_ACCELERATOR="cpu", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up copies and test runs on kill
+    def stop(signum: int, _frame: object) -> None:  # clean up the copies and the test runs on kill
+        print(f"tools/mutate.py: stopped by signal {signum}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    started = time.monotonic()
     for name in PRELOAD:  # imported once here, inherited by every forked test run
         try:
             __import__(name)
         except ImportError:
             pass
-    started = time.monotonic()
     log = lambda msg: print(f"{time.monotonic() - started:7.0f}s {msg}", flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="isolocal-mutate-") as tmp:
         work = Path(tmp)
@@ -468,8 +480,31 @@ def main(argv: list[str] | None = None) -> int:
             snapshot(work / f"copy{j}")
         times = baseline(paths, work, log)
         timeouts = {p: max(30.0, args.timeout_factor * t) for p, t in times.items()}
-        run_all([m for m in mutants if m.key not in known], args.jobs, timeouts, work, log)
-    return summarize(mutants, known, paths, time.monotonic() - started, args.report)
+        todo = [m for m in mutants if m.status == "pending"]
+        run_all(todo, args.jobs, timeouts, work, log,
+                lambda: save_report(args.report, mutants, before + time.monotonic() - started))
+    return summarize(mutants, known, paths, before + time.monotonic() - started, args.report)
+
+
+def save_report(report: Path, mutants: list[Mutant], seconds: float) -> None:
+    """Every mutant and its outcome so far, and the wall time of all sessions (atomic write)."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"seconds": seconds, "cpu_seconds": sum(m.cpu for m in mutants),
+                               "mutants": [asdict(m) for m in mutants]}, indent=1))
+    tmp.replace(report)
+
+
+def resume(mutants: list[Mutant], report: Path) -> float:
+    """Take the outcomes of an earlier, interrupted session from its report; returns its wall time."""
+    if not report.exists():
+        raise SystemExit(f"--resume: no report at {report}")
+    state = json.loads(report.read_text())
+    done = {m["key"]: m for m in state["mutants"] if m["status"] not in ("pending", *LISTS)}
+    for m in mutants:
+        if m.status == "pending" and m.key in done:
+            m.status, m.seconds, m.cpu = done[m.key]["status"], done[m.key]["seconds"], done[m.key]["cpu"]
+    return float(state["seconds"])
 
 
 def summarize(mutants: list[Mutant], known: dict[str, str], paths: list[str], seconds: float, report: Path) -> int:
@@ -495,9 +530,7 @@ def summarize(mutants: list[Mutant], known: dict[str, str], paths: list[str], se
         print(f"SURVIVED ({m.status}) {m.path}:{m.line}  `{m.key}`")
     for key in sorted(k for k in set(known) - {m.key for m in mutants} if k.split("::")[0] in paths):
         print(f"note: docs/testing.md lists `{key}`, which is no longer a mutant")
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "mutants": [asdict(m) for m in mutants]},
-                                 indent=1))
+    save_report(report, mutants, seconds)
     return 1 if survivors else 0
 
 
