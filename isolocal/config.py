@@ -107,6 +107,8 @@ class PipelineConfig:
     micro_batches: int = 4
     schedule: str = "auto"  # "auto" (isolated schedule when all boundaries are isolated) | "default"
     timeout_s: int = 120
+    partition: str = "count"  # stages per rank: "count" (balanced parameter counts) | "cost" (measured time)
+    profile: bool = False  # per-rank time breakdown and a Chrome trace in out_dir (pipeline_profile.*)
 
 
 @dataclass
@@ -355,6 +357,7 @@ def validate_run(cfg: RunConfig) -> None:
     _check(p.micro_batches >= 1, f"pipeline.micro_batches must be >= 1, got {p.micro_batches}")
     _check(p.schedule in ("auto", "default"), f"pipeline.schedule must be auto or default, got {p.schedule!r}")
     _check(p.timeout_s >= 1, f"pipeline.timeout_s must be >= 1, got {p.timeout_s}")
+    _check(p.partition in ("count", "cost"), f"pipeline.partition must be count or cost, got {p.partition!r}")
     _check(p.stages == 0 or t.nonfinite == "stop",
            "train.nonfinite = 'skip' is not supported with a pipeline (pipeline.stages > 0); use 'stop'")
     e = cfg.eval

@@ -196,7 +196,8 @@ def two_rank_grads(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_rank_launch(tmp_path_factory) -> tuple[Path, list]:
     """The single-process trainer's run of a config, then one 2-rank launch of pipeline runs of the
-    same config (isolated; interrupted + resumed; started from the trainer's checkpoint; global).
+    same config (isolated, cost partition and profiled; interrupted + resumed; started from the
+    trainer's checkpoint; global).
     Returns the directory and the trainer's micro-batches (images, mask)."""
     out = tmp_path_factory.mktemp("pipe2")
     base = load_run_config(None, ["preset=" + PRESET, "data.name=synthetic", "data.synthetic_size=64",
@@ -216,7 +217,9 @@ def two_rank_launch(tmp_path_factory) -> tuple[Path, list]:
     train(from_dict(RunConfig, single), on_batch=lambda x, mask: micro_batches.append((x.clone(), mask.clone())))
     glob = cfg("global", epochs=1)
     glob["model"]["boundary"] = "global"
-    runs = [[cfg("full"), False, None], [cfg("cut", max_steps=6), False, None], [cfg("cut"), True, None],
+    full = cfg("full")
+    full["pipeline"].update(partition="cost", profile=True)  # neither changes a loss
+    runs = [[full, False, None], [cfg("cut", max_steps=6), False, None], [cfg("cut"), True, None],
             [cfg("init", max_steps=1), False, str(out / "single" / LAST)], [glob, False, None]]
     launch(2, out, {"runs": runs})
     return out, micro_batches
@@ -270,10 +273,31 @@ def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_laun
     loss, per_stage = single_process_eval(out / run, tmp_path)
     assert math.isclose(ev.loss, loss, rel_tol=TOL)
     assert all(math.isclose(a, b, rel_tol=TOL) for a, b in zip(ev.loss_stage, per_stage))
+    if run == "full":
+        check_profile(out, out / run)
     if run == "global":  # the last run of the launch returned its summary
         summary = json.loads((out / "runs_rank0.json").read_text())
         assert summary["mode"] == "global" and summary["steps"] == 4
         assert math.isclose(summary["eval_loss"], ev.loss)
+
+
+def check_profile(out: Path, run_dir: Path) -> None:
+    """`pipeline.partition = "cost"` printed its choice; `pipeline.profile` wrote every rank's
+    breakdown (whole steps from step 2 of 8, every category timed on the rank that does it) and a
+    trace with both ranks."""
+    log = (out / "log_rank0.txt").read_text()
+    assert "isolocal pipeline: partition by measured cost: rank 0: stages 0-" in log
+    assert "balance bound" in log and "isolocal pipeline: per-rank time" in log
+    table = pd.read_json(run_dir / "pipeline_profile.json")
+    assert table["rank"].tolist() == [0, 1] and (table.steps == 5).all()
+    assert (table[["targets", "forward", "backward", "optimizer", "step_ms"]] > 0).all().all()
+    first, last = table.iloc[0], table.iloc[1]
+    assert first.data > 0 and first.send > 0 and first.recv == 0
+    assert last.data == 0 and last.send == 0 and last.recv > 0
+    assert (table.step_ms - table[["data", "targets", "forward", "backward", "optimizer", "send", "recv", "sync",
+                                   "other"]].sum(axis=1)).abs().max() < 1e-6
+    trace = json.loads((run_dir / "pipeline_trace.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in trace if e["ph"] == "X"} == {0, 1}
 
 
 def step_log(run_dir: Path) -> pd.DataFrame:

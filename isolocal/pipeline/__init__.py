@@ -2,7 +2,10 @@
 
 - `module`: `MIMPipe`, the `PipelineModule` whose layers are the model's stages;
 - `engine`: DeepSpeed's default schedule with one fused backward, and the isolated schedule;
-- `runner`: `pretrain_pipeline(cfg)`, run in every process of a torchrun/deepspeed launch.
+- `runner`: `pretrain_pipeline(cfg)`, run in every process of a torchrun/deepspeed launch;
+- `costmodel`, `partition`, `profile`, `plan`: predicted step time and bubble, the "count" / "cost"
+  partitions, stage timing and the per-rank breakdown, `isolocal info --pipeline-stages` (pure
+  Python or torch: they import no DeepSpeed, except `plan` for the "count" partition).
 Pipeline checkpoints are read by `isolocal.checkpoint`. Modules are imported explicitly (deepspeed is
 heavy to import). The engines subclass DeepSpeed's private names, so importing this package checks
 that the installed DeepSpeed is in the tested range (`DEEPSPEED_RANGE`, as pinned in

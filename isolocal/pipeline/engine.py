@@ -29,6 +29,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import Tensor
 
 from isolocal.pipeline.module import MIMPipe
+from isolocal.pipeline.profile import RankTimes
 from isolocal.train.step import clip_stage_gradients
 
 
@@ -37,6 +38,12 @@ class StageNormsEngine(PipelineEngine):
 
     clip_grad = 0.0
     grad_norms: Tensor | None = None
+
+    def profile(self, times: RankTimes) -> None:
+        """Count every instruction's time in its category (`INSTRUCTION_CATEGORY`) from now on: an
+        instance map of timed handlers shadows the class's."""
+        self._INSTRUCTION_MAP = {cmd: times.timed(INSTRUCTION_CATEGORY[cmd], handler)
+                                 for cmd, handler in type(self)._INSTRUCTION_MAP.items()}
 
     def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
         """Norms stay on the device (zeros for other ranks' stages): the runner reads them when it logs."""
@@ -47,8 +54,15 @@ class StageNormsEngine(PipelineEngine):
         self.grad_norms = norms
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
+    def _exec_reduce_grads(self) -> None:
+        """Without data-parallel replicas there is nothing to average: DeepSpeed would still flatten
+        every gradient, all-reduce it over one process and copy it back, each step."""
+        if self.is_data_parallel:
+            PipelineEngine._exec_reduce_grads(self)
+
     # Handlers are looked up in this map, not by method name: subclasses extend it.
-    _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: _exec_optimizer_step}
+    _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: _exec_optimizer_step,
+                        schedule.ReduceGrads: _exec_reduce_grads}
 
 
 class DefaultScheduleEngine(StageNormsEngine):
@@ -119,6 +133,13 @@ class IsolatedScheduleEngine(StageNormsEngine):
     def _backward_local(self, loss: Tensor) -> None:
         (loss / self.micro_batches).backward()
 
+    def profile(self, times: RankTimes) -> None:
+        """Also the local backwards run inside a forward, and the wait for the last send of a batch."""
+        StageNormsEngine.profile(self, times)
+        self._backward_local = times.timed("backward", self._backward_local)
+        if not self.is_last_stage():
+            self._finish_send = times.timed("send", self._finish_send)
+
     def _exec_send_activations(self, buffer_id: int) -> None:
         """Send without waiting for the receiver (busy with its previous micro-batch), so this rank goes
         on with its own backward; the previous send is finished first, so at most one is in flight."""
@@ -178,6 +199,13 @@ class IsolatedScheduleEngine(StageNormsEngine):
         LocalBackward: _exec_local_backward,
     }
 
+
+INSTRUCTION_CATEGORY = {
+    schedule.LoadMicroBatch: "data", schedule.ForwardPass: "forward", schedule.BackwardPass: "backward",
+    LocalBackward: "backward", schedule.SendActivation: "send", schedule.SendGrad: "send",
+    schedule.RecvActivation: "recv", schedule.RecvGrad: "recv", schedule.ReduceGrads: "optimizer",
+    schedule.ReduceTiedGrads: "optimizer", schedule.OptimizerStep: "optimizer",
+}  # `RankTimes` categories
 
 SCHEDULES = ("auto", "default")
 

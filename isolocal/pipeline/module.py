@@ -29,6 +29,7 @@ from deepspeed.runtime.utils import partition_balanced
 from torch import Tensor
 
 from isolocal.models.mim import LocalMIM, _GradScale, cross_boundary
+from isolocal.pipeline.profile import RankTimes
 
 
 def balanced_parts(model: LocalMIM, ranks: int) -> list[int]:
@@ -87,6 +88,7 @@ class MIMPipe(PipelineModule):
         self.register_buffer("stage_index", torch.arange(model.num_stages), persistent=False)
         self.pending_loss: Tensor | None = None
         self.host_masks: deque[Tensor] = deque()  # the first rank's loader masks, in load order (`batches`)
+        self.times: RankTimes | None = None  # set by a profiled run: target computation is timed
 
     def _partition_layers(self, method: str = "explicit") -> None:
         self.parts = self.requested_parts
@@ -110,7 +112,8 @@ class MIMPipe(PipelineModule):
             x, losses, bits, mask = carry
             images = bits.view(torch.float32)
             known = mask
-        batch = self.model.prepare(images, known.bool(), self.stage_ids)
+        with self.times.span("targets") if self.times is not None else contextlib.nullcontext():
+            batch = self.model.prepare(images, known.bool(), self.stage_ids)
         for k in self.stage_ids:
             if k > 0:
                 x = enter_stage(x, self.model.alphas[k - 1], received=k == self._local_start)

@@ -12,6 +12,11 @@ checkpoints: DeepSpeed's (`<out_dir>/pipeline/<tag>/`, see `isolocal.checkpoint`
 as their client state. After training, an `eval` record holds the loss on fixed held-out
 micro-batches (`eval_batches`), which a converted checkpoint must reproduce.
 
+Throughput (docs/pipeline.md, "Scaling"): ranks agree on stopping and saving one step late, so the
+only pipeline-wide waits are log steps and saves (`_poll`); `pipeline.partition = "cost"` assigns
+stages by a short timing pass on the first rank (kept on resume); `pipeline.profile = true` times
+every rank's work by category and writes the breakdown and a Chrome trace to the run directory.
+
 Failure: a rank that raises prints its error and exits at once (`os._exit`), which closes its
 connections, so its peers fail within seconds (gloo "connection closed") instead of waiting in a
 collective; the process-group timeout `pipeline.timeout_s` bounds any remaining wait.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
@@ -36,12 +42,14 @@ from isolocal.data import build_dataset, build_loader
 from isolocal.device import resolve_amp, resolve_device
 from isolocal.errors import NonFiniteError, RunInterrupted
 from isolocal.models.mim import LocalMIM
-from isolocal.train.distributed import DistInfo, shutdown
+from isolocal.pipeline.profile import RankTimes, breakdown_table, write_trace
+from isolocal.train.distributed import DistInfo, gather_objects, shutdown
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
                                  micro_batch_size)
 from isolocal.train.optim import build_scheduler, scaled_lr, stage_param_groups
 
 _SPLIT = ("pipeline.micro_batches", "data-parallel replicas")  # how train.batch_size is split
+PROFILE_FROM_STEP = 2  # `pipeline.profile` counts from this step on (the first ones warm up)
 
 
 def check_launch(cfg: RunConfig) -> tuple[int, int]:
@@ -119,7 +127,10 @@ class PipelineRun(PretrainLoop):
         self.dist = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
 
         self.model = build_model(cfg, init)  # every rank builds the same full model: the single-process init
-        self.pipe = MIMPipe(self.model, PipeDataParallelTopology(num_pp=self.stages, num_dp=self.dp),
+        parts = saved.get("pipeline_parts") if saved is not None else None  # a resume keeps its partition
+        if parts is None and p.partition == "cost":
+            parts = self._cost_parts()
+        self.pipe = MIMPipe(self.model, PipeDataParallelTopology(num_pp=self.stages, num_dp=self.dp), parts=parts,
                             amp_dtype=resolve_amp(t.amp, self.device))
         grid = self.pipe.mpu()
         self.stage_id, replica = grid.get_stage_id(), grid.get_data_parallel_id()
@@ -130,6 +141,10 @@ class PipelineRun(PretrainLoop):
         self.engine = build_engine(self.pipe, optimizer, self.micro_batch, p.micro_batches, p.schedule, t.clip_grad)
         self.optimizers = [self.engine.optimizer]
         self.scheduler = build_scheduler(optimizer, t, self.steps_per_epoch)
+        self._agreement: tuple | None = None  # the last step's stop / save flags, being reduced (`_poll`)
+        self.times = RankTimes(self.dist.rank) if p.profile else None
+        if self.times is not None:
+            self._profile(self.times)
         self._start(saved, replica, loads_data=self.first, loss_device=self.device)
 
     @property
@@ -138,9 +153,73 @@ class PipelineRun(PretrainLoop):
         return f"pipeline {self.stages}x{self.dp} ({self.mode}, {schedule})"
 
     def fit(self) -> dict:
-        """The loop, then the held-out eval loss; the summary adds `eval_loss`, `rank`, `checkpoint`."""
+        """The loop, then the held-out eval loss; the summary adds `eval_loss`, `rank`, `checkpoint`
+        (and with `pipeline.profile`, `profile`: the per-rank breakdown)."""
         summary = super().fit()
-        return {**summary, "eval_loss": self.evaluate(), "rank": self.dist.rank, "checkpoint": str(self.ckpt_root)}
+        if self._agreement is not None:
+            self._agreement[1].wait()
+        extra = {"profile": self._report_profile()} if self.times is not None else {}
+        return {**summary, "eval_loss": self.evaluate(), "rank": self.dist.rank, "checkpoint": str(self.ckpt_root),
+                **extra}
+
+    # ------------------------------------------------------------------------------ partition and profile
+
+    def _cost_parts(self) -> list[int]:
+        """The "cost" partition: the first rank times every stage on one micro-batch (a short pass that
+        leaves weights and RNG streams as they were) and every rank takes its choice, printed with the
+        predicted balance."""
+        from isolocal.pipeline.costmodel import predict
+        from isolocal.pipeline.partition import cost_parts, describe
+        from isolocal.pipeline.profile import measure_stage_costs
+
+        m = self.cfg.pipeline.micro_batches
+        chosen = [None, None]
+        if self.dist.rank == 0:
+            costs = measure_stage_costs(self.model.to(self.device), self.micro_batch)
+            chosen = [cost_parts(costs, self.stages, m), costs]
+        dist.broadcast_object_list(chosen, src=0)
+        parts, costs = chosen
+        if self.dist.main:
+            schedule = "isolated" if self.model.isolated and self.cfg.pipeline.schedule == "auto" else "1f1b"
+            sync_every = self.cfg.train.log_every if schedule == "isolated" else 1  # 1F1B: a loss broadcast per step
+            guess = predict(costs, parts, m, schedule, sync_every=sync_every)
+            print(f"isolocal pipeline: partition by measured cost: {describe(parts, costs, m)}; predicted "
+                  f"{1e3 * guess.step_s:.0f} ms per step ({schedule}, bubble {guess.bubble:.0%})", file=sys.stderr)
+        return parts
+
+    def _profile(self, times: RankTimes) -> None:
+        """Time the engine's instructions, the targets, and the runner's data loading and collectives."""
+        self.engine.profile(times)
+        self.pipe.times = times
+        for name in ("_poll", "_log", "check_finite"):
+            setattr(self, name, times.timed("sync", getattr(self, name)))
+
+    def epoch_micro_batches(self) -> Iterator[MicroBatches | None]:
+        """The loop's micro-batches; with `pipeline.profile`, the time to load them counts as "data"."""
+        source = super().epoch_micro_batches()
+        if self.times is None or not self.loads_data:
+            yield from source
+            return
+        while True:
+            with self.times.span("data"):
+                micro = next(source, StopIteration)
+            if micro is StopIteration:
+                return
+            yield micro
+
+    def _report_profile(self) -> list[dict]:
+        """Every rank's breakdown (ms per step); the main rank prints it and writes
+        `<out_dir>/pipeline_profile.json` and the Chrome trace `<out_dir>/pipeline_trace.json`."""
+        ranks = gather_objects((self.times.summary(), self.times.events), self.dist.world)
+        summaries = [s for s, _ in ranks]
+        if self.dist.main:
+            table = breakdown_table(summaries)
+            print(f"isolocal pipeline: per-rank time, ms per step over {table.steps.iloc[0]} whole steps "
+                  f"(from step {PROFILE_FROM_STEP}):\n{table.to_string(float_format=lambda v: f'{v:.1f}')}",
+                  file=sys.stderr)
+            (self.out_dir / "pipeline_profile.json").write_text(table.reset_index().to_json(orient="records", indent=2))
+            write_trace(self.out_dir / "pipeline_trace.json", [e for _, events in ranks for e in events])
+        return summaries
 
     # ------------------------------------------------------------------------------ the step
 
@@ -148,8 +227,30 @@ class PipelineRun(PretrainLoop):
         """One `train_batch` -> this rank's per-stage loss sums over its micro-batches (zero for the
         stages of other ranks)."""
         self.scheduler.step_update(self.step)
+        if self.times is not None and self.step >= PROFILE_FROM_STEP:
+            self.times.mark()
         self.engine.train_batch(self._feed(micro))
         return self.pipe.pop_loss_sums()
+
+    def _poll(self) -> tuple[bool, bool]:
+        """The loop's (stop, save due), agreed one step late without waiting: each step launches the
+        reduction of its own flags and reads the previous step's, which every rank reads at the same
+        step. A blocking reduction per step would make the first rank wait for the last one's final
+        micro-batch, a pipeline drain per step that the isolated schedule does not otherwise need."""
+        if self.dist.world == 1:
+            return super()._poll()
+        t = self.cfg.train
+        due_time = bool(t.ckpt_every_minutes) and time.perf_counter() - self.last_save_time >= 60 * t.ckpt_every_minutes
+        flags = torch.tensor([self._signal is not None, due_time], dtype=torch.float32, device=self.device)
+        previous = self._agreement
+        self._agreement = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), self.step)
+        stop = due_time = False
+        if previous is not None:
+            previous[1].wait()
+            stop, due_time = (bool(v) for v in previous[0].tolist())
+            due_time = due_time and previous[2] > self.saved_step  # not already saved since
+        due_steps = bool(t.ckpt_every_steps) and self.step % t.ckpt_every_steps == 0
+        return stop, due_steps or due_time
 
     def _feed(self, micro: MicroBatches | None) -> Iterator | None:
         """What this rank's `train_batch` / `eval_batch` reads: the first rank (images, mask), the last
@@ -186,6 +287,7 @@ class PipelineRun(PretrainLoop):
 
     def write_checkpoint(self, state: dict) -> None:
         """A DeepSpeed checkpoint of every rank's stages and optimizer, the loop's state as client state."""
+        state = {**state, "pipeline_parts": [int(b) for b in self.pipe.parts]}  # a resume keeps the partition
         self.engine.save_checkpoint(str(self.ckpt_root), tag=f"step_{self.step:08d}", client_state=state)
         dist.barrier()
         if self.dist.main:

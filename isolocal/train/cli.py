@@ -1,7 +1,7 @@
 """`isolocal pretrain | export | info`: run a recipe, export its encoder to timm, inspect its stages.
 
-Parsing and printing only: the work is `isolocal.train.pretrain`, `isolocal.export.write_timm_export`
-and `isolocal.models.profile.stage_table`.
+Parsing and printing only: the work is `isolocal.train.pretrain`, `isolocal.export.write_timm_export`,
+`isolocal.models.profile.stage_table` and `isolocal.pipeline.plan.plan_run`.
 """
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="per stage: blocks, parameters, forward FLOPs and time")
     _config_args(p)
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per stage (median reported)")
+    p.add_argument("--pipeline-stages", type=int, default=None, metavar="S",
+                   help="also predict a pipeline of S ranks: partitions, step time, bubble, speed-up")
+    p.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                   help="micro-batches per step for --pipeline-stages (default: pipeline.micro_batches)")
+    p.add_argument("--micro-batch-size", type=int, default=None, metavar="B",
+                   help="images per micro-batch for --pipeline-stages (default: train.batch_size / M)")
+    p.add_argument("--bandwidth-gbs", type=float, default=10.0,
+                   help="point-to-point bandwidth between ranks for --pipeline-stages, GB/s")
     p.set_defaults(func=info)
 
 
@@ -71,6 +79,13 @@ def info(args: argparse.Namespace) -> int:
     from isolocal.recipes import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
+    plan = None
+    if args.pipeline_stages is not None:  # first: its bad values fail before anything is measured
+        from isolocal.pipeline.plan import plan_run
+
+        micro_batches = cfg.pipeline.micro_batches if args.micro_batches is None else args.micro_batches
+        plan = plan_run(cfg, args.pipeline_stages, micro_batches, args.micro_batch_size, args.bandwidth_gbs,
+                        args.repeats)
     table = stage_table(cfg, args.repeats)
     m = cfg.model
     print(f"{cfg.preset}: {m.arch} {m.img_size}px patch {m.patch_size}, {m.embed_dim}-d, depth {m.depth}, "
@@ -81,4 +96,8 @@ def info(args: argparse.Namespace) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"total: {int(totals.params_encoder + totals.params_head):,} parameters, "
           f"{totals.gflops:.4g} GFLOPs, {totals.fwd_ms:.4g} ms")
+    if plan is not None:
+        heading, rows = plan
+        print(heading)
+        print(rows.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0

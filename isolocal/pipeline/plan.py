@@ -1,0 +1,62 @@
+"""A pipeline plan for any preset from one device's measurement (`isolocal info --pipeline-stages S`).
+
+Measures the stages once (`profile.measure_stage_costs`), then predicts, for both partitions and
+both schedules, the step time, bubble and speed-up over one worker with `costmodel`. Times are this
+device's; the bubble, balance and speed-up carry over to devices where every stage speeds up alike.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from isolocal.config import RunConfig
+from isolocal.device import resolve_device
+from isolocal.models.mim import LocalMIM
+from isolocal.pipeline.costmodel import Link, StageCost, predict
+from isolocal.pipeline.partition import cost_parts
+from isolocal.pipeline.profile import measure_stage_costs
+
+
+def plan_table(model: LocalMIM, costs: list[StageCost], ranks: int, micro_batches: int, micro_batch: int,
+               link: Link = Link(), log_every: int = 1) -> pd.DataFrame:
+    """One row per (partition, schedule): the ranks' stage ranges, balance bound, predicted step time,
+    bubble, images/s and speed-up over one worker. The isolated schedule syncs only at log steps
+    (`log_every`); DeepSpeed's 1F1B ends every step with a pipeline-wide loss broadcast."""
+    from isolocal.pipeline.module import balanced_parts  # DeepSpeed's partitioner, as the runner uses it
+
+    partitions = {"count": [int(b) for b in balanced_parts(model, ranks)],
+                  "cost": cost_parts(costs, ranks, micro_batches)}
+    rows = []
+    for name, parts in partitions.items():
+        for schedule, sync_every in (("isolated", log_every), ("1f1b", 1)):
+            guess = predict(costs, parts, micro_batches, schedule, link, sync_every=sync_every)
+            rows.append({"partition": name, "schedule": schedule,
+                         "stages_per_rank": " | ".join(f"{a}-{b - 1}" for a, b in zip(parts, parts[1:])),
+                         "bound": guess.bound, "step_ms": 1e3 * guess.step_s, "bubble": guess.bubble,
+                         "img_s": micro_batch * micro_batches / guess.step_s, "speedup": guess.speedup})
+    return pd.DataFrame(rows)
+
+
+def plan_run(cfg: RunConfig, ranks: int, micro_batches: int, micro_batch: int | None = None,
+             bandwidth_gbs: float = 10.0, repeats: int = 3) -> tuple[str, pd.DataFrame]:
+    """(a heading line, `plan_table`) for `cfg`'s model on `train.device`; `micro_batch` defaults to
+    `train.batch_size / micro_batches`. Bad values fail before anything is measured."""
+    stages = len(cfg.model.taps)
+    if not 1 <= ranks <= stages:
+        raise ValueError(f"--pipeline-stages must be between 1 and the model's {stages} stages, got {ranks}")
+    if micro_batches < 1:
+        raise ValueError(f"--micro-batches must be >= 1, got {micro_batches}")
+    micro_batch = cfg.train.batch_size // micro_batches if micro_batch is None else micro_batch
+    if micro_batch < 1:
+        raise ValueError(f"--micro-batch-size must be >= 1 (train.batch_size {cfg.train.batch_size} over "
+                         f"{micro_batches} micro-batches is {micro_batch}); pass --micro-batch-size")
+    if not bandwidth_gbs > 0:
+        raise ValueError(f"--bandwidth-gbs must be > 0, got {bandwidth_gbs}")
+    device = resolve_device(cfg.train.device)
+    model = LocalMIM(cfg.model).to(device).train()
+    costs = measure_stage_costs(model, micro_batch, repeats)
+    table = plan_table(model, costs, ranks, micro_batches, micro_batch, Link(bytes_per_s=bandwidth_gbs * 1e9),
+                       cfg.train.log_every)
+    heading = (f"pipeline of {ranks} ranks, {micro_batches} micro-batches of {micro_batch} images, predicted from "
+               f"one {device.type} measurement per stage (forward + local backward + AdamW step; sends at "
+               f"{bandwidth_gbs:g} GB/s):")
+    return heading, table
