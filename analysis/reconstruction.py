@@ -48,7 +48,8 @@ class StageReconstruction:
 @torch.no_grad()
 def reconstruct(model: LocalMIM, images: Tensor, mask: Tensor) -> list[StageReconstruction]:
     """Per-stage (target, prediction, weight) of ``model`` on normalized ``images`` (B, C, H, W) under
-    ``mask`` (B, tokens) bool, True = masked. Runs in eval mode (no drop-path); restores the mode."""
+    ``mask`` (B, tokens) bool, True = masked, for every stage whose head is ``mim``.
+    Runs in eval mode (no drop-path); restores the mode."""
     training = model.training
     model.eval()
     try:
@@ -56,6 +57,9 @@ def reconstruct(model: LocalMIM, images: Tensor, mask: Tensor) -> list[StageReco
         batch = model.prepare(images, mask)  # moves the mask itself (Swin plans windows from the host copy)
         x, out = images, []
         for k, tap in enumerate(model.taps):
+            if model.objectives[k] != "mim":  # a classify / contrastive head reconstructs nothing
+                x = model.stages[k](x, batch.ctx)
+                continue
             x, loss, pred = model.stage_step(k, x, batch)
             out.append(StageReconstruction(k, tap.index, tap.cell, tap.out_grid, batch.targets[k],
                                            pred.float(), batch.weights[k], loss))

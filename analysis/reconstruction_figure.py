@@ -79,8 +79,8 @@ def plot_reconstruction(model: LocalMIM, batch: ImageBatch, mask: Tensor, recs: 
         m = masked[i, 0].numpy()[..., None]
         panels = [(image, name), (image * (1 - m) + MASK_COLOUR * m, "masked" if i == 0 else "")]
         for k, rec in enumerate(recs):
-            head = f"stage {k}, {rec.cell} px cells\n" if i == 0 else ""
-            err = f"err {shown[i, k]:.4f}"
+            head = f"stage {rec.stage}, {rec.cell} px cells\n" if i == 0 else ""
+            err = f"err {shown[i, rec.stage]:.4f}"
             if pixels:
                 v = views[k]
                 pred_img = _to_display(v["pred_stats"][i].float(), batch.mean, batch.std)
@@ -106,6 +106,9 @@ def write_reconstruction(model: LocalMIM, batch: ImageBatch, out_dir: str | Path
     """``reconstruct_<label>.png`` (and .pdf) and ``reconstruct_<label>.csv`` for an ``ImageBatch``
     under the model's own random mask drawn from ``mask_seed``."""
     check_options(mask_seed, hog_channels)
+    if "mim" not in model.objectives:
+        raise ValueError(f"{label}: no stage has a mim head (model.objective = {model.cfg.objective!r}); "
+                         "nothing to reconstruct")
     mask = model.random_mask(len(batch.names), torch.Generator().manual_seed(mask_seed))
     recs = reconstruct(model, batch.images, mask)
     table = error_table(recs, batch.names, model.cfg.target)

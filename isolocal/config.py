@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Union
 
 Boundary = Union[str, float, list]
+Objective = Union[str, list]
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,12 @@ class ModelConfig:
     boundary: Boundary = "global"
     # Dense (SimMIM-style) encoders keep mask tokens inside the encoder (Swin only).
     dense_encoder: bool = False
+    # Local objective of each stage (isolocal.heads): "mim" | "classify" | "contrastive", or one per stage.
+    objective: Objective = "mim"
+    num_classes: int = 10  # classify heads
+    head_hidden: int = 0  # hidden width of the classify / contrastive MLP; 0 = the stage's width
+    proj_dim: int = 128  # contrastive projection size
+    temperature: float = 0.1  # contrastive InfoNCE temperature
 
 
 @dataclass
@@ -303,6 +310,10 @@ def _validate_model(m: ModelConfig) -> None:
            f"{m.decoder_heads}")
     bad_scales = [v for v in m.scales if v <= 0]
     _check(not bad_scales, f"model.scales entries must be > 0, got {m.scales}")
+    _check(m.num_classes >= 2, f"model.num_classes must be >= 2, got {m.num_classes}")
+    _check(m.head_hidden >= 0, f"model.head_hidden must be >= 0 (0 = the stage's width), got {m.head_hidden}")
+    _check(m.proj_dim >= 1, f"model.proj_dim must be >= 1, got {m.proj_dim}")
+    _check(m.temperature > 0, f"model.temperature must be > 0, got {m.temperature}")
 
 
 def validate_run(cfg: RunConfig) -> None:

@@ -396,6 +396,45 @@ def build_dataset(
     return ImageFolderDataset(split_dir if os.path.isdir(split_dir) else root, tf), mean, std
 
 
+class MultiView(Dataset):
+    """Each item of ``dataset`` as ``views`` copies stacked ``(views, C, H, W)``, with its label.
+
+    The base dataset's random transform runs once per copy, so the views are independent
+    augmentations (what a contrastive head compares); the synthetic set is never augmented, so its
+    views are equal. Draws follow the loader's seeded RNG stream like any augmentation.
+    """
+
+    def __init__(self, dataset: Dataset, views: int) -> None:
+        if views < 2:
+            raise ValueError(f"MultiView needs views >= 2, got {views}")
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        items = [self.dataset[index] for _ in range(self.views)]
+        return torch.stack([image for image, _ in items]), items[0][1]
+
+
+def check_labels(dataset: Dataset, name: str, num_classes: int, needed_by: str) -> None:
+    """Refuse, before any work, data whose labels a head cannot learn from: fewer than 2 classes (e.g. an
+    image folder with one class folder: unlabelled) or more classes than the head has (`num_classes`)."""
+    classes = list(getattr(dataset, "classes", []))
+    if len(classes) < 2:
+        raise ValueError(f"{needed_by} needs labels, but data.name={name!r} has {len(classes)} class(es) "
+                         f"{classes}: it is unlabelled; use data with one folder per class (>= 2), or the "
+                         "objectives 'mim' / 'contrastive', which need no labels")
+    if len(classes) > num_classes:
+        raise ValueError(f"model.num_classes ({num_classes}) is smaller than the {len(classes)} classes of "
+                         f"data.name={name!r}; set model.num_classes={len(classes)}")
+
+
+def views_first(images: torch.Tensor) -> torch.Tensor:
+    """A loader batch of stacked views (n, views, C, H, W) -> (views * n, C, H, W) as [view 1; view 2; ...]."""
+    return images.transpose(0, 1).flatten(0, 1)
+
+
 # -------------------------------------------------------------------------------------------- loaders
 
 

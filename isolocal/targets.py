@@ -118,6 +118,8 @@ class TargetBank(nn.Module):
         needs its own stages' targets only). The pooling path is the same for any `which`, so every
         target is bit-identical to the one a full call computes."""
         wanted = range(len(self.cells)) if which is None else which
+        if not wanted:  # no stage here reconstructs (its heads are not `mim`)
+            return [None] * len(self.cells)
         if self.kind == "pixels":
             return [pixels(images, c) if k in wanted else None for k, c in enumerate(self.cells)]
         with fp32(images):

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from isolocal.config import Boundary, ModelConfig
+from isolocal.heads import HEADS, HeadInputs, needs_of, parse_objectives
+from isolocal.heads.base import as_labels, config_needs
 from isolocal.masking import random_mask, regrid, to_device, visible_count
 from isolocal.models.geometry import Family
 from isolocal.targets import TargetBank
@@ -37,6 +39,8 @@ class Batch:
     ctx: Any
     targets: list[Tensor | None]  # None for stages a caller did not ask for
     weights: list[Tensor | None]  # the mask at each tap's output grid (1 = masked, fractional when pooled)
+    labels: Tensor | None = None  # (B,) class indices, repeated over views, when a head needs them
+    views: int = 1  # images per sample, stacked along the batch as [view 1; view 2]
 
 
 class _GradScale(torch.autograd.Function):
@@ -121,7 +125,8 @@ def _family(arch: str) -> Family:
 
 
 class LocalMIM(nn.Module):
-    """An encoder split into stages, each with its own local decoder loss."""
+    """An encoder split into stages, each with its own local head's loss (`model.objective`,
+    `isolocal.heads`): LocalMIM's decoder (`mim`) or another registered head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,6 +135,8 @@ class LocalMIM(nn.Module):
         self.taps = self.family.taps(cfg)
         self.mask_grid = self.family.mask_grid(cfg)
         self.alphas = parse_boundaries(cfg.boundary, len(self.taps) - 1)
+        self.objectives = parse_objectives(cfg.objective, len(self.taps))
+        self.needs = needs_of(self.objectives)  # what the heads need from the data, together
         self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps))
         self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.in_chans,
                                       cfg.hog_nbins, cfg.hog_bias, cfg.hog_bias_seed)
@@ -138,7 +145,8 @@ class LocalMIM(nn.Module):
             for name in ("cls_token", "mask_token"):
                 if hasattr(stage, name):
                     nn.init.normal_(getattr(stage, name), std=0.02)
-            nn.init.normal_(stage.decoder.mask_token, std=0.02)
+            if hasattr(stage, "decoder"):
+                nn.init.normal_(stage.decoder.mask_token, std=0.02)
             if hasattr(stage, "patch_embed"):
                 w = stage.patch_embed.proj.weight
                 nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -148,6 +156,7 @@ class LocalMIM(nn.Module):
         """Validate a config's geometry and boundaries without allocating any weights."""
         family = _family(cfg.arch)
         parse_boundaries(cfg.boundary, len(family.taps(cfg)) - 1)
+        parse_objectives(cfg.objective, len(cfg.taps))
 
     @staticmethod
     def check_masking(cfg: ModelConfig) -> None:
@@ -167,6 +176,18 @@ class LocalMIM(nn.Module):
         """Switch the gradient policy between stages (weights unchanged)."""
         self.alphas = parse_boundaries(spec, self.num_stages - 1)
         self.cfg.boundary = spec
+
+    @property
+    def views(self) -> int:
+        """Images per sample the heads train on: 2 (stacked [view 1; view 2]) when a head contrasts views."""
+        return config_needs(self.cfg)[1]
+
+    def target_stages(self, stages: Sequence[int] | None) -> Sequence[int] | None:
+        """Which of `stages` (None: all) need a reconstruction target: all of them when every head is `mim`."""
+        if all(name == "mim" for name in self.objectives):
+            return stages
+        return [k for k in (range(self.num_stages) if stages is None else stages)
+                if "target" in HEADS[self.objectives[k]].needs]
 
     @property
     def isolated(self) -> bool:
@@ -206,9 +227,12 @@ class LocalMIM(nn.Module):
         _require(mask.any(1).all() & (~mask).any(1).all(),
                  "every mask row needs at least one visible (False) and one masked (True) token")
 
-    def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None) -> Batch:
+    def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None,
+                labels: Tensor | None = None) -> Batch:
         """Targets and loss weights for every stage (or only for `stages`, None for the others: what a
-        pipeline rank owns), and the token selection for the encoder.
+        pipeline rank owns), and the token selection for the encoder. Only `mim` stages get targets;
+        when no head needs the mask the encoder sees every token. `labels` (one per sample, i.e. per
+        B / views images) are required when a head needs them.
 
         Made for the hot loop: no host sync. A host mask reaches the device with a non-blocking copy
         (Swin plans its windows from the host copy first); token selection is sized by the config's
@@ -217,23 +241,32 @@ class LocalMIM(nn.Module):
         """
         self.check_images(images)
         self.check_mask(mask, images.shape[0])
+        labels = as_labels(labels, images.shape[0], self.views) if "labels" in self.needs else None
+        stages = self.target_stages(stages)
         host = mask if mask.device.type == "cpu" else None
         (mask,) = to_device([mask], images.device)
         with torch.autocast(images.device.type, enabled=False):
             targets = self.target_bank(images, stages)
             weights = [regrid(mask, self.mask_grid, t.out_grid / self.mask_grid) if target is not None else None
                        for t, target in zip(self.taps, targets)]
-        return Batch(self.family.context(self.cfg, mask, host), targets, weights)
+        if "mask" not in self.needs:  # no head reconstructs: the encoder reads whole images
+            mask = host = None
+        return Batch(self.family.context(self.cfg, mask, host), targets, weights, labels, self.views)
 
     def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Run stage k on its input: (output tokens, local loss, prediction)."""
+        """Run stage k on its input: (output tokens, local loss, prediction). A `mim` stage's head is its
+        decoder (`predict`, compiled with the stage); any other reads the stage's normalized output."""
         stage = self.stages[k]
         x = stage(x, batch.ctx)
+        if self.objectives[k] != "mim":
+            out = stage.head.loss(stage.features(x), HeadInputs(int(self.family.has_cls), batch.labels, batch.views))
+            return x, out.loss, out.pred
         pred = stage.predict(x, batch.ctx)
         return x, masked_mse(pred, batch.targets[k], batch.weights[k]), pred
 
-    def forward(self, images: Tensor, mask: Tensor, return_pred: bool = False) -> MIMOutput:
-        batch = self.prepare(images, mask)
+    def forward(self, images: Tensor, mask: Tensor, return_pred: bool = False,
+                labels: Tensor | None = None) -> MIMOutput:
+        batch = self.prepare(images, mask, labels=labels)
         x, losses, preds = images, [], []
         for k in range(self.num_stages):
             if k > 0:

@@ -16,14 +16,17 @@ from isolocal.models.mim import LocalMIM
 def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
     """One row per stage: its tap (block or Swin stage index), encoder blocks, parameters (encoder and
     local head), forward FLOPs and median forward time for one masked training image on
-    `train.device` (the work a stage does per image in pre-training)."""
+    `train.device` (the work a stage does per image in pre-training; both views of it with a
+    contrastive head)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = resolve_device(cfg.train.device)
     model = LocalMIM(cfg.model).to(device).eval()
     m = cfg.model
-    images = torch.randn(1, m.in_chans, m.img_size, m.img_size, device=device)
-    batch = model.prepare(images, model.random_mask(1, generator=torch.Generator().manual_seed(0)))
+    views = model.views  # a contrastive head compares two views: one image is then a pair
+    images = torch.randn(views, m.in_chans, m.img_size, m.img_size, device=device)
+    batch = model.prepare(images, model.random_mask(views, generator=torch.Generator().manual_seed(0)),
+                          labels=torch.zeros(1, dtype=torch.long, device=device))
     rows, x = [], images
     with torch.no_grad():
         for k, (stage, tap) in enumerate(zip(model.stages, model.taps)):
@@ -37,10 +40,10 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             times = times[1:]
-            head = sum(p.numel() for name, p in stage.named_parameters() if name.startswith(("decoder.", "norm.")))
+            head = sum(p.numel() for name, p in stage.named_parameters() if name.startswith(("decoder.", "head.", "norm.")))
             total = sum(p.numel() for p in stage.parameters())
             blocks = sum(type(mod).__name__.endswith("Block") for name, mod in stage.named_modules()
-                         if not name.startswith("decoder"))  # timm's ViT Block / SwinTransformerBlock
+                         if not name.startswith(("decoder", "head")))  # timm's ViT Block / SwinTransformerBlock
             rows.append({"stage": k, "tap": tap.index, "blocks": blocks, "scale": tap.scale,
                          "target_cell": tap.cell, "params_encoder": total - head, "params_head": head,
                          "gflops": counter.get_total_flops() / 1e9,

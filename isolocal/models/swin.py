@@ -23,6 +23,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
+from isolocal.heads.base import attach_head
 from isolocal.models.decoder import LocalDecoder
 from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.swin_attention import Level, LevelPlan, plan_levels, take, visible_block, visible_merge
@@ -148,7 +149,8 @@ class SwinLayer(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """Swin stages up to a tap (with their patch mergings) and the local head reading the tap."""
+    """Swin stages up to a tap (with their patch mergings) and the local head reading the tap (`decoder`
+    for `mim`, else `head`)."""
 
     def __init__(self, cfg: ModelConfig, k: int, first: int, tap: Tap, drop_path: list[list[float]]):
         super().__init__()
@@ -163,11 +165,11 @@ class SwinStage(nn.Module):
         self.layers = nn.ModuleList([SwinLayer(cfg, s, levels[s], drop_path[s], merge=s < n - 1)
                                      for s in range(first, tap.index + 1)])
         self.norm = nn.LayerNorm(tap.dim)
-        self.decoder = LocalDecoder(
+        attach_head(self, cfg, k, tap.dim, lambda: LocalDecoder(
             tap.dim, per_tap(cfg.decoder_dim, k), cfg.decoder_depth, per_tap(cfg.decoder_heads, k),
             cfg.decoder_mlp_ratio, tap.grid, tap.scale, target_dim(cfg.target, tap.cell, cfg.in_chans, cfg.hog_nbins),
             has_cls=False,
-        )
+        ))
 
     def embed(self, images: Tensor, ctx: SwinContext) -> Tensor:
         """Patch tokens in raster order: visible ones only, or all with mask tokens (dense encoder)."""

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
+from isolocal.heads.base import attach_head
 from isolocal.masking import visible_count, visible_indices
 from isolocal.models.decoder import LayerNorm, LocalDecoder
 from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
@@ -32,7 +33,7 @@ class ViTContext:
 
 
 class ViTStage(nn.Module):
-    """A run of encoder blocks and the local head reading its output."""
+    """A run of encoder blocks and the local head reading its output (`decoder` for `mim`, else `head`)."""
 
     def __init__(self, cfg: ModelConfig, k: int, first_block: int, tap: Tap, drop_path: list[float]):
         super().__init__()
@@ -47,10 +48,10 @@ class ViTStage(nn.Module):
             for i in range(first_block, tap.index + 1)
         ])
         self.norm = LayerNorm(dim)
-        self.decoder = LocalDecoder(
+        attach_head(self, cfg, k, dim, lambda: LocalDecoder(
             dim, per_tap(cfg.decoder_dim, k), cfg.decoder_depth, per_tap(cfg.decoder_heads, k),
             cfg.decoder_mlp_ratio, grid, tap.scale, target_dim(cfg.target, tap.cell, cfg.in_chans, cfg.hog_nbins),
-        )
+        ))
 
     def embed(self, images: Tensor, ctx: ViTContext | None) -> Tensor:
         """Patch tokens + positions, visible ones only, CLS prepended."""

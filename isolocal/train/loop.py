@@ -63,9 +63,10 @@ from tqdm import tqdm
 
 from isolocal.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, load_model_state, load_state,
                                  remove_stale_temps, run_state)
-from isolocal.config import ConfigError, RunConfig, TrainConfig, to_dict
-from isolocal.data import build_dataset, build_loader
+from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
+from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
+from isolocal.heads.base import config_needs, heads_needing
 from isolocal.models.mim import LocalMIM
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
@@ -73,7 +74,9 @@ from isolocal.train.metrics import MetricsLog, PeakMemory, check_tensorboard, wr
 from isolocal.train.step import is_stagewise
 
 MASK_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2  # the keys of a run's independent random streams
-MicroBatches = list[tuple[Tensor, Tensor]]  # one optimizer step's (images, mask) micro-batches
+# One optimizer step's micro-batches: (images, mask), plus labels when a head needs them. Images of
+# a model with a contrastive head hold both views, stacked along the batch as [view 1; view 2].
+MicroBatches = list[tuple[Tensor, ...]]
 
 
 def derive_seed(*keys: int) -> int:
@@ -82,16 +85,21 @@ def derive_seed(*keys: int) -> int:
 
 
 def build_train_dataset(cfg: RunConfig) -> Dataset:
-    """The pre-training set (missing files fail here, before any training), cut to `data.train_subset`."""
+    """The pre-training set (missing files fail here, before any training), cut to `data.train_subset`;
+    labels checked when a head needs them, two views per image when a head contrasts them."""
     d, m = cfg.data, cfg.model
+    needs, views = config_needs(m)
     dataset, _, _ = build_dataset(d.name, d.root or None, train=True, img_size=m.img_size, in_chans=m.in_chans,
                                   transform_train=True, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
                                   crop_scale_min=d.crop_scale_min)
+    base = dataset
     if d.train_subset:
         if d.train_subset > len(dataset):
             raise ConfigError(f"data.train_subset ({d.train_subset}) exceeds the {len(dataset)} training images")
         dataset = Subset(dataset, range(d.train_subset))
-    return dataset
+    if "labels" in needs:
+        check_labels(base, d.name, m.num_classes, f"model.objective {' / '.join(heads_needing(m, 'labels'))}")
+    return MultiView(dataset, views) if views > 1 else dataset
 
 
 def micro_batch_size(t: TrainConfig, micro_per_step: int, replicas: int, names: tuple[str, str]) -> int:
@@ -135,7 +143,8 @@ def check_resume(saved: dict, cfg: RunConfig, world: int, fixed: Sequence[str]) 
         raise ValueError("cannot resume: the checkpoint predates the per-rank run state of the shared loop "
                          "(RNG states, epoch sums); start a new run from its weights with --init")
     before, now = saved["config"], to_dict(cfg)
-    diff = [f"model.{k}" for k in now["model"] if before["model"].get(k) != now["model"][k]]
+    defaults = to_dict(ModelConfig())  # a field added since the checkpoint was written held its default there
+    diff = [f"model.{k}" for k in now["model"] if before["model"].get(k, defaults.get(k)) != now["model"][k]]
     diff += [key for key in fixed if _setting(before, key) != _setting(now, key)]
     if diff:
         was = ", ".join(repr(_setting(before, key)) for key in diff)
@@ -344,11 +353,17 @@ class PretrainLoop(ABC):
         loader = build_loader(self.dataset, self.micro_batch, shuffle=sampler is None,
                               seed=derive_seed(t.seed, DATA_STREAM, self.epoch, self.replica),
                               num_workers=self.cfg.data.num_workers, drop_last=True, sampler=sampler)
-        images = (batch[0] for batch in loader)
+        inputs = (self._model_inputs(batch) for batch in loader)
         for step in range(self.steps_per_epoch):
-            group = [next(images) for _ in range(self.micro_per_step)]
+            group = [next(inputs) for _ in range(self.micro_per_step)]
             if step >= first:
-                yield [(x, self.model.random_mask(len(x), generator=self.mask_gen)) for x in group]
+                yield [(x, self.model.random_mask(len(x), generator=self.mask_gen), *labels) for x, *labels in group]
+
+    def _model_inputs(self, batch: list[Tensor]) -> tuple[Tensor, ...]:
+        """A loader batch -> (images, labels if a head needs them); stacked views as [view 1; view 2]."""
+        images, labels = batch
+        images = views_first(images) if images.dim() == 5 else images
+        return (images, labels) if "labels" in self.model.needs else (images,)
 
     # ------------------------------------------------------------------------------ what a runner supplies
 

@@ -26,18 +26,19 @@ def is_stagewise(model: LocalMIM) -> bool:
 
 def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = lambda x: x, accum: int = 1,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  stage_done: Callable[[int], None] | None = None) -> Tensor:
+                  stage_done: Callable[[int], None] | None = None, labels: Tensor | None = None) -> Tensor:
     """Accumulate gradients of one micro-batch (losses divided by `accum`, then `scale`d, e.g. by a
     GradScaler); returns the detached per-stage losses divided by `accum`. Stage-wise, `stage_done(k)`
     runs right after stage k's backward, when its gradients are final for this micro-batch (the
-    trainer launches that stage's data-parallel all-reduce there, overlapping the later stages)."""
+    trainer launches that stage's data-parallel all-reduce there, overlapping the later stages).
+    `labels`: one per sample, for heads that need them (`LocalMIM.prepare`)."""
     if not is_stagewise(model):
         with autocast():
-            out = model(images, mask)
+            out = model(images, mask, labels=labels)
         scale(out.loss / accum).backward()
         return torch.stack(out.losses).detach().float() / accum
     with autocast():
-        batch = model.prepare(images, mask)
+        batch = model.prepare(images, mask, labels=labels)
     x, losses = images, []
     for k in range(model.num_stages):
         with autocast():

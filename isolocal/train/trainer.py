@@ -91,13 +91,14 @@ class Trainer(PretrainLoop):
         # Data parallel: a stage's all-reduce starts right after its backward of the last micro-batch
         # (isolated mode; global mode launches all of them after the one backward).
         averager = distributed.GradientAverager(self.stage_params, self.dist.world) if self.dist.world > 1 else None
-        for i, (images, mask) in enumerate(micro):
+        for i, (images, mask, *labels) in enumerate(micro):
             images = images.to(self.device, non_blocking=True)
+            labels = labels[0].to(self.device, non_blocking=True) if labels else None
             if self.on_batch is not None:
                 self.on_batch(images, mask)
             stage_done = averager.launch if averager is not None and i == len(micro) - 1 else None
             losses += backward_step(self.model, images, mask, self.scaler.scale, len(micro), self._autocast,
-                                    stage_done)
+                                    stage_done, labels)
         if averager is not None:
             averager.finish()
         for opt in self.optimizers:

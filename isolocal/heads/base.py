@@ -1,0 +1,135 @@
+"""The stage-head contract: what a local objective receives from its stage and what it needs from the data.
+
+A stage's head reads the stage's output (normalized tokens (B, N, C) with `prefix` leading non-grid
+tokens, e.g. ViT's CLS, or a feature map (B, C, H, W)) and returns its local loss. What else it needs
+it declares in `needs`, so that a run can check before any work that its data provides it, and a
+pipeline rank can be sent only what its own heads read:
+- "target": the reconstruction target at the head's scale (`isolocal.targets`);
+- "mask": the encoder runs on the visible tokens of an explicit, seeded mask;
+- "labels": one class index per image;
+- "views": two augmented views of every image, stacked along the batch as [view 1; view 2].
+
+Heads are looked up by name (`model.objective`) in a registry, one entry per stage or one for all.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from isolocal.config import ModelConfig
+
+NEEDS = ("target", "mask", "labels", "views")
+
+
+@dataclass
+class HeadInputs:
+    """What a head may read besides its stage's output; fields a head does not need may be None."""
+
+    prefix: int = 0  # leading tokens that are not on the token grid (ViT's CLS)
+    labels: Tensor | None = None  # (B,) class indices, repeated over views
+    views: int = 1  # images per sample, stacked along the batch: [view 1; view 2; ...]
+
+
+@dataclass
+class HeadOutput:
+    loss: Tensor
+    pred: Tensor | None = None  # what the head predicts (logits, projections, reconstructions)
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class StageHead(nn.Module, ABC):
+    """A local objective reading one stage's output. Subclasses set `needs` (a subset of `NEEDS`)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
+        """The head's local loss on its stage's normalized output."""
+
+
+@dataclass(frozen=True)
+class HeadType:
+    """A registry entry: the head's needs and how to build it for a stage of width `dim`.
+    `build` is None for `mim`, whose decoder the model family builds (it depends on the family's grid)."""
+
+    needs: frozenset[str]
+    build: Callable[[ModelConfig, int], StageHead] | None
+
+
+HEADS: dict[str, HeadType] = {}
+
+
+def register_head(name: str, needs: frozenset[str], build: Callable[[ModelConfig, int], StageHead] | None) -> None:
+    """Add a head type under `name` (a `model.objective` value)."""
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"head {name!r} needs {sorted(unknown)}, which no runner provides; valid needs: {NEEDS}")
+    HEADS[name] = HeadType(frozenset(needs), build)
+
+
+def parse_objectives(spec: str | list, count: int) -> list[str]:
+    """`model.objective`: one head name for every stage, or a list with one per stage -> a list of names."""
+    items = spec if isinstance(spec, list) else [spec] * count
+    if len(items) != count:
+        raise ValueError(f"model.objective must have one entry per stage ({count}), got {len(items)}: {spec}")
+    for item in items:
+        if item not in HEADS:
+            raise ValueError(f"model.objective {item!r} is not a head; valid heads: {', '.join(sorted(HEADS))}")
+    return list(items)
+
+
+def needs_of(objectives: list[str]) -> frozenset[str]:
+    """Everything the heads of a model need from the data, together."""
+    return frozenset().union(*(HEADS[name].needs for name in objectives))
+
+
+def config_needs(cfg: ModelConfig) -> tuple[frozenset[str], int]:
+    """What a model config's heads need from the data, and the views per sample (2 with a contrastive head),
+    read without building the model (the data is checked before it is)."""
+    needs = needs_of(parse_objectives(cfg.objective, len(cfg.taps)))
+    return needs, 2 if "views" in needs else 1
+
+
+def heads_needing(cfg: ModelConfig, need: str) -> list[str]:
+    """The names of a config's heads that need `need`, quoted, for error messages."""
+    return sorted({repr(name) for name in parse_objectives(cfg.objective, len(cfg.taps)) if need in HEADS[name].needs})
+
+
+def pool(features: Tensor, prefix: int) -> Tensor:
+    """One vector per image: the mean over the token grid (tokens after `prefix`) or over a map's H, W."""
+    if features.dim() == 4:
+        return features.mean(dim=(2, 3))
+    return features[:, prefix:].mean(dim=1)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """The small two-layer MLP both shipped heads put on pooled features (hidden 0 = the stage width)."""
+    hidden = hidden or in_dim
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+def as_labels(labels: Tensor | None, batch: int, views: int) -> Tensor | None:
+    """(B / views,) integer labels -> (B,), repeated per view (the batch is [view 1; view 2; ...]). None
+    stays None: a forward that runs no labelled head's loss (analysis) needs none."""
+    if labels is None:
+        return None
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.dim() != 1:
+        raise TypeError(f"labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if labels.shape[0] * views != batch:
+        raise ValueError(f"labels must have one entry per sample ({batch // views}), got {labels.shape[0]}")
+    return labels.repeat(views)
+
+
+def attach_head(stage: nn.Module, cfg: ModelConfig, k: int, dim: int, decoder: Callable[[], nn.Module]) -> None:
+    """Give stage k (of width `dim`) its head: for `mim` the family's `decoder()` as `stage.decoder` (the
+    keys of every LocalMIM checkpoint), for any other objective the registry's head as `stage.head`."""
+    name = parse_objectives(cfg.objective, len(cfg.taps))[k]
+    if name == "mim":
+        stage.decoder = decoder()
+    else:
+        stage.head = HEADS[name].build(cfg, dim)
