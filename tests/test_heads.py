@@ -349,3 +349,53 @@ def test_labels_and_views_flow_through_two_process_data_parallel(tmp_path):
         assert any(not torch.equal(init[key], r0[key]) for key in r0 if key.startswith(f"stages.{k}.blocks."))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------- other families, studies
+
+def test_swin_stages_take_classify_and_contrastive_heads_in_isolation():
+    """Swin tokens have no CLS (prefix 0): mixed heads train, and isolation holds as for the ViT."""
+    model = isolocal.create_model("localmim_swin_nano", boundary="isolated",
+                                  objective=["mim", "classify", "mim", "contrastive"])
+    images, mask, labels = inputs(model, 2)
+    out = model(images, mask, labels=labels)
+    assert all(torch.isfinite(loss) for loss in out.losses)
+    below = [p for s in model.stages[:3] for p in s.parameters() if p.requires_grad]
+    assert all(g is None for g in torch.autograd.grad(out.losses[3], below, allow_unused=True))
+
+
+STUDY = """
+[study]
+name = "objectives"
+out_dir = "{out}"
+seeds = [0, 1]
+
+[base]
+preset = "localmim_vit_nano"
+
+[variants.mim_isolated.model]
+boundary = "isolated"
+
+[variants.mixed_isolated.model]
+boundary = "isolated"
+objective = ["mim", "mim", "mim", "classify"]
+
+[variants.supervised]
+model = {{ taps = [3], scales = [1.0], objective = "classify" }}
+"""
+
+
+def test_studies_vary_the_objective_and_report_which_heads_trained_which_stages(tmp_path):
+    from isolocal.study.report import heads_per_stage
+    from isolocal.study.schema import load_study
+
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(out=tmp_path / "out"))
+    study = load_study(path)
+    assert [heads_per_stage(study, v) for v in study.variants] == [
+        "mim (stages 0, 1, 2, 3); boundary 'isolated'",
+        "mim (stages 0, 1, 2); classify (stage 3); boundary 'isolated'",
+        "classify (stage 0); boundary 'global'"]
+    path.write_text(STUDY.format(out=tmp_path / "out").replace('"classify" }', '"byol" }'))
+    with pytest.raises(ValueError, match="variant supervised: model.objective 'byol' is not a head"):
+        load_study(path)

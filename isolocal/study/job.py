@@ -162,9 +162,11 @@ def run_figures(spec: dict, model: nn.Module, batch: Any, attn: list, layout: An
         figures += plot_attention_maps(batch.images[i], [a[i:i + 1] for a in attn], layers,
                                        [tuple(q) for q in spec["query"]], layout.grid, layout.patch[0],
                                        run_dir / "attention_maps.png", layout.num_prefix_tokens, batch.mean, batch.std)
-    # What each stage reconstructs, on the same image and mask (seed 0) for every run of the study.
-    one = ImageBatch(batch.images[i:i + 1], batch.names[i:i + 1], batch.mean, batch.std)
-    figures += [f for f in write_reconstruction(model, one, run_dir, "run", mask_seed=0) if f.suffix == ".png"]
+    # What each stage reconstructs, on the same image and mask (seed 0) for every run of the study
+    # (runs with a mim head: classify / contrastive heads reconstruct nothing).
+    if "mim" in getattr(model, "objectives", ["mim"]):
+        one = ImageBatch(batch.images[i:i + 1], batch.names[i:i + 1], batch.mean, batch.std)
+        figures += [f for f in write_reconstruction(model, one, run_dir, "run", mask_seed=0) if f.suffix == ".png"]
     return [f.name for f in figures]
 
 

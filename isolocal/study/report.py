@@ -20,7 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from isolocal.study.job import ANALYSIS, FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, read_json
-from isolocal.study.schema import METRICS, Claim, Run, Study
+from isolocal.heads import parse_objectives
+from isolocal.study.schema import METRICS, Claim, Run, Study, resolve_run
 from isolocal.study.stats import CONFIDENCE, Interval, mean_ci, paired_difference, verdict
 
 COLUMNS = ["variant", "seed", "metric", "stage", "layer", "value"]
@@ -369,6 +370,7 @@ def _preamble(study: Study, runs: list[Run], ok: list[Run], status: dict) -> lis
              f"{', '.join(study.evals)}. Runs with the same seed share the initialisation seed, data order "
              f"and masks; controls ({', '.join(v for v, p in study.pretrain.items() if not p) or 'none'}) are "
              f"evaluated at that initialisation without pre-training.", ""]
+    lines += _heads_section(study)
     if seeds is None or len(seeds) < 2:
         lines += ["**One seed per variant: values below have no confidence intervals and claims stay "
                   "undecided.** Set `study.seeds` (e.g. `[0, 1, 2]`) to measure them.", ""]
@@ -387,6 +389,22 @@ def _preamble(study: Study, runs: list[Run], ok: list[Run], status: dict) -> lis
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]
     return lines
+
+
+def heads_per_stage(study: Study, variant: str) -> str:
+    """Which head (`model.objective`) trained which stages of a variant, and across which boundaries."""
+    model = resolve_run(study, variant).model
+    stages: dict[str, list[int]] = {}
+    for k, name in enumerate(parse_objectives(model.objective, len(model.taps))):
+        stages.setdefault(name, []).append(k)
+    heads = "; ".join(f"{name} (stage{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))})"
+                      for name, ks in stages.items())
+    return f"{heads}; boundary {model.boundary!r}"
+
+
+def _heads_section(study: Study) -> list[str]:
+    lines = ["Heads per stage (`model.objective`; controls are not trained by them):", ""]
+    return lines + [f"- {v}: {heads_per_stage(study, v)}" for v in study.variants] + [""]
 
 
 def _paired_section(study: Study, summary: pd.DataFrame) -> list[str]:
