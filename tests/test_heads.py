@@ -23,7 +23,8 @@ import isolocal
 from isolocal.cli import main
 from isolocal.config import RunConfig, to_dict
 from isolocal.data import MultiView, SyntheticImages, build_dataset, views_first
-from isolocal.heads import ClassifyHead, ContrastiveHead, HeadInputs, info_nce
+from isolocal.heads import (HEADS, ClassifyHead, ContrastiveHead, HeadInputs, HeadOutput, StageHead, info_nce, pool,
+                            register_head)
 from isolocal.recipes import load_run_config
 from isolocal.train import Trainer, train
 from isolocal.train.step import backward_step
@@ -349,6 +350,33 @@ def test_labels_and_views_flow_through_two_process_data_parallel(tmp_path):
         assert any(not torch.equal(init[key], r0[key]) for key in r0 if key.startswith(f"stages.{k}.blocks."))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == [0, 1, 2]
+
+
+def test_a_registered_head_plugs_into_any_stage():
+    """A user's head (`register_head`): built for its stages, trained in a mixed model, isolated; with
+    no head needing the mask the encoder reads every token (the CLS plus all 64)."""
+    class Energy(StageHead):
+        needs = frozenset()
+
+        def __init__(self, dim: int):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(dim))
+
+        def loss(self, features: torch.Tensor, inputs: HeadInputs) -> HeadOutput:
+            return HeadOutput((pool(features, inputs.prefix) * self.scale).pow(2).mean(), features)
+
+    register_head("energy", Energy.needs, lambda cfg, dim: Energy(dim))
+    try:
+        model = isolocal.create_model(NANO, boundary="isolated", objective=["energy", "energy", "classify", "energy"])
+        images, mask, labels = inputs(model, 2)
+        out = model(images, mask, return_pred=True, labels=labels)
+        assert out.preds[0].shape == (2, 65, 64) and isinstance(model.stages[0].head, Energy)
+        below = [p for p in model.stages[0].parameters() if p.requires_grad]
+        assert all(g is None for g in torch.autograd.grad(out.losses[1], below, allow_unused=True))
+        with pytest.raises(ValueError, match=r"head 'bad' needs \['depth'\], which no runner provides"):
+            register_head("bad", frozenset({"depth"}), lambda cfg, dim: Energy(dim))
+    finally:
+        HEADS.pop("energy")
 
 
 # ---------------------------------------------------------------------------------------- other families, studies
