@@ -116,6 +116,7 @@ def test_isolation_holds_under_autograd_for_every_head(objective):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.slow
 def test_classify_heads_learn_separable_synthetic_classes_above_chance():
     """4 isolated stages with auxiliary classifiers on 4 grating classes: after 40 steps every stage's
     classifier beats chance (25%) on held-out images, the top one by far."""
