@@ -210,6 +210,26 @@ def test_runs_train_and_log_per_stage_losses(tmp_path, objective):
     assert again == losses
 
 
+@pytest.mark.slow
+def test_a_resumed_mixed_objective_run_gives_the_uninterrupted_losses(tmp_path):
+    """Labels and two augmented views (real Fashion-MNIST crops and flips) keep resume exact: a run
+    stopped mid-epoch twice logs the uninterrupted run's losses, bit for bit, and ends at its weights."""
+    from isolocal.checkpoint import LAST, load_state
+
+    opts = ["data.name='fashion_mnist'", "data.train_subset=64", "train.batch_size=16", "train.accum_steps=2",
+            "train.epochs=2", "model.boundary='isolated'", "model.objective=['mim', 'contrastive', 'mim', 'classify']"]
+    train(tiny(tmp_path / "whole", *opts))
+    train(tiny(tmp_path / "parts", *opts, "train.max_steps=3"))
+    train(tiny(tmp_path / "parts", *opts, "train.max_steps=6"), resume=True)
+    train(tiny(tmp_path / "parts", *opts), resume=True)
+    whole, parts = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                    for run in ("whole", "parts"))
+    assert [r["loss_stage"] for r in whole if r["kind"] == "step"] == [r["loss_stage"] for r in parts if r["kind"] == "step"]
+    assert len([r for r in whole if r["kind"] == "step"]) == 8
+    a, b = (load_state(tmp_path / run / LAST)["model"] for run in ("whole", "parts"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_cli_trains_a_classify_model_on_fashion_mnist(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--set", "preset=localmim_vit_nano", 'model.objective="classify"',
