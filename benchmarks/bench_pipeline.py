@@ -15,7 +15,9 @@ images/s over `--repeats` blocks and the ratios isolated/default and isolated/gl
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --stages 2 --micro-batches 4 --repeats 3
 
 With more processes than cores the ranks time-share the CPU, so the numbers compare schedules
-(work and waiting), not the speed-up a machine with one core (or GPU) per rank would show.
+(work and waiting), not the speed-up a machine with one core (or GPU) per rank would show. For the
+pipeline against one worker and data parallelism on the same cores, with the balance bound and the
+cost model's prediction, see benchmarks/bench_scaling.py.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ micro-batch with `--threads` threads (`measure_stage_costs`) and the first rank'
 micro-batch; from those come the balance bound (one worker's work over the busiest rank's) and the
 cost model's step time (`isolocal.pipeline.costmodel.predict`; the isolated schedule drains at log
 steps only, DeepSpeed's 1F1B every step). Efficiency = measured speed-up over one worker / bound.
-The per-rank breakdown of the fastest pipeline follows the table.
+The per-rank breakdown of the fastest pipeline follows the table (`--figure`: its timeline).
 
     python benchmarks/bench_scaling.py            # ~6 min on 2 cores: S = 1, 2; isolated and global
     python benchmarks/bench_scaling.py --quick    # ~2 min smoke run: S = 2, isolated, 12 steps
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="KEY=VALUE", help="config overrides for every run")
     parser.add_argument("--quick", action="store_true", help="S = 2, isolated, 12 steps: a smoke run")
     parser.add_argument("--json", help="also write the table here")
+    parser.add_argument("--figure", help="also copy the fastest pipeline's timeline (pipeline_timeline.png) here")
     args = parser.parse_args(argv)
     if args.quick:
         args.stages, args.boundaries, args.steps, args.from_step, args.log_every = [2], ["isolated"], 12, 4, 4
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
     m, micro = args.micro_batches, args.batch // args.micro_batches
     link = Link(*SEND)
-    rows, profiles = [], {}
+    rows, profiles, timelines = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for boundary in args.boundaries:
             costs, data_s = stage_costs(args, boundary, micro)
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                              "img_s": speed, "parts": " | ".join(f"{a}-{b - 1}" for a, b in zip(parts, parts[1:])),
                              "bound": balance_bound(costs, parts, m, data_s), "predicted_ms": 1e3 * guess.step_s})
                 profiles[boundary, s] = pd.read_json(out / "pipeline_profile.json").set_index("rank")
+                timelines[boundary, s] = (out / "pipeline_timeline.png").read_bytes()
     table = pd.DataFrame(rows)
     base = table[table.setup == "one worker"].set_index("boundary").img_s
     dp = table[table.setup == "data parallel"].set_index(["boundary", "S"]).img_s
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         best = pipes.loc[pipes.img_s.idxmax()]
         print(f"\nper-rank time of the fastest pipeline ({best.boundary}, S = {best.S}), ms per step:")
         print(profiles[best.boundary, best.S].to_markdown(floatfmt=".1f"))
+        if args.figure:
+            Path(args.figure).write_bytes(timelines[best.boundary, best.S])
     if args.json:
         Path(args.json).write_text(table.to_json(orient="records", indent=2))
 

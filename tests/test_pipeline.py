@@ -283,8 +283,8 @@ def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_laun
 
 def check_profile(out: Path, run_dir: Path) -> None:
     """`pipeline.partition = "cost"` printed its choice; `pipeline.profile` wrote every rank's
-    breakdown (whole steps from step 2 of 8, every category timed on the rank that does it) and a
-    trace with both ranks."""
+    breakdown (whole steps from step 2 of 8, every category timed on the rank that does it), a
+    trace with both ranks and its figure."""
     log = (out / "log_rank0.txt").read_text()
     assert "isolocal pipeline: partition by measured cost: rank 0: stages 0-" in log
     assert "balance bound" in log and "isolocal pipeline: per-rank time" in log
@@ -298,6 +298,7 @@ def check_profile(out: Path, run_dir: Path) -> None:
                                    "other"]].sum(axis=1)).abs().max() < 1e-6
     trace = json.loads((run_dir / "pipeline_trace.json").read_text())["traceEvents"]
     assert {e["pid"] for e in trace if e["ph"] == "X"} == {0, 1}
+    assert (run_dir / "pipeline_timeline.png").stat().st_size > 0
 
 
 def step_log(run_dir: Path) -> pd.DataFrame:

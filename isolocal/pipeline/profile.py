@@ -5,8 +5,9 @@
 - `RankTimes`: exclusive time per category on one rank (forward, backward, optimizer, send, recv,
   data, targets, sync), timed around the engine's instructions and the runner's own work
   (`pipeline.profile = true`), plus the spans of a few steps for a timeline. The spans use the
-  machine's monotonic clock, which every process shares, so one Chrome trace shows all ranks on one
-  time axis (torch.profiler traces one process at a time and adds per-op overhead).
+  machine's monotonic clock, which every process shares, so one Chrome trace (and `plot_timeline`'s
+  figure) shows all ranks on one time axis (torch.profiler traces one process at a time and adds
+  per-op overhead).
 """
 from __future__ import annotations
 
@@ -147,6 +148,30 @@ class RankTimes:
 def breakdown_table(summaries: list[dict]) -> pd.DataFrame:
     """One row per rank: ms per step in each category and the step time."""
     return pd.DataFrame(summaries).set_index("rank")
+
+
+def plot_timeline(path: Path, events: list[dict]) -> None:
+    """The trace's spans as a figure: one row per rank, one colour per category, time from the first span."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = min(e["ts"] for e in events)
+    ranks = sorted({e["pid"] for e in events})
+    colours = dict(zip(CATEGORIES, plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.5 * len(ranks)))
+    for e in sorted(events, key=lambda e: -e["dur"]):  # nested spans last, on top of their parents
+        ax.broken_barh([((e["ts"] - start) / 1e3, e["dur"] / 1e3)], (ranks.index(e["pid"]) - 0.4, 0.8),
+                       color=colours[e["name"]])
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()], labels=list(colours),
+              ncol=len(colours), loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_trace(path: Path, events: list[dict]) -> None:

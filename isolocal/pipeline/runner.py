@@ -42,7 +42,7 @@ from isolocal.data import build_dataset, build_loader
 from isolocal.device import resolve_amp, resolve_device
 from isolocal.errors import NonFiniteError, RunInterrupted
 from isolocal.models.mim import LocalMIM
-from isolocal.pipeline.profile import RankTimes, breakdown_table, write_trace
+from isolocal.pipeline.profile import RankTimes, breakdown_table, plot_timeline, write_trace
 from isolocal.train.distributed import DistInfo, gather_objects, shutdown
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
                                  micro_batch_size)
@@ -209,7 +209,8 @@ class PipelineRun(PretrainLoop):
 
     def _report_profile(self) -> list[dict]:
         """Every rank's breakdown (ms per step); the main rank prints it and writes
-        `<out_dir>/pipeline_profile.json` and the Chrome trace `<out_dir>/pipeline_trace.json`."""
+        `<out_dir>/pipeline_profile.json`, the Chrome trace `<out_dir>/pipeline_trace.json` and its
+        figure `<out_dir>/pipeline_timeline.png`."""
         ranks = gather_objects((self.times.summary(), self.times.events), self.dist.world)
         summaries = [s for s, _ in ranks]
         if self.dist.main:
@@ -218,7 +219,10 @@ class PipelineRun(PretrainLoop):
                   f"(from step {PROFILE_FROM_STEP}):\n{table.to_string(float_format=lambda v: f'{v:.1f}')}",
                   file=sys.stderr)
             (self.out_dir / "pipeline_profile.json").write_text(table.reset_index().to_json(orient="records", indent=2))
-            write_trace(self.out_dir / "pipeline_trace.json", [e for _, events in ranks for e in events])
+            events = [e for _, rank_events in ranks for e in rank_events]
+            write_trace(self.out_dir / "pipeline_trace.json", events)
+            if events:
+                plot_timeline(self.out_dir / "pipeline_timeline.png", events)
         return summaries
 
     # ------------------------------------------------------------------------------ the step
