@@ -16,6 +16,7 @@ The per-rank breakdown of the fastest pipeline follows the table (`--figure`: it
 
     python benchmarks/bench_scaling.py            # ~6 min on 2 cores: S = 1, 2; isolated and global
     python benchmarks/bench_scaling.py --quick    # ~2 min smoke run: S = 2, isolated, 12 steps
+    python benchmarks/bench_scaling.py --skip-wide  # without the S-thread worker (a busy machine)
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", nargs="+", default=["data.name=fashion_mnist"],
                         metavar="KEY=VALUE", help="config overrides for every run")
     parser.add_argument("--quick", action="store_true", help="S = 2, isolated, 12 steps: a smoke run")
+    parser.add_argument("--skip-wide", action="store_true",
+                        help="skip the one worker with S x --threads threads (it oversubscribes a busy machine)")
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--figure", help="also copy the fastest pipeline's timeline (pipeline_timeline.png) here")
     args = parser.parse_args(argv)
@@ -135,11 +138,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"setup": "one worker", "S": 1, "boundary": boundary, "threads": args.threads, "img_s": one,
                          "predicted_ms": 1e3 * one_guess.step_s})
             for s in args.stages:
-                if s > 1:
+                if s > 1 and not args.skip_wide:
                     wide = run(args, Path(tmp) / f"single_{boundary}_{s * args.threads}t", 1, s * args.threads,
                                [mode, f"train.accum_steps={m}"])
                     rows.append({"setup": f"one worker, {s * args.threads} threads", "S": s, "boundary": boundary,
                                  "threads": s * args.threads, "img_s": wide})
+                if s > 1:
                     dp = run(args, Path(tmp) / f"dp_{boundary}_{s}", s, args.threads,
                              [mode, f"train.accum_steps={m // s}"])
                     rows.append({"setup": "data parallel", "S": s, "boundary": boundary, "threads": args.threads,
