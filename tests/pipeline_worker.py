@@ -6,7 +6,8 @@ writing OUT_DIR/<task>_rank<r>.pt or .json:
   `case_data` and records every step's gradients (captured just before the optimizer step), the
   parameters after the last step, keyed by LocalMIM parameter name, the loss `train_batch`
   reported at every step (with the rank's replica and whether it holds the last stage), and how
-  many of its activation sends were still in flight when `train_batch` returned.
+  many of its activation sends were still in flight when `train_batch` returned, and whether the
+  module was in training mode after each `train_batch` (it is put in eval mode before each).
 - "runs": a list of [RunConfig dict, resume, init], run one after another through the runner, the
   last through `pretrain_pipeline` (which also shuts the process group down); its summary is saved.
 """
@@ -73,13 +74,16 @@ def run_case(case: str) -> dict:
     grads: list[dict] = []
     engine.optimizer.register_step_pre_hook(lambda *_: grads.append({n: params[n].grad.clone() for n in names}))
     replica = pipe.mpu().get_data_parallel_id()
-    reported, sending = [], []
+    reported, sending, training = [], [], []
     for step in case_data(model, dp, m):
+        pipe.eval()  # as after an eval_batch: train_batch must train in training mode (dropout, drop-path)
         reported.append(float(engine.train_batch(feed(engine, pipe, step[replica]))))
         sending.append(len(getattr(engine, "_in_flight", ((), ()))[1]))  # sends not yet finished
+        training.append(pipe.training and all(mod.training for mod in pipe.modules()))
     return {"engine": type(engine).__name__, "stages": pipe.stage_ids, "grads": grads,
             "params": {n: params[n].detach().clone() for n in names},
-            "reported": (replica, engine.is_last_stage(), reported), "sending": sending}
+            "reported": (replica, engine.is_last_stage(), reported), "sending": sending,
+            "training": training}
 
 
 def main() -> None:

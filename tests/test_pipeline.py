@@ -103,6 +103,7 @@ def merged(out: Path, n: int) -> dict:
             entry["params"].update(r["params"])
             entry["reported"].append(r["reported"])
             entry.setdefault("sending", []).extend(r["sending"])
+            entry.setdefault("training", []).extend(r["training"])
     return results
 
 
@@ -157,6 +158,7 @@ def check_against_reference(results: dict) -> None:
         assert max_rel(got["params"], ref["params"]) < TOL, case
         check_reported_losses(got["reported"], ref["losses"], isolated=engine == "IsolatedScheduleEngine")
         assert set(got["sending"]) == {0}, case  # every batch ends with its sends finished (gloo drops the rest)
+        assert set(got["training"]) == {True}, case  # trained in training mode after an eval-mode module
 
 
 def check_reported_losses(reported: list, reference_losses: list, isolated: bool) -> None:

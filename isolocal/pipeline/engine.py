@@ -123,7 +123,6 @@ class IsolatedScheduleEngine(StageNormsEngine):
         self.module.train()
         self.total_loss = None
         self.total_additional_losses = None
-        self._compute_loss = True
         self._exec_schedule(IsolatedSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
                                              stage_id=self.stage_id))
         with torch.no_grad():
