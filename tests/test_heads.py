@@ -448,3 +448,34 @@ def test_studies_vary_the_objective_and_report_which_heads_trained_which_stages(
     path.write_text(STUDY.format(out=tmp_path / "out").replace('"classify" }', '"byol" }'))
     with pytest.raises(ValueError, match="variant supervised: model.objective 'byol' is not a head"):
         load_study(path)
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+
+@pytest.mark.slow
+def test_a_mixed_objective_pipeline_gives_the_single_process_parameters(tmp_path):
+    """2 pipeline ranks (stages 0-1 | 2-3) of a mim / classify / mim / contrastive model, isolated and
+    global: labels and both views reach every rank's heads, and after 3 steps the parameters and every
+    logged loss equal the single-process trainer's (same data, labels, views and masks) to 1e-5."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pipeline import launch
+
+    from isolocal.checkpoint import LAST, load_model_state
+
+    common = [*TINY, "data.synthetic_size=64", "train.batch_size=16", "train.max_steps=3", "train.base_lr=0.01",
+              "pipeline.micro_batches=2", "pipeline.timeout_s=60", "model.objective=['mim', 'classify', 'mim', 'contrastive']"]
+    runs = []
+    for boundary in ("isolated", "global"):
+        opts = [*common, f"model.boundary={boundary!r}"]
+        train(tiny(tmp_path / f"single_{boundary}", *opts, "train.accum_steps=2"))
+        runs.append([to_dict(tiny(tmp_path / f"pipe_{boundary}", *opts, "pipeline.stages=2")), False, None])
+    launch(2, tmp_path / "launch", {"runs": runs})
+    for boundary in ("isolated", "global"):
+        expected = load_model_state(tmp_path / f"single_{boundary}" / LAST)[1]
+        got = load_model_state(tmp_path / f"pipe_{boundary}")[1]
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            assert float((got[key] - value).norm()) <= 1e-5 * max(float(value.norm()), 1e-30), (boundary, key)
+        logs = [[json.loads(line)["loss_stage"] for line in (tmp_path / f"{run}_{boundary}" / "metrics.jsonl").read_text()
+                 .splitlines() if json.loads(line)["kind"] == "step"] for run in ("single", "pipe")]
+        assert len(logs[0]) == 3 and np.allclose(logs[0], logs[1], rtol=1e-5, atol=0)

@@ -5,13 +5,14 @@ weights a single-process run of the same seed starts from, and a layer's checkpo
 stage's keys (`layer_03` <-> `stages.3.`).
 
 What travels between pipeline ranks (DeepSpeed's rules for it are in docs/pipeline.md):
-    (x, losses, images, mask)
+    (x, losses, images, mask[, labels])
 - x: the residual stream (float, the only tensor whose gradient matters across a boundary);
 - losses: one slot per stage, each stage adds its local loss; the last rank's loss is their sum,
   which is how every local loss reaches the optimizer under DeepSpeed's default schedule;
 - images: int32 bit view of the float images, so DeepSpeed neither asks for their gradient nor
   corrupts them; each rank computes its own stages' targets from them (smaller than carrying targets);
-- mask: uint8.
+- mask: uint8;
+- labels: int64, one per sample, only when a head needs them (`model.objective` "classify").
 Float tensors come first: with 3+ ranks DeepSpeed indexes gradient buffers among float tensors
 only, and a float tensor after an int one receives garbage. The first rank's input is
 (images, mask) straight from the loader.
@@ -104,16 +105,16 @@ class MIMPipe(PipelineModule):
         so the caller can send the activations first.
         """
         if self._local_start == 0:
-            images, mask = carry
+            images, mask, *labels = carry
             known = self.host_masks.popleft() if self.host_masks else mask  # see `batches`
             x = images
             losses = torch.zeros(self.model.num_stages, device=images.device)
         else:
-            x, losses, bits, mask = carry
+            x, losses, bits, mask, *labels = carry
             images = bits.view(torch.float32)
             known = mask
         with self.times.span("targets") if self.times is not None else contextlib.nullcontext():
-            batch = self.model.prepare(images, known.bool(), self.stage_ids)
+            batch = self.model.prepare(images, known.bool(), self.stage_ids, labels=labels[0] if labels else None)
         for k in self.stage_ids:
             if k > 0:
                 x = enter_stage(x, self.model.alphas[k - 1], received=k == self._local_start)
@@ -124,7 +125,7 @@ class MIMPipe(PipelineModule):
             if backward is not None and k != self.stage_ids[-1]:
                 backward(loss)
         self.pending_loss = loss
-        return x, losses, _bits(images), mask
+        return x, losses, _bits(images), mask, *labels
 
     def batches(self, micro: Iterable[tuple[Tensor, Tensor]], label: Tensor) -> Iterator[tuple]:
         """The first rank's `train_batch` / `eval_batch` input, ((images, uint8 mask), label) per
@@ -132,9 +133,9 @@ class MIMPipe(PipelineModule):
         (DeepSpeed loads a micro-batch right before its forward), which hands it to `prepare`: Swin
         plans its windows from it instead of copying the device mask back (a sync per micro-batch)."""
         self.host_masks.clear()
-        for images, mask in micro:
+        for images, mask, *labels in micro:
             self.host_masks.append(mask)
-            yield (images, mask.to(torch.uint8)), label
+            yield (images, mask.to(torch.uint8), *labels), label
 
     def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:

@@ -52,8 +52,9 @@ def measure_stage_costs(model: LocalMIM, micro_batch: int, repeats: int = 3, see
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     c, s = model.cfg.in_chans, model.img_size
-    images = torch.randn(micro_batch, c, s, s, generator=g).to(device)
-    mask = model.random_mask(micro_batch, generator=g)
+    images = torch.randn(micro_batch * model.views, c, s, s, generator=g).to(device)  # two views: contrastive
+    mask = model.random_mask(len(images), generator=g)
+    labels = torch.zeros(micro_batch, dtype=torch.long, device=device)  # for classify heads
     costs, x = [], images
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for k, stage in enumerate(model.stages):
@@ -62,7 +63,7 @@ def measure_stage_costs(model: LocalMIM, micro_batch: int, repeats: int = 3, see
                 inp = x.detach().requires_grad_(k > 0 and model.alphas[k - 1] != 0.0)
 
                 def forward(inp: torch.Tensor = inp) -> tuple:
-                    return model.stage_step(k, inp, model.prepare(images, mask, [k]))
+                    return model.stage_step(k, inp, model.prepare(images, mask, [k], labels=labels))
 
                 t_fwd, (out, loss, _) = _timed(forward, device)
                 t_bwd, _ = _timed(loss.backward, device)

@@ -38,14 +38,14 @@ from torch import Tensor
 
 from isolocal.checkpoint import PIPELINE_DIR, prune_pipeline_tags
 from isolocal.config import ConfigError, RunConfig
-from isolocal.data import build_dataset, build_loader
+from isolocal.data import MultiView, build_dataset, build_loader
 from isolocal.device import resolve_amp, resolve_device
 from isolocal.errors import NonFiniteError, RunInterrupted
 from isolocal.models.mim import LocalMIM
 from isolocal.pipeline.profile import RankTimes, breakdown_table, plot_timeline, write_trace
 from isolocal.train.distributed import DistInfo, gather_objects, shutdown
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
-                                 micro_batch_size)
+                                 micro_batch_size, model_inputs)
 from isolocal.train.optim import build_scheduler, scaled_lr, stage_param_groups
 
 _SPLIT = ("pipeline.micro_batches", "data-parallel replicas")  # how train.batch_size is split
@@ -91,7 +91,8 @@ def init_distributed(device: torch.device, timeout_s: int) -> None:
 
 
 def eval_batches(cfg: RunConfig, model: LocalMIM, micro_batch: int, count: int) -> list[tuple[Tensor, Tensor]]:
-    """`count` fixed held-out micro-batches (images, mask): eval transform, masks from the seed."""
+    """`count` fixed held-out micro-batches (images, mask[, labels]): eval transform, masks from the seed;
+    with a contrastive head two views of each image (equal: the eval transform does not augment)."""
     d, m = cfg.data, cfg.model
     dataset, _, _ = build_dataset(d.name, d.root or None, train=False, img_size=m.img_size, in_chans=m.in_chans,
                                   transform_train=False, synthetic_size=d.synthetic_size, seed=cfg.train.seed)
@@ -99,9 +100,11 @@ def eval_batches(cfg: RunConfig, model: LocalMIM, micro_batch: int, count: int) 
         raise ConfigError(f"the held-out set has {len(dataset)} images, fewer than one global batch "
                           f"({micro_batch * count}) for the pipeline's eval loss")
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, EVAL_STREAM))
+    if model.views > 1:
+        dataset = MultiView(dataset, model.views)
     loader = iter(build_loader(dataset, micro_batch, shuffle=False, seed=cfg.train.seed))
-    images = [next(loader)[0] for _ in range(count)]
-    return [(x, model.random_mask(len(x), generator=gen)) for x in images]
+    inputs = [model_inputs(next(loader), model.needs) for _ in range(count)]
+    return [(x, model.random_mask(len(x), generator=gen), *labels) for x, *labels in inputs]
 
 
 class PipelineRun(PretrainLoop):

@@ -102,6 +102,13 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
     return MultiView(dataset, views) if views > 1 else dataset
 
 
+def model_inputs(batch: list[Tensor], needs: frozenset[str]) -> tuple[Tensor, ...]:
+    """A loader batch -> (images, labels if a head `needs` them); stacked views as [view 1; view 2]."""
+    images, labels = batch
+    images = views_first(images) if images.dim() == 5 else images
+    return (images, labels) if "labels" in needs else (images,)
+
+
 def micro_batch_size(t: TrainConfig, micro_per_step: int, replicas: int, names: tuple[str, str]) -> int:
     """Images per micro-batch: `train.batch_size` split into `micro_per_step` micro-batches on each of
     `replicas`; `names` say what those two numbers are called in the error when they do not divide it."""
@@ -353,17 +360,11 @@ class PretrainLoop(ABC):
         loader = build_loader(self.dataset, self.micro_batch, shuffle=sampler is None,
                               seed=derive_seed(t.seed, DATA_STREAM, self.epoch, self.replica),
                               num_workers=self.cfg.data.num_workers, drop_last=True, sampler=sampler)
-        inputs = (self._model_inputs(batch) for batch in loader)
+        inputs = (model_inputs(batch, self.model.needs) for batch in loader)
         for step in range(self.steps_per_epoch):
             group = [next(inputs) for _ in range(self.micro_per_step)]
             if step >= first:
                 yield [(x, self.model.random_mask(len(x), generator=self.mask_gen), *labels) for x, *labels in group]
-
-    def _model_inputs(self, batch: list[Tensor]) -> tuple[Tensor, ...]:
-        """A loader batch -> (images, labels if a head needs them); stacked views as [view 1; view 2]."""
-        images, labels = batch
-        images = views_first(images) if images.dim() == 5 else images
-        return (images, labels) if "labels" in self.model.needs else (images,)
 
     # ------------------------------------------------------------------------------ what a runner supplies
 
