@@ -315,7 +315,7 @@ for name, boundary in [("localmim_vit_nano", "isolated"), ("localmim_vit_nano", 
     steps = [s["step"] for s in opt.state.values()]
     loaded, planned = micro(), []
     prepare = model.prepare
-    model.prepare = lambda images, mask, stages: planned.append(mask) or prepare(images, mask, stages)
+    model.prepare = lambda images, mask, stages, **kw: planned.append(mask) or prepare(images, mask, stages, **kw)
     with HostSyncCounter(host=steps) as syncs:
         engine.train_batch(pipe.batches(loaded, torch.zeros(1)))
     model.prepare = prepare
