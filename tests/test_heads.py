@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from isolocal.heads import (HEADS, ClassifyHead, ContrastiveHead, HeadInputs, He
 from isolocal.recipes import load_run_config
 from isolocal.train import Trainer, train
 from isolocal.train.step import backward_step
+from launch import torchrun_two
 
 NANO = "localmim_vit_nano"  # 4 stages of one block, 64-d, 32 px gray images, 8x8 tokens
 TINY = ["data.name=synthetic", "data.synthetic_size=48", "train.batch_size=8", "train.epochs=1",
@@ -345,23 +342,9 @@ finally:
 def test_labels_and_views_flow_through_two_process_data_parallel(tmp_path):
     """torchrun, 2 gloo processes, isolated, a mixed MIM / classify / contrastive model: each rank reads
     its own labels and views, and both ranks end with the same parameters, which moved."""
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
     overrides = [*TINY, "model.boundary='isolated'", "model.objective=['mim', 'mim', 'classify', 'contrastive']",
                  "train.max_steps=3"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(script), str(tmp_path), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output.decode()[-3000:]
+    torchrun_two(DDP_SCRIPT, tmp_path, overrides)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
     init = isolocal.LocalMIM(load_run_config(None, overrides).model).state_dict()

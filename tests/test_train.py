@@ -5,7 +5,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import timm
 import torch
 
 import isolocal
+from launch import free_port, torchrun_two
 from isolocal.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
 from isolocal.config import ConfigError, RunConfig
 from isolocal.models.mim import LocalMIM
@@ -371,28 +371,10 @@ finally:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_data_parallel_ends_with_identical_parameters(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
     overrides = [*TINY, "model.boundary='isolated'", "train.accum_steps=2", "train.clip_grad=1.0", "train.max_steps=3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{output.decode()[-3000:]}")
-    assert proc.returncode == 0, output.decode()[-3000:]
+    torchrun_two(DDP_SCRIPT, tmp_path, overrides)
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same_weights(r0["model"], r1["model"])
@@ -448,7 +430,7 @@ def test_averaged_gradients_of_two_processes_equal_one_process_over_the_whole_ba
     (every image masks the same number of tokens, so the loss is a plain mean over the halves)."""
     script = tmp_path / "average.py"
     script.write_text(AVERAGE_SCRIPT)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
