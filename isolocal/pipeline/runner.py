@@ -13,7 +13,7 @@ as their client state. After training, an `eval` record holds the loss on fixed 
 micro-batches (`eval_batches`), which a converted checkpoint must reproduce.
 
 Throughput (docs/pipeline.md, "Scaling"): ranks agree on stopping and saving one step late, so the
-only pipeline-wide waits are log steps and saves (`_poll`); `pipeline.partition = "cost"` assigns
+only pipeline-wide waits are log steps and saves (`_agree`); `pipeline.partition = "cost"` assigns
 stages by a short timing pass on the first rank (kept on resume); `pipeline.profile = true` times
 every rank's work by category and writes the breakdown and a Chrome trace to the run directory.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
@@ -144,7 +143,7 @@ class PipelineRun(PretrainLoop):
         self.engine = build_engine(self.pipe, optimizer, self.micro_batch, p.micro_batches, p.schedule, t.clip_grad)
         self.optimizers = [self.engine.optimizer]
         self.scheduler = build_scheduler(optimizer, t, self.steps_per_epoch)
-        self._agreement: tuple | None = None  # the last step's stop / save flags, being reduced (`_poll`)
+        self._agreement: tuple | None = None  # the last step's stop / save flags, being reduced (`_agree`)
         self.times = RankTimes(self.dist.rank) if p.profile else None
         if self.times is not None:
             self._profile(self.times)
@@ -239,25 +238,19 @@ class PipelineRun(PretrainLoop):
         self.engine.train_batch(self._feed(micro))
         return self.pipe.pop_loss_sums()
 
-    def _poll(self) -> tuple[bool, bool]:
-        """The loop's (stop, save due), agreed one step late without waiting: each step launches the
+    def _agree(self, stop: bool, due_time: bool) -> tuple[bool, bool]:
+        """The loop's stop / save-due flags, agreed one step late without waiting: each step launches the
         reduction of its own flags and reads the previous step's, which every rank reads at the same
         step. A blocking reduction per step would make the first rank wait for the last one's final
         micro-batch, a pipeline drain per step that the isolated schedule does not otherwise need."""
-        if self.dist.world == 1:
-            return super()._poll()
-        t = self.cfg.train
-        due_time = bool(t.ckpt_every_minutes) and time.perf_counter() - self.last_save_time >= 60 * t.ckpt_every_minutes
-        flags = torch.tensor([self._signal is not None, due_time], dtype=torch.float32, device=self.device)
+        flags = torch.tensor([stop, due_time], dtype=torch.float32, device=self.device)
         previous = self._agreement
         self._agreement = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), self.step)
-        stop = due_time = False
-        if previous is not None:
-            previous[1].wait()
-            stop, due_time = (bool(v) for v in previous[0].tolist())
-            due_time = due_time and previous[2] > self.saved_step  # not already saved since
-        due_steps = bool(t.ckpt_every_steps) and self.step % t.ckpt_every_steps == 0
-        return stop, due_steps or due_time
+        if previous is None:
+            return False, False
+        previous[1].wait()
+        stop, due_time = (bool(v) for v in previous[0].tolist())
+        return stop, due_time and previous[2] > self.saved_step  # not already saved since
 
     def _feed(self, micro: MicroBatches | None) -> Iterator | None:
         """What this rank's `train_batch` / `eval_batch` reads: the first rank (images, mask), the last

@@ -463,11 +463,16 @@ class PretrainLoop(ABC):
         due_time = bool(t.ckpt_every_minutes) and time.perf_counter() - self.last_save_time >= 60 * t.ckpt_every_minutes
         stop = self._signal is not None
         if self.dist.world > 1:  # ranks agree (a signal or the clock may differ between them)
-            flags = torch.tensor([stop, due_time], dtype=torch.float32, device=self.device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            stop, due_time = (bool(v) for v in flags.tolist())
+            stop, due_time = self._agree(stop, due_time)
         due_steps = bool(t.ckpt_every_steps) and self.step % t.ckpt_every_steps == 0
         return stop, due_steps or due_time
+
+    def _agree(self, stop: bool, due_time: bool) -> tuple[bool, bool]:
+        """Both flags, each the maximum over ranks (a blocking all-reduce)."""
+        flags = torch.tensor([stop, due_time], dtype=torch.float32, device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop, due_time = (bool(v) for v in flags.tolist())
+        return stop, due_time
 
     # ------------------------------------------------------------------------------ logs
 
