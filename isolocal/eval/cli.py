@@ -1,7 +1,7 @@
-"""`isolocal eval knn|linear|finetune -c run.toml --ckpt PATH|random [--set k=v] [--out results.json]`.
+"""`isolocal eval knn|linear|head|finetune -c run.toml --ckpt PATH|random [--set k=v] [--out results.json]`.
 
-`eval knn linear` runs both on features extracted once. Prints one table row per stage (k-NN,
-linear) or one for the whole encoder (fine-tuning) and writes the same numbers, with the model and
+`eval knn linear` runs both on features extracted once; `head` adds the test top-1 of each stage's own
+`classify` head. Prints one table row per stage (k-NN, linear, head) or one for the whole encoder (fine-tuning) and writes the same numbers, with the model and
 eval settings that produced them, as JSON. `--ckpt random` evaluates the config's model at its
 seeded random init: the baseline every number is judged against. `--ckpt` takes any isolocal
 checkpoint or run directory (single-process or pipeline). The work is `isolocal.eval.protocols.evaluate`.
@@ -18,8 +18,8 @@ from isolocal.eval.protocols import MODES
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate an encoder: k-NN, per-stage linear probes, fine-tuning",
                               description=__doc__.splitlines()[0])
-    p.add_argument("modes", nargs="+", choices=MODES, metavar="{knn,linear,finetune}",
-                   help="knn and/or linear (sharing one feature extraction), or finetune")
+    p.add_argument("modes", nargs="+", choices=MODES, metavar="{knn,linear,head,finetune}",
+                   help="knn, linear (sharing one feature extraction) and/or head, or finetune")
     p.add_argument("-c", "--config", default=None, help="run config TOML (data and [eval] settings)")
     p.add_argument("--ckpt", required=True, help="isolocal checkpoint or run directory, or 'random' for the config's model at init")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",

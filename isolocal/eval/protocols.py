@@ -1,4 +1,5 @@
-"""Evaluate an encoder with the protocols of `isolocal eval`: k-NN, per-stage linear probes, fine-tuning.
+"""Evaluate an encoder with the protocols of `isolocal eval`: k-NN, per-stage linear probes, the
+model's own classify heads, fine-tuning.
 
 Module-level imports are light (the heavy ones are inside the functions), so the CLI can read
 `MODES` without slowing `isolocal --help`.
@@ -11,7 +12,7 @@ if TYPE_CHECKING:
     from isolocal.config import RunConfig
     from isolocal.models.mim import LocalMIM
 
-MODES = ("knn", "linear", "finetune")
+MODES = ("knn", "linear", "head", "finetune")
 
 
 def load_model(ckpt: str, cfg: RunConfig) -> LocalMIM:
@@ -38,12 +39,13 @@ def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True)
     from isolocal.device import resolve_device
     from isolocal.eval.features import check_feature, eval_datasets, split_features
     from isolocal.eval.finetune import finetune
+    from isolocal.eval.heads import head_accuracy
     from isolocal.eval.knn import check_knn, knn_per_stage
     from isolocal.eval.linear import check_optimizer, linear_per_stage
 
     bad = [m for m in modes if m not in MODES]
     if bad or not modes or "finetune" in modes and len(modes) > 1:
-        raise ValueError(f"eval modes must be knn and/or linear, or finetune alone; got {modes}")
+        raise ValueError(f"eval modes must be any of knn, linear, head, or finetune alone; got {modes}")
     e, workers, finetuning = cfg.eval, cfg.data.num_workers, modes == ["finetune"]
     if "linear" in modes:
         check_optimizer(e.linear_optimizer)
@@ -58,8 +60,12 @@ def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True)
         check_feature(e.feature, model.family.has_cls)
         if "knn" in modes:
             check_knn(e, len(train_ds))
-        feats = split_features(model, train_ds, test_ds, e, workers, progress)
         rows = [{"stage": k, "tap": tap.index, "dim": tap.dim} for k, tap in enumerate(model.taps)]
+        if "head" in modes:  # stages without a classify head get no head_top1
+            for k, acc in head_accuracy(model, test_ds, e.linear_batch_size, workers, progress).items():
+                rows[k]["head_top1"] = acc
+        if {"knn", "linear"} & set(modes):
+            feats = split_features(model, train_ds, test_ds, e, workers, progress)
         if "knn" in modes:
             for row, acc in zip(rows, knn_per_stage(feats, e)):
                 row["knn_top1"] = acc

@@ -19,10 +19,14 @@ class ClassifyHead(StageHead):
         super().__init__()
         self.mlp = mlp(dim, hidden, num_classes)
 
+    def logits(self, features: Tensor, prefix: int) -> Tensor:
+        """(B, num_classes) class scores of a stage's output (`prefix` leading non-grid tokens)."""
+        return self.mlp(pool(features, prefix))
+
     def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
         if inputs.labels is None:
             raise ValueError("the classify head needs labels: pass labels= (one class index per sample)")
-        logits = self.mlp(pool(features, inputs.prefix))
+        logits = self.logits(features, inputs.prefix)
         return HeadOutput(F.cross_entropy(logits.float(), inputs.labels), logits,
                           {"acc": (logits.argmax(1) == inputs.labels).float().mean().detach()})
 

@@ -171,7 +171,8 @@ def run_figures(spec: dict, model: nn.Module, batch: Any, attn: list, layout: An
 
 
 def headline(run_dir: Path) -> dict[str, float]:
-    """The numbers the console prints when the run ends: final loss, best-stage k-NN / linear, fine-tune."""
+    """The numbers the console prints when the run ends: final loss, best-stage k-NN / linear, the top
+    classify head, fine-tune."""
     out: dict[str, float] = {}
     if (run_dir / PRETRAIN).exists():
         out["loss"] = read_json(run_dir / PRETRAIN)["final_loss"]
@@ -180,6 +181,8 @@ def headline(run_dir: Path) -> dict[str, float]:
         for mode in ("knn", "linear"):
             if f"{mode}_top1" in rows[0]:
                 out[f"{mode}_best"] = max(r[f"{mode}_top1"] for r in rows)
+        if "head_top1" in rows[-1]:
+            out["head_top"] = rows[-1]["head_top1"]
     if (run_dir / FINETUNE).exists():
         out["finetune"] = read_json(run_dir / FINETUNE)["results"][0]["finetune_top1"]
     return out

@@ -30,6 +30,7 @@ DASH = "–"
 FORMAT = {"loss": (4, "loss"), "loss_total": (4, "total loss"), "knn": (2, "k-NN top-1 %"),
           "knn_best": (2, "best-stage k-NN top-1 %"), "linear": (2, "linear top-1 %"),
           "linear_best": (2, "best-stage linear top-1 %"), "finetune": (2, "fine-tune top-1 %"),
+          "head": (2, "classify head top-1 %"), "head_top": (2, "top classify head top-1 %"),
           "nmi": (4, "NMI"), "attention_distance": (2, "attention distance (px)"),
           "pretrain_s": (0, "pre-training s"), "img_per_s": (0, "img/s"), "peak_mem_mb": (0, "peak MB")}
 
@@ -73,6 +74,11 @@ def run_rows(run: Run) -> list[dict]:
                 for r in results:
                     add(mode, r[f"{mode}_top1"], r["stage"], r["tap"] + 1)
                 add(f"{mode}_best", max(r[f"{mode}_top1"] for r in results))
+        for r in results:  # only stages with a classify head have one
+            if "head_top1" in r:
+                add("head", r["head_top1"], r["stage"], r["tap"] + 1)
+        if "head_top1" in results[-1]:
+            add("head_top", results[-1]["head_top1"])
     if (run.dir / FINETUNE).exists():
         add("finetune", read_json(run.dir / FINETUNE)["results"][0]["finetune_top1"])
     analysis = pd.read_csv(run.dir / ANALYSIS)
@@ -156,7 +162,7 @@ def metric_table(summary: pd.DataFrame, variants: list[str], metrics: list[str],
 
 def paired_table(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
     """Per-seed paired differences of every variant to the baseline on the headline numbers."""
-    selections = [(m, None) for m in ("knn_best", "linear_best", "finetune")]
+    selections = [(m, None) for m in ("knn_best", "linear_best", "head_top", "finetune")]
     selections += [("nmi", layer) for layer in study.nmi_layers]
     selections += [(m, None) for m in ("pretrain_s", "peak_mem_mb")]
     rows = []
@@ -347,6 +353,7 @@ def build_report(study: Study) -> Path:
     families = [("Pre-training losses (mean over the last epoch, per stage by its tap layer)", ["loss", "loss_total"]),
                 ("k-NN top-1 % (per stage by its tap layer)", ["knn", "knn_best"]),
                 ("Linear probe top-1 % (per stage by its tap layer)", ["linear", "linear_best"]),
+                ("Classify heads' own top-1 % (per stage with one; top = the model's prediction)", ["head", "head_top"]),
                 ("Fine-tuning top-1 % (whole encoder)", ["finetune"]),
                 ("Query/key NMI per encoder layer", ["nmi"]),
                 ("Mean attention distance per encoder layer (pixels)", ["attention_distance"]),

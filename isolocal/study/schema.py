@@ -35,7 +35,7 @@ from typing import Any
 from isolocal.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
 
 RANDOM = "random"  # the built-in control variant: the encoder at its seeded init, no pre-training
-EVALS = ("knn", "linear", "finetune")
+EVALS = ("knn", "linear", "head", "finetune")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 # Metric families of a run, as they appear in summary.csv: name -> (where, what it needs).
@@ -48,6 +48,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "knn_best": ("run", "knn"),
     "linear": ("stage", "linear"),
     "linear_best": ("run", "linear"),
+    "head": ("stage", "head"),  # a classify head's own test top-1 (stages with one)
+    "head_top": ("run", "head"),  # the top stage's classify head: the model's prediction
     "finetune": ("run", "finetune"),
     "nmi": ("layer", "analysis"),
     "attention_distance": ("layer", "analysis"),

@@ -1,0 +1,46 @@
+"""The model's own classifiers: test top-1 of every stage's `classify` head on full, unmasked images.
+
+Probes (k-NN, linear) measure what a stage's features hold; a supervised local learner (DGL, InfoPro)
+is judged by its heads' own predictions, the top one above all. Stages with another head have none.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from isolocal.eval.features import cuda_eval_precision
+from isolocal.heads.classify import ClassifyHead
+
+
+def classify_stages(model: nn.Module) -> list[int]:
+    """Indices of the stages whose head is a `classify` head."""
+    return [k for k, stage in enumerate(model.stages) if isinstance(getattr(stage, "head", None), ClassifyHead)]
+
+
+@torch.no_grad()
+def head_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
+                  progress: bool = True) -> dict[int, float]:
+    """{stage: top-1 %} of each classify head's logits on `dataset` (empty when the model has none)."""
+    stages = classify_stages(model)
+    if not stages:
+        return {}
+    device = next(model.parameters()).device
+    prefix = int(model.family.has_cls)
+    correct = dict.fromkeys(stages, 0)
+    total = 0
+    was_training = model.training
+    model.eval()
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        for images, labels in tqdm(loader, desc="classify heads", disable=not progress, leave=False):
+            labels = torch.as_tensor(labels).to(device)
+            with cuda_eval_precision(device):
+                feats = model.encode(images.to(device))
+            for k in stages:
+                correct[k] += int((model.stages[k].head.logits(feats[k], prefix).argmax(1) == labels).sum())
+            total += len(labels)
+    finally:
+        model.train(was_training)
+    return {k: 100.0 * correct[k] / total for k in stages}
