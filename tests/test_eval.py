@@ -225,3 +225,67 @@ def test_cli_evaluates_a_pretrained_checkpoint(tmp_path):
     assert result["model"]["boundary"] == "isolated"  # the checkpoint's model, not the eval config's
     accs = [row["knn_top1"] for row in result["results"]]
     assert len(accs) == 4 and all(a > 40.0 for a in accs), accs  # gratings: chance is 10 %
+
+
+# ---------------------------------------------------------------------------------------- the model's own classifiers
+
+def test_head_accuracy_is_each_classify_heads_argmax_agreement_with_the_labels():
+    """Only classify stages are scored, on full images, each by its own head: a hand count of
+    argmax(head(pool(encode))) == label over the set, in eval mode (restored afterwards)."""
+    from isolocal.eval.heads import head_accuracy
+
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_vit_nano", objective=["mim", "classify", "contrastive", "classify"],
+                                  drop_path_rate=0.1).train()
+    data = SyntheticImages(40, 32, 1, seed=3)
+    accs = head_accuracy(model, data, batch_size=16, progress=False)
+    assert sorted(accs) == [1, 3] and model.training
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    model.eval()
+    with torch.no_grad():
+        feats = model.encode(images)
+        for k in (1, 3):
+            logits = model.stages[k].head.mlp(feats[k][:, 1:].mean(1))
+            assert accs[k] == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+    assert head_accuracy(_nano(), data, progress=False) == {}  # mim everywhere: nothing to score
+
+
+def test_eval_head_reports_only_the_classify_stages(tmp_path):
+    from isolocal.train import train
+
+    sets = ["data.name='synthetic'", "data.synthetic_size=64", "train.batch_size=32", "train.max_steps=2",
+            "model.objective=['mim', 'classify', 'mim', 'classify']"]
+    train(load_run_config(None, sets + [f"out_dir='{tmp_path / 'run'}'"]))
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "head", "--ckpt", str(tmp_path / "run"), "--out", str(out)]
+              + [arg for s in sets for arg in ("--set", s)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert ["head_top1" in row for row in rows] == [False, True, False, True]
+    assert all(0.0 <= row["head_top1"] <= 100.0 for row in rows if "head_top1" in row)
+
+
+def test_study_summaries_carry_each_classify_heads_accuracy_and_the_top_one(tmp_path):
+    """A study run's probes.json -> `head` per classify stage (by tap layer) and `head_top` only when the
+    top stage classifies (its head is the model's prediction)."""
+    from pathlib import Path
+
+    from isolocal.study.report import run_rows
+    from isolocal.study.schema import Run
+
+    def rows_of(head: dict[int, float]) -> list[dict]:
+        run = Run("v", 0, Path(tmp_path / f"run{len(head)}{sorted(head)}"))
+        run.dir.mkdir()
+        (run.dir / "run.json").write_text(json.dumps({"config": {"model": {"taps": [1, 3, 5, 7]}}}))
+        results = [{"stage": k, "tap": t, "knn_top1": 50.0 + k, **({"head_top1": head[k]} if k in head else {})}
+                   for k, t in enumerate([1, 3, 5, 7])]
+        (run.dir / "probes.json").write_text(json.dumps({"results": results}))
+        (run.dir / "analysis.csv").write_text("layer,nmi,attention_distance\n1,0.1,2.0\n")
+        return [r for r in run_rows(run) if r["metric"].startswith("head")]
+
+    rows = rows_of({1: 61.0, 3: 72.5})
+    assert [(r["metric"], r["stage"], r["layer"], r["value"]) for r in rows] == [
+        ("head", 1, 4, 61.0), ("head", 3, 8, 72.5), ("head_top", None, None, 72.5)]
+    assert [r["metric"] for r in rows_of({0: 40.0})] == ["head"]  # a lower classifier is not the model's prediction
+    assert rows_of({}) == []
