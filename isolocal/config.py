@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """One model family ("vit" or "swin") with its taps, scales, targets and decoders."""
+    """One model family ("vit", "swin" or "resnet") with its taps, scales, targets and decoders."""
 
     arch: str = "vit"
     img_size: int = 224
@@ -37,10 +37,14 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
-    # Swin only: per-stage depths/heads and the attention window (in tokens).
+    # Swin and ResNet: blocks per stage (Swin stage / timm ResNet `layerN`); Swin only: heads and window (tokens).
     depths: list[int] = field(default_factory=list)
     stage_heads: list[int] = field(default_factory=list)
     window_size: int = 7
+    # ResNet only: residual block, output width of each timm stage (before a bottleneck's x4), stem.
+    block: str = "basic"  # "basic" | "bottleneck" (timm's BasicBlock / Bottleneck)
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    stem: str = "imagenet"  # "imagenet" (timm's 7x7/2 conv + 3x3/2 max pool) | "cifar" (3x3/1 conv, no pool)
     # Local heads: 0-based block index of each tap and the output scale of its decoder.
     taps: list[int] = field(default_factory=lambda: [1, 3, 9, 11])
     scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
@@ -76,6 +80,7 @@ class DataConfig:
     num_workers: int = 0
     crop_scale_min: float = 0.2
     train_subset: int = 0  # > 0: pre-train on the first N training images only (quick CPU recipes)
+    pad: int = 0  # zero pixels added on every side before the resize/crop (Fashion-MNIST 28 + 2 * 2 = 32 px)
 
 
 @dataclass
@@ -105,6 +110,8 @@ class TrainConfig:
     knn_every_epochs: int = 0  # > 0: online k-NN every N epochs
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = False  # torch.compile each stage (and its decoder) in place; state-dict keys unchanged
+    # Recompute each stage's encoder forward in backward (torch.utils.checkpoint): the end-to-end memory baseline.
+    grad_checkpoint: bool = False
     tensorboard: bool = False  # also log every record to TensorBoard (<out_dir>/tensorboard; needs `tensorboard`)
 
 
@@ -302,7 +309,9 @@ def _validate_model(m: ModelConfig) -> None:
     _check(0 < m.mask_ratio < 1, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
     _check(m.mask_unit >= 1, f"model.mask_unit must be >= 1, got {m.mask_unit}")
     _check(m.target in ("hog", "pixels"), f"model.target must be hog or pixels, got {m.target!r}")
-    for name in ("depths", "stage_heads", "decoder_dim", "decoder_heads"):
+    _check(m.block in ("basic", "bottleneck"), f"model.block must be basic or bottleneck, got {m.block!r}")
+    _check(m.stem in ("imagenet", "cifar"), f"model.stem must be imagenet or cifar, got {m.stem!r}")
+    for name in ("depths", "stage_heads", "channels", "decoder_dim", "decoder_heads"):
         bad = [v for v in getattr(m, name) if v < 1]
         _check(not bad, f"model.{name} entries must be >= 1, got {getattr(m, name)}")
     _check(bool(m.decoder_dim) and bool(m.decoder_heads),
@@ -360,6 +369,7 @@ def validate_run(cfg: RunConfig) -> None:
            f"data.name must be one of fashion_mnist, folder, synthetic; got {d.name!r}")
     _check(d.name != "folder" or bool(d.root), "data.root must name the image folder when data.name = 'folder'")
     _check(d.train_subset >= 0, f"data.train_subset must be >= 0, got {d.train_subset}")
+    _check(d.pad >= 0, f"data.pad must be >= 0, got {d.pad}")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(d.synthetic_size >= 1, f"data.synthetic_size must be >= 1, got {d.synthetic_size}")
     _check(0 < d.crop_scale_min <= 1, f"data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")

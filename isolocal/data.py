@@ -316,6 +316,7 @@ def build_transform(
     std: Sequence[float],
     train: bool,
     scale: tuple[float, float] = (0.2, 1.0),
+    pad: int = 0,
 ) -> T.Compose:
     """The LocalMIM pre-training augmentation (train) or a plain resize (eval), to normalized floats.
 
@@ -324,7 +325,8 @@ def build_transform(
     tensors ``(C, H, W)`` (e.g. Fashion-MNIST's ``(1, 28, 28)``), first bringing them to ``in_chans``
     (gray is replicated to 3 channels, RGB becomes luminance for 1), and end with
     ``ToDtype(float32, scale=True)`` + Normalize, returning a plain float tensor.
-    ``mean``/``std`` of length 1 are broadcast to ``in_chans``.
+    ``mean``/``std`` of length 1 are broadcast to ``in_chans``. ``pad`` > 0 first adds that many zero
+    (black) pixels on every side, as CIFAR-style models read Fashion-MNIST (28 + 2 * 2 = 32 px).
 
     The random draws come from torch's global RNG. Inside a DataLoader worker that RNG is seeded from
     the loader's generator; in-process, ``build_loader`` gives the transforms their own seeded RNG
@@ -343,6 +345,7 @@ def build_transform(
     return T.Compose([
         T.ToImage(),
         _MatchChannels(in_chans),
+        *([T.Pad(pad)] if pad else []),
         *geometry,
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),
@@ -360,6 +363,7 @@ def build_dataset(
     synthetic_size: int = 512,
     seed: int = 0,
     crop_scale_min: float = 0.2,
+    pad: int = 0,
 ) -> tuple[Dataset, tuple[float, ...], tuple[float, ...]]:
     """Dataset ``name`` with its transform, plus the per-channel (mean, std) its images were normalized by.
 
@@ -373,7 +377,7 @@ def build_dataset(
 
     ``transform_train`` picks the random augmentation (pre-training, RandomResizedCrop with scale
     (``crop_scale_min``, 1)) over the eval resize (feature extraction, k-NN), independently of which
-    split ``train`` selects.
+    split ``train`` selects. ``pad`` zero pixels are added on every side first (not to ``synthetic``).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -383,7 +387,7 @@ def build_dataset(
     if name == "fashion_mnist":
         mean = _per_channel(FASHION_MNIST_MEAN, in_chans, "mean")
         std = _per_channel(FASHION_MNIST_STD, in_chans, "std")
-        tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0))
+        tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0), pad=pad)
         return FashionMNIST(root or FASHION_MNIST_ROOT, train=train, transform=tf), mean, std
     if root is None:
         raise ValueError("dataset 'folder' needs a root directory (data.root=<ImageFolder dir>)")
@@ -392,7 +396,7 @@ def build_dataset(
     else:
         mean, std = _per_channel(IMAGENET_MEAN, in_chans, "mean"), _per_channel(IMAGENET_STD, in_chans, "std")
     split_dir = os.path.join(root, "train" if train else "val")
-    tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0))
+    tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0), pad=pad)
     return ImageFolderDataset(split_dir if os.path.isdir(split_dir) else root, tf), mean, std
 
 

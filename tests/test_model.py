@@ -13,6 +13,7 @@ from isolocal.masking import random_mask, visible_indices
 from isolocal.models.decoder import LocalDecoder, rescale_head
 from isolocal.models.mim import LocalMIM
 from isolocal.models.posembed import sincos_pos_embed
+from isolocal.models.resnet import resnet_taps
 from isolocal.models.swin import swin_taps
 from isolocal.models.vit import vit_taps
 from isolocal.targets import target_dim
@@ -67,7 +68,7 @@ def test_every_preset_tiles_the_image_at_every_tap():
     for name in isolocal.list_models():
         cfg = isolocal.preset_config(name)
         LocalMIM.check_config(cfg)
-        taps = (vit_taps if cfg.arch == "vit" else swin_taps)(cfg)
+        taps = {"vit": vit_taps, "swin": swin_taps, "resnet": resnet_taps}[cfg.arch](cfg)
         assert all(t.out_grid * t.cell == cfg.img_size for t in taps), name
         assert [t.index for t in taps] == cfg.taps, name
 

@@ -117,10 +117,10 @@ def test_every_preset_is_listed_without_importing_a_model_family():
     code = ("import sys; from isolocal.models.presets import list_models, preset_config; names = list_models(); "
             "[preset_config(n) for n in names]; "
             "print(len(names), sum(n.startswith(('localmim_swin', 'simmim_swin')) for n in names), "
-            "[m for m in ('isolocal.models.swin', 'isolocal.models.vit') if m in sys.modules])")
+            "[m for m in ('isolocal.models.swin', 'isolocal.models.vit', 'isolocal.models.resnet') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split(maxsplit=2) == ["33", "15", "[]\n"]
+    assert out.stdout.split(maxsplit=2) == ["42", "15", "[]\n"]  # 33 ViT / Swin, 9 ResNet
 
 
 def test_deepspeed_outside_the_tested_range_is_one_line_naming_the_range(tmp_path):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from isolocal.config import EvalConfig, ModelConfig, RunConfig
 from isolocal.data import build_dataset
+from isolocal.heads.base import pool
 
 FEATURES = ("cls", "mean")
 
@@ -50,11 +51,12 @@ def cuda_eval_precision(device: torch.device, autocast: bool = True) -> Iterator
 
 
 def pool_tokens(tokens: Tensor, feature: str, has_cls: bool) -> Tensor:
-    """(B, N, D) tokens -> (B, D): the CLS token, or the mean of the patch tokens (CLS excluded)."""
+    """(B, N, D) tokens -> (B, D): the CLS token, or the mean of the patch tokens (CLS excluded); a
+    (B, D, H, W) feature map -> its mean over H, W."""
     check_feature(feature, has_cls)
     if feature == "cls":
         return tokens[:, 0]
-    return tokens[:, 1:].mean(dim=1) if has_cls else tokens.mean(dim=1)
+    return pool(tokens, int(has_cls))
 
 
 @torch.no_grad()
@@ -130,6 +132,6 @@ def eval_datasets(cfg: RunConfig, model_cfg: ModelConfig, augment_train: bool = 
     for train, what in ((True, "train_subset"), (False, "test_subset")):
         ds, _, _ = build_dataset(d.name, d.root or None, train, model_cfg.img_size, model_cfg.in_chans,
                                  transform_train=train and augment_train, synthetic_size=d.synthetic_size,
-                                 seed=cfg.train.seed)
+                                 seed=cfg.train.seed, pad=d.pad)
         splits.append(_subset(ds, getattr(cfg.eval, what), what))
     return splits[0], splits[1]

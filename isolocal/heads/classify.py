@@ -1,11 +1,14 @@
 """`classify`: a supervised auxiliary classifier per stage, as in DGL and InfoPro.
 
-Pooled tokens (or the pooled feature map) -> a two-layer MLP -> cross-entropy on the labels. The
+Pooled tokens -> a two-layer MLP -> cross-entropy on the labels. A stage that outputs a feature map
+(ResNet) gets DGL / InfoPro's auxiliary net instead: a 3x3 conv-BN-ReLU at the stage's width, then
+the pooling and the MLP, so even a one-block stage's head has a spatial layer of its own. The
 stage's top classifier is also the end-to-end supervised baseline: one stage, global backprop.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
+from timm.layers import ConvNormAct
 from torch import Tensor
 
 from isolocal.config import ModelConfig
@@ -15,12 +18,17 @@ from isolocal.heads.base import HeadInputs, HeadOutput, StageHead, mlp, pool
 class ClassifyHead(StageHead):
     needs = frozenset({"labels"})
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 0):
+    def __init__(self, dim: int, num_classes: int, hidden: int = 0, spatial: bool = False):
         super().__init__()
+        if spatial:  # feature maps (B, dim, H, W): a conv before the pooling
+            self.conv = ConvNormAct(dim, dim, 3)
+        self.spatial = spatial
         self.mlp = mlp(dim, hidden, num_classes)
 
     def logits(self, features: Tensor, prefix: int) -> Tensor:
         """(B, num_classes) class scores of a stage's output (`prefix` leading non-grid tokens)."""
+        if self.spatial:
+            features = self.conv(features)
         return self.mlp(pool(features, prefix))
 
     def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
@@ -32,4 +40,4 @@ class ClassifyHead(StageHead):
 
 
 def build_classify(cfg: ModelConfig, dim: int) -> ClassifyHead:
-    return ClassifyHead(dim, cfg.num_classes, cfg.head_hidden)
+    return ClassifyHead(dim, cfg.num_classes, cfg.head_hidden, spatial=cfg.arch == "resnet")  # maps, not tokens

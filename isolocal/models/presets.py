@@ -1,4 +1,4 @@
-"""Named presets of both families (ViT and Swin): published recipes and small CPU configs, all as
+"""Named presets of the families (ViT, Swin, ResNet): published recipes and small CPU configs, all as
 ModelConfigs of one model. The table is plain data: importing this module builds no model and
 imports no family module."""
 from __future__ import annotations
@@ -84,6 +84,40 @@ def simmim_swin(size: str) -> ModelConfig:
                  decoder_dim=[64 if size == "nano" else 128], mask_ratio=0.6, mask_per_batch=False)
 
 
+# CIFAR ResNets (He et al. 2016, as in InfoPro): 3 stages of n BasicBlocks at 16/32/64 channels, the 3x3 stem;
+# at 32 px gray (Fashion-MNIST padded 28 -> 32), `<name>_k<K>` for K local stages (InfoPro's K; the stem shares
+# stage 0, so K <= the block count). ImageNet ResNets at timm's geometry, one stage per timm stage.
+RESNET_CIFAR = {"resnet32": 5, "resnet110": 18}
+RESNET_CIFAR_STAGES = (2, 4, 8, 16)
+RESNET_IMAGENET = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet50": ("bottleneck", [3, 4, 6, 3])}
+
+
+def even_taps(blocks: int, stages: int) -> list[int]:
+    """The last block of each of `stages` runs splitting `blocks` as evenly as possible (longer runs first)."""
+    if not 1 <= stages <= blocks:
+        raise ValueError(f"cannot split {blocks} residual blocks into {stages} stages; use 1 to {blocks}")
+    size, extra = divmod(blocks, stages)
+    ends, end = [], 0
+    for k in range(stages):
+        end += size + (k < extra)
+        ends.append(end - 1)
+    return ends
+
+
+def cifar_resnet(n: int, stages: int) -> ModelConfig:
+    """ResNet-(6n+2) for 32 px gray images, split into `stages` local stages, a classify head each."""
+    return ModelConfig(arch="resnet", img_size=32, in_chans=1, block="basic", depths=[n] * 3, channels=[16, 32, 64],
+                       stem="cifar", taps=even_taps(3 * n, stages), objective="classify")
+
+
+def imagenet_resnet(name: str) -> ModelConfig:
+    """timm's ResNet-18/50 at 224 px, one local stage per timm stage."""
+    block, depths = RESNET_IMAGENET[name]
+    return ModelConfig(arch="resnet", img_size=224, block=block, depths=list(depths), channels=[64, 128, 256, 512],
+                       stem="imagenet", taps=[sum(depths[:s + 1]) - 1 for s in range(len(depths))],
+                       objective="classify")
+
+
 _BUILDERS: dict[str, Callable[[], ModelConfig]] = {}
 for _size in VIT_SIZES:
     for _name, _fn in (("localmim", localmim_vit), ("mae", mae_vit), ("maskfeat", maskfeat_vit)):
@@ -92,6 +126,13 @@ for _size in SWIN_SIZES:
     _BUILDERS[f"localmim_swin_{_size}"] = lambda s=_size: localmim_swin(s)
     _BUILDERS[f"localmim_swin_{_size}_pix"] = lambda s=_size: localmim_swin(s, "pixels")
     _BUILDERS[f"simmim_swin_{_size}"] = lambda s=_size: simmim_swin(s)
+
+
+for _name, _n in RESNET_CIFAR.items():
+    for _k in (k for k in RESNET_CIFAR_STAGES if k <= 3 * _n):  # ResNet-32 has 15 blocks: no k16
+        _BUILDERS[f"{_name}_k{_k}"] = lambda n=_n, k=_k: cifar_resnet(n, k)
+for _name in RESNET_IMAGENET:
+    _BUILDERS[_name] = lambda name=_name: imagenet_resnet(name)
 
 
 def register_preset(name: str, builder: Callable[[], ModelConfig]) -> None:

@@ -94,7 +94,8 @@ def eval_batches(cfg: RunConfig, model: LocalMIM, micro_batch: int, count: int) 
     with a contrastive head two views of each image (equal: the eval transform does not augment)."""
     d, m = cfg.data, cfg.model
     dataset, _, _ = build_dataset(d.name, d.root or None, train=False, img_size=m.img_size, in_chans=m.in_chans,
-                                  transform_train=False, synthetic_size=d.synthetic_size, seed=cfg.train.seed)
+                                  transform_train=False, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
+                                  pad=d.pad)
     if len(dataset) < micro_batch * count:
         raise ConfigError(f"the held-out set has {len(dataset)} images, fewer than one global batch "
                           f"({micro_batch * count}) for the pipeline's eval loss")

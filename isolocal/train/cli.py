@@ -67,8 +67,12 @@ def pretrain(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from isolocal.export import write_timm_export
 
+    import timm
+
     out, sidecar, name, kwargs = write_timm_export(args.ckpt, args.out)
-    print(f"wrote {out} and {sidecar}; load with "
+    module = timm.models.model_entrypoint(name).__module__  # an entrypoint registered outside timm must be imported
+    imports = "" if module.startswith("timm.") else f"import {module}; "
+    print(f"wrote {out} and {sidecar}; load with {imports}"
           f"timm.create_model({name!r}, num_classes=0, **{kwargs}).load_state_dict(torch.load({str(out)!r}))")
     return 0
 
@@ -88,8 +92,10 @@ def info(args: argparse.Namespace) -> int:
                         args.repeats)
     table = stage_table(cfg, args.repeats)
     m = cfg.model
-    print(f"{cfg.preset}: {m.arch} {m.img_size}px patch {m.patch_size}, {m.embed_dim}-d, depth {m.depth}, "
-          f"target {m.target}, boundary {m.boundary}, mask ratio {m.mask_ratio}")
+    shape = (f"{m.block} blocks {m.depths}, channels {m.channels}, {m.stem} stem" if m.arch == "resnet" else
+             f"patch {m.patch_size}, {m.embed_dim}-d, depth {m.depth}, target {m.target}")
+    print(f"{cfg.preset}: {m.arch} {m.img_size}px {shape}, boundary {m.boundary}, objective {m.objective}, "
+          f"mask ratio {m.mask_ratio}")
     print(f"per stage, one masked training image on {resolve_device(cfg.train.device).type} "
           "(FLOPs counted by torch.utils.flop_counter):")
     totals = table[["params_encoder", "params_head", "gflops", "fwd_ms"]].sum()

@@ -91,7 +91,7 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
     needs, views = config_needs(m)
     dataset, _, _ = build_dataset(d.name, d.root or None, train=True, img_size=m.img_size, in_chans=m.in_chans,
                                   transform_train=True, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
-                                  crop_scale_min=d.crop_scale_min)
+                                  crop_scale_min=d.crop_scale_min, pad=d.pad)
     base = dataset
     if d.train_subset:
         if d.train_subset > len(dataset):
@@ -135,6 +135,7 @@ def build_model(cfg: RunConfig, init: str | None = None) -> LocalMIM:
     model = LocalMIM(cfg.model)
     if init is not None:
         model.load_state_dict(load_model_state(init)[1])
+    model.grad_checkpoint = cfg.train.grad_checkpoint
     return model
 
 

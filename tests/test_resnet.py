@@ -1,0 +1,248 @@
+"""The ResNet family (`arch = "resnet"`): timm's residual blocks split into stages at block taps, with
+auxiliary classify / contrastive heads on feature maps. Export loads strictly into timm with its
+features; isolation under autograd; every preset's split covers each block once; validation before
+any work; the CLI trains on (padded) Fashion-MNIST; gradient checkpointing changes no number."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from isolocal.cli import main
+from isolocal.config import ConfigError, ModelConfig
+from isolocal.data import build_dataset
+from isolocal.export import export_timm, timm_kwargs
+from isolocal.heads import ClassifyHead, pool
+from isolocal.models.mim import LocalMIM
+from isolocal.models.presets import list_models, preset_config
+from isolocal.recipes import load_run_config
+from isolocal.train.loop import build_model
+
+
+def tiny(**kw) -> ModelConfig:
+    """A CIFAR-style ResNet of 4 BasicBlocks in 3 timm stages (4/8/8 channels) on 16 px gray images."""
+    base = dict(arch="resnet", img_size=16, in_chans=1, block="basic", depths=[1, 1, 2], channels=[4, 8, 8],
+                stem="cifar", taps=[1, 3], objective="classify", head_hidden=8)
+    return ModelConfig(**{**base, **kw})
+
+
+def batch(model: LocalMIM, samples: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.cfg.in_chans, model.cfg.img_size
+    images = torch.randn(samples * model.views, c, s, s, generator=g)
+    return images, model.random_mask(len(images), g), torch.randint(0, 10, (samples,), generator=g)
+
+
+def trained_stats(model: LocalMIM) -> LocalMIM:
+    """Two training forwards, so the BatchNorm running statistics are not their init."""
+    for seed in (1, 2):
+        images, mask, labels = batch(model, seed=seed)
+        model(images, mask, labels=labels)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------- export
+
+@pytest.mark.parametrize("kw", [
+    {},  # CIFAR stem, 3 stages, gray: timm's ResNet needs `isolocal_resnet`
+    dict(block="bottleneck", depths=[1, 2], channels=[4, 8], stem="imagenet", img_size=64, in_chans=3, taps=[0, 2]),
+], ids=["cifar_basic", "imagenet_bottleneck"])
+def test_export_loads_strictly_into_timm_and_gives_its_forward_features(kw):
+    torch.manual_seed(0)
+    model = trained_stats(LocalMIM(tiny(**kw)))
+    name, sd = export_timm(model)
+    assert name == "isolocal_resnet"
+    net = timm.create_model(name, num_classes=0, **timm_kwargs(model)).eval()
+    net.load_state_dict(sd, strict=True)
+    assert any(k.endswith("running_var") for k in sd) and not any("head" in k for k in sd)
+    images = batch(model, seed=3)[0]
+    with torch.no_grad():
+        assert torch.equal(model.encode(images)[-1], net.forward_features(images))
+
+
+def test_a_standard_resnet18_exports_under_timms_own_name():
+    torch.manual_seed(0)
+    model = LocalMIM(dataclasses.replace(preset_config("resnet18"), img_size=64)).eval()
+    name, sd = export_timm(model)
+    assert (name, timm_kwargs(model)) == ("resnet18", {})
+    net = timm.create_model(name, num_classes=0).eval()
+    net.load_state_dict(sd, strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.encode(images)[-1], net.forward_features(images))
+
+
+# ---------------------------------------------------------------------------------------- isolation
+
+def stage_grads(model: LocalMIM, loss: torch.Tensor) -> list[list[torch.Tensor]]:
+    params = [list(s.parameters()) for s in model.stages]
+    flat = [p for group in params for p in group]
+    grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
+    out, i = [], 0
+    for group in params:
+        out.append(grads[i:i + len(group)])
+        i += len(group)
+    return out
+
+
+@pytest.mark.parametrize("taps", [[1, 3], [0, 1, 2, 3]], ids=["k2", "k4"])
+@pytest.mark.parametrize("objective", ["classify", "contrastive"])
+def test_isolated_stages_get_only_their_own_losses_gradient(taps, objective):
+    """Isolated: d loss_k / d stage j < k is zero, and each stage's share of the summed loss's gradient is
+    its own loss's. Global: a later loss reaches the earlier stages."""
+    torch.manual_seed(0)
+    model = LocalMIM(tiny(taps=taps, objective=objective, boundary="isolated"))
+    images, mask, labels = batch(model)
+    out = model(images, mask, labels=labels)
+    assert all(math.isfinite(float(loss.detach())) for loss in out.losses)
+    total = stage_grads(model, out.loss)
+    for k, loss in enumerate(out.losses):
+        grads = stage_grads(model, loss)
+        assert all(not g.any() for j in range(k) for g in grads[j])
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[k], total[k]))
+        assert any(g.any() for g in grads[k])
+    model.set_boundary("global")
+    out = model(images, mask, labels=labels)
+    assert any(g.any() for g in stage_grads(model, out.losses[-1])[0])
+
+
+# ---------------------------------------------------------------------------------------- presets
+
+RESNET_PRESETS = [n for n in list_models() if preset_config(n).arch == "resnet"]
+
+
+def test_the_presets_are_the_cifar_resnets_at_every_k_and_timms_resnet18_50():
+    assert RESNET_PRESETS == sorted([f"resnet{d}_k{k}" for d in (32, 110) for k in (2, 4, 8, 16) if (d, k) != (32, 16)]
+                                    + ["resnet18", "resnet50"])  # ResNet-32's 15 blocks make at most 15 stages
+
+
+@pytest.mark.parametrize("name", RESNET_PRESETS)
+def test_every_presets_stages_cover_each_block_once_split_evenly(name):
+    cfg = preset_config(name)
+    torch.manual_seed(0)
+    model = LocalMIM(cfg)
+    owned = [stage.timm_names for stage in model.stages]
+    timm_blocks = [f"layer{s + 1}.{i}" for s, depth in enumerate(cfg.depths) for i in range(depth)]
+    assert [n for names in owned for n in names] == timm_blocks
+    sizes = [len(names) for names in owned]
+    if name.startswith("resnet32") or name.startswith("resnet110"):
+        assert len(sizes) == int(name.rsplit("_k", 1)[1]) and max(sizes) - min(sizes) <= 1
+        assert (cfg.img_size, cfg.in_chans, cfg.channels, cfg.stem) == (32, 1, [16, 32, 64], "cifar")
+        assert sum(sizes) == (15 if name.startswith("resnet32") else 54)
+    else:
+        assert sizes == cfg.depths  # one stage per timm stage
+    assert model.objectives == ["classify"] * len(sizes) and model.stages[0].has_stem
+    assert not any(s.has_stem for s in model.stages[1:])
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(objective="mim"), r"model.objective 'mim' \(stages \[0, 1\]\) needs a token grid"),
+    (dict(objective=["classify", "mim"]), r"'mim' \(stages \[1\]\)"),
+    (dict(taps=[1, 2]), r"the last tap must be the last block \(3\), got 2"),
+    (dict(taps=[1, 4]), r"taps must be residual block indices in \[0, 3\], got \[1, 4\]"),
+    (dict(channels=[4, 8]), r"channels must give one width >= 1 per ResNet stage \(3, from depths\), got \[4, 8\]"),
+    (dict(depths=[1, 1, 1, 1, 1], channels=[4] * 5, taps=[4]), r"1 to 4 ResNet stages"),
+    (dict(channels=[5, 8, 8]), r"cifar stem needs an even channels\[0\].*got 5"),
+    (dict(block="wide"), r"block must be one of \['basic', 'bottleneck'\], got 'wide'"),
+    (dict(img_size=18), r"img_size 18 must be divisible by the ResNet's stride 4"),
+])
+def test_bad_resnet_configs_are_refused_before_any_weights(kw, message):
+    with pytest.raises(ValueError, match=message):
+        LocalMIM.check_config(tiny(**kw))
+    with pytest.raises(ValueError, match=message):
+        LocalMIM(tiny(**kw))
+
+
+def test_bad_resnet_fields_are_config_errors_naming_the_key():
+    for key, value, message in (("block", "'wide'", "model.block must be basic or bottleneck, got 'wide'"),
+                                ("stem", "'tiny'", "model.stem must be imagenet or cifar, got 'tiny'"),
+                                ("channels", "[16, 0, 64]", r"model.channels entries must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(None, ["preset=resnet32_k4", f"model.{key}={value}"])
+    with pytest.raises(ConfigError, match="data.pad must be >= 0, got -1"):
+        load_run_config(None, ["preset=resnet32_k4", "data.pad=-1"])
+
+
+# ---------------------------------------------------------------------------------------- heads on maps
+
+def test_classify_reads_maps_through_a_conv_and_tokens_as_before():
+    """On a map: conv-BN-ReLU at the stage's width, then the pooled MLP; the ViT head has no conv."""
+    torch.manual_seed(0)
+    model = LocalMIM(tiny())
+    head = model.stages[0].head
+    assert isinstance(head, ClassifyHead) and head.conv.conv.weight.shape == (8, 8, 3, 3)
+    maps = torch.randn(4, 8, 4, 4)
+    expected = head.mlp(pool(F.relu(head.conv.bn(head.conv.conv(maps))), 0))
+    assert torch.allclose(head.logits(maps, 0), expected)
+    vit_head = ClassifyHead(16, 10)
+    assert [n for n, _ in vit_head.named_parameters()] == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def test_padding_puts_fashion_mnist_in_the_middle_of_32_px():
+    plain, _, _ = build_dataset("fashion_mnist", None, True, 28, 1, transform_train=False)
+    padded, _, _ = build_dataset("fashion_mnist", None, True, 32, 1, transform_train=False, pad=2)
+    a, b = plain[0][0], padded[0][0]
+    assert b.shape == (1, 32, 32) and torch.equal(b[:, 2:30, 2:30], a)
+    assert torch.all(b[:, :2] == b[0, 0, 0]) and float(b[0, 0, 0]) < 0  # black, normalized
+
+
+def test_the_cli_trains_resnet32_k4_on_padded_fashion_mnist(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--set", "preset=resnet32_k4", "model.boundary='isolated'", "data.pad=2",
+                 "data.train_subset=64", "train.batch_size=16", "train.max_steps=2", "train.log_every=1",
+                 f"out_dir={str(out)!r}"]) == 0
+    assert "isolated run: 2 steps" in capsys.readouterr().out
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss_stage"] for r in steps if r["kind"] == "step"]
+    assert len(losses) == 2 and all(len(row) == 4 and all(math.isfinite(v) and v > 0 for v in row) for row in losses)
+    assert all(v == pytest.approx(math.log(10), rel=0.5) for v in losses[0])  # 10 classes, near chance
+    assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "enc.pt")]) == 0
+    assert "load with import isolocal.models.resnet; timm.create_model('isolocal_resnet'" in capsys.readouterr().out
+    sidecar = json.loads((tmp_path / "enc.json").read_text())
+    net = timm.create_model(sidecar["timm_model"], **sidecar["kwargs"])
+    net.load_state_dict(torch.load(tmp_path / "enc.pt"), strict=True)
+    assert net.num_features == 64 and net.conv1.weight.shape == (16, 1, 3, 3)
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("resnet32_k4", ["model.depths=[1, 1, 2]", "model.taps=[1, 3]", "model.img_size=16", "model.boundary='global'"]),
+    ("resnet32_k4", ["model.depths=[1, 1, 2]", "model.taps=[0, 1, 2, 3]", "model.img_size=16",
+                     "model.objective='contrastive'", "model.boundary='isolated'"]),
+    ("localmim_vit_nano", []),
+], ids=["resnet_global", "resnet_contrastive_isolated", "vit_mim"])
+def test_gradient_checkpointing_changes_no_loss_gradient_or_batch_statistic(preset, overrides):
+    """`train.grad_checkpoint` recomputes stage forwards in backward: three SGD steps give the same losses,
+    weights and BatchNorm running statistics, bit for bit, as the plain run."""
+    runs = []
+    for flag in ("false", "true"):
+        cfg = load_run_config(None, [f"preset={preset}", *overrides, f"train.grad_checkpoint={flag}"])
+        model = build_model(cfg).train()
+        assert model.grad_checkpoint == (flag == "true")
+        calls = []
+        model.stages[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for step in range(3):
+            images, mask, labels = batch(model, samples=4, seed=step)
+            out = model(images, mask, labels=labels)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            losses.append([float(v.detach()) for v in out.losses])
+        assert len(calls) == 3 * (2 if flag == "true" else 1)  # checkpointed: recomputed in backward
+        runs.append((losses, copy.deepcopy(model.state_dict())))
+    (a, sa), (b, sb) = runs
+    assert a == b
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
