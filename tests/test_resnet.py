@@ -26,9 +26,12 @@ from isolocal.heads import ClassifyHead, pool
 from isolocal.models.mim import LocalMIM
 from isolocal.models.presets import list_models, preset_config
 from isolocal.recipes import load_run_config
+from isolocal.study.schema import load_study, resolve_run
 from isolocal.train import train
 from isolocal.train.loop import build_model
 from test_pipeline import launch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(**kw) -> ModelConfig:
@@ -286,3 +289,77 @@ def test_a_two_rank_resnet_pipeline_gives_the_single_process_parameters(tmp_path
         logs = [[json.loads(line)["loss_stage"] for line in (tmp_path / f"{run}_{boundary}" / "metrics.jsonl").read_text()
                  .splitlines() if json.loads(line)["kind"] == "step"] for run in ("single", "pipe")]
         assert len(logs[0]) == 3 and np.allclose(logs[0], logs[1], rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------- study
+
+TINY_STUDY = """
+[study]
+name = "tiny_resnet"
+out_dir = "{out}"
+seeds = [0, 1]
+evals = ["knn", "linear", "head"]
+baseline = "e2e"
+nmi_layers = []
+
+[study.claims.isolation]
+a = "classify_k2"
+b = "e2e"
+metric = "head_top"
+margin = 1.0
+
+[base]
+preset = "resnet32_k2"
+model = {{ depths = [1, 1, 2], taps = [1, 3] }}
+[base.data]
+name = "fashion_mnist"
+pad = 2
+train_subset = 64
+[base.train]
+batch_size = 32
+log_every = 1
+[base.eval]
+feature = "mean"
+knn_k = 5
+linear_epochs = 1
+train_subset = 64
+test_subset = 32
+
+[variants.e2e]
+model = {{ taps = [3], boundary = "global" }}
+[variants.classify_k2]
+model = {{ boundary = "isolated" }}
+"""
+
+
+def test_the_shipped_resnet_study_is_21_paired_runs_of_resnet32_splits():
+    study = load_study(REPO / "experiments" / "local_learning_resnet.toml")
+    assert len(study.runs()) == 21 and set(study.evals) == {"knn", "linear", "head"}
+    configs = {v: resolve_run(study, v) for v in study.variants}
+    for variant, cfg in configs.items():
+        LocalMIM.check_config(cfg.model)
+        LocalMIM.check_masking(cfg.model)
+        stages = 1 if variant == "e2e" else int(variant.rsplit("_k", 1)[1])
+        assert len(cfg.model.taps) == stages and cfg.model.taps[-1] == 14 and cfg.model.depths == [5, 5, 5]
+        assert cfg.model.objective == ("contrastive" if variant.startswith("contrastive") else "classify")
+        assert cfg.model.boundary == ("global" if variant == "e2e" else "isolated")
+        assert (cfg.data, cfg.train, cfg.eval) == (configs["e2e"].data, configs["e2e"].train, configs["e2e"].eval)
+    assert configs["e2e"].data.pad == 2 and configs["e2e"].eval.feature == "mean"
+    assert {(c.a, c.b, c.metric) for c in study.claims.values()} == {
+        (f"classify_k{k}", "e2e", "head_top") for k in (2, 4, 8)}
+
+
+@pytest.mark.slow
+def test_a_resnet_study_skips_attention_analysis_and_reports_the_heads(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(TINY_STUDY.format(out=tmp_path / "out"))
+    assert main(["compare", "-c", str(path)]) == 0
+    runs = sorted((tmp_path / "out" / "runs").glob("*/seed*"))
+    assert len(runs) == 4
+    for run in runs:
+        assert json.loads((run / "result.json").read_text())["status"] == "ok"
+        assert (run / "analysis.csv").read_text() == "layer,nmi,attention_distance\n"
+        assert not list(run.glob("*.png"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Classify heads' own top-1 %" in report and "NMI" not in report and "attention distance" not in report
+    assert "isolation" in report

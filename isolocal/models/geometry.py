@@ -29,7 +29,7 @@ class Tap:
 
 @dataclass(frozen=True)
 class Family:
-    """What a model family (columnar ViT, pyramidal Swin) supplies to the shared MIM model."""
+    """What a model family (columnar ViT, pyramidal Swin, ResNet) supplies to the shared MIM model."""
 
     taps: Callable[[ModelConfig], list[Tap]]
     build_stages: Callable[[ModelConfig, list[Tap]], list[Any]]
@@ -40,6 +40,7 @@ class Family:
     # export to timm (see timm_export.py): (model) -> (timm name, create_model overrides); (model) -> weights
     timm_name_and_kwargs: Callable[[Any], tuple[str, dict[str, Any]]]
     timm_state_dict: Callable[[Any], dict[str, Any]]
+    has_attention: bool = True  # False: no attention to analyse (NMI, attention distance, attention maps)
 
 
 def require(ok: bool, message: str) -> None:

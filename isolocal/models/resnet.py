@@ -200,4 +200,5 @@ def resnet_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
 
 RESNET = Family(taps=resnet_taps, build_stages=build_resnet_stages, mask_grid=resnet_mask_grid,
                 context=lambda cfg, mask, host_mask: None, has_cls=False,
-                timm_name_and_kwargs=resnet_timm_name_and_kwargs, timm_state_dict=resnet_state_dict)
+                timm_name_and_kwargs=resnet_timm_name_and_kwargs, timm_state_dict=resnet_state_dict,
+                has_attention=False)

@@ -7,7 +7,8 @@ exists and resumes pre-training from `last.pt`:
 - `pretrain.json`: the trainer's summary (next to its `metrics.jsonl`, `config.toml`, checkpoints);
 - `probes.json`: k-NN and per-stage linear probes (`isolocal eval knn linear`'s output);
 - `finetune.json`: fine-tuning of the whole encoder (`isolocal eval finetune`'s output);
-- `analysis.csv`: per-layer NMI and attention distance; then the run's figures;
+- `analysis.csv`: per-layer NMI and attention distance; then the run's figures (no rows and no figures
+  for a family without attention, e.g. a ResNet);
 - `result.json`: status, headline numbers and figure names, or the error of a failed run.
 
 Controls (`pretrain = false`) skip pre-training and evaluate the encoder at its seeded init, which
@@ -130,6 +131,9 @@ def load_encoder(cfg: RunConfig, ckpt: str) -> nn.Module:
 
 def analyse(spec: dict, model: nn.Module, run_dir: Path) -> list[str]:
     """Per-layer NMI / attention distance into analysis.csv; returns the run's figures (file names)."""
+    if not model.family.has_attention:  # nothing to measure: the phase's file, without rows
+        write_text(run_dir / ANALYSIS, "layer,nmi,attention_distance\n")
+        return []
     import torch
 
     from analysis.capture import attention_layouts, capture_attention, token_layout
