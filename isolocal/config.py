@@ -361,6 +361,8 @@ def validate_run(cfg: RunConfig) -> None:
     _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
     _check(t.nonfinite_max_skips >= 1, f"train.nonfinite_max_skips must be >= 1, got {t.nonfinite_max_skips}")
     _check(t.analysis_every >= 0, f"train.analysis_every must be >= 0, got {t.analysis_every}")
+    _check(t.analysis_every == 0 or cfg.model is None or cfg.model.arch != "resnet",
+           f"train.analysis_every = {t.analysis_every} measures attention, which a resnet has none of; set it to 0")
     _check(t.knn_every_epochs >= 0, f"train.knn_every_epochs must be >= 0, got {t.knn_every_epochs}")
     bad_scales = [v for v in t.stage_lr_scale if v <= 0]
     _check(not bad_scales, f"train.stage_lr_scale entries must be > 0, got {t.stage_lr_scale}")

@@ -177,6 +177,8 @@ def test_bad_resnet_fields_are_config_errors_naming_the_key():
                                 ("channels", "[16, 0, 64]", r"model.channels entries must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             load_run_config(None, ["preset=resnet32_k4", f"model.{key}={value}"])
+    with pytest.raises(ConfigError, match="train.analysis_every = 5 measures attention, which a resnet has none of"):
+        load_run_config(None, ["preset=resnet32_k4", "train.analysis_every=5"])
     with pytest.raises(ConfigError, match="data.pad must be >= 0, got -1"):
         load_run_config(None, ["preset=resnet32_k4", "data.pad=-1"])
 
