@@ -360,6 +360,8 @@ def validate_run(cfg: RunConfig) -> None:
            f"train.ckpt_every_minutes must be >= 0 (0 = off), got {t.ckpt_every_minutes}")
     _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
     _check(t.nonfinite_max_skips >= 1, f"train.nonfinite_max_skips must be >= 1, got {t.nonfinite_max_skips}")
+    _check(not (t.compile and t.grad_checkpoint),
+           "train.grad_checkpoint = true is not supported with train.compile = true; set one of them to false")
     _check(t.analysis_every >= 0, f"train.analysis_every must be >= 0, got {t.analysis_every}")
     _check(t.analysis_every == 0 or cfg.model is None or cfg.model.arch != "resnet",
            f"train.analysis_every = {t.analysis_every} measures attention, which a resnet has none of; set it to 0")

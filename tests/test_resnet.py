@@ -231,17 +231,20 @@ def test_the_cli_trains_resnet32_k4_on_padded_fashion_mnist(tmp_path, capsys):
     ("resnet32_k4", ["model.depths=[1, 1, 2]", "model.taps=[0, 1, 2, 3]", "model.img_size=16",
                      "model.objective='contrastive'", "model.boundary='isolated'"]),
     ("localmim_vit_nano", []),
-], ids=["resnet_global", "resnet_contrastive_isolated", "vit_mim"])
+    ("localmim_swin_nano", []),
+], ids=["resnet_global", "resnet_contrastive_isolated", "vit_mim", "swin_mim"])
 def test_gradient_checkpointing_changes_no_loss_gradient_or_batch_statistic(preset, overrides):
-    """`train.grad_checkpoint` recomputes stage forwards in backward: three SGD steps give the same losses,
-    weights and BatchNorm running statistics, bit for bit, as the plain run."""
+    """`train.grad_checkpoint` recomputes every block's forward in backward: three SGD steps give the same
+    losses, weights and BatchNorm running statistics, bit for bit, as the plain run."""
     runs = []
     for flag in ("false", "true"):
         cfg = load_run_config(None, [f"preset={preset}", *overrides, f"train.grad_checkpoint={flag}"])
         model = build_model(cfg).train()
         assert model.grad_checkpoint == (flag == "true")
         calls = []
-        model.stages[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+        stage = model.stages[-1]
+        block = (stage.blocks if hasattr(stage, "blocks") else stage.layers)[-1]
+        block.register_forward_pre_hook(lambda module, args: calls.append(1))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         losses = []
         for step in range(3):

@@ -6,17 +6,15 @@ same per-stage step, `stage_step`, and so computes the same numbers.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from isolocal.config import Boundary, ModelConfig
 from isolocal.heads import HEADS, HeadInputs, needs_of, parse_objectives
@@ -116,27 +114,6 @@ def _require(ok: Tensor, message: str) -> None:
         raise ValueError(message) from None
 
 
-_BATCH_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-@contextlib.contextmanager
-def _scratch_batch_stats(module: nn.Module) -> Iterator[None]:
-    """BatchNorms update throw-away copies of their running statistics: a checkpointed stage's
-    recomputation then leaves the buffers as one forward did (no second momentum update), and runs
-    the same ops on the same tensors (the originals are not modified in place)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    kept = [[getattr(m, name) for name in _BATCH_STATS] for m in norms]
-    for m, buffers in zip(norms, kept):
-        for name, buffer in zip(_BATCH_STATS, buffers):
-            setattr(m, name, buffer.clone())
-    try:
-        yield
-    finally:
-        for m, buffers in zip(norms, kept):
-            for name, buffer in zip(_BATCH_STATS, buffers):
-                setattr(m, name, buffer)
-
-
 _FAMILIES = {"vit": "isolocal.models.vit:VIT", "swin": "isolocal.models.swin:SWIN",
              "resnet": "isolocal.models.resnet:RESNET"}
 
@@ -162,7 +139,6 @@ class LocalMIM(nn.Module):
         self.objectives = parse_objectives(cfg.objective, len(self.taps))
         self.needs = needs_of(self.objectives)  # what the heads need from the data, together
         self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps))
-        self.grad_checkpoint = False  # `train.grad_checkpoint`: recompute stage forwards in backward
         self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.in_chans,
                                       cfg.hog_nbins, cfg.hog_bias, cfg.hog_bias_seed)
         self.apply(_init_weights)
@@ -213,6 +189,17 @@ class LocalMIM(nn.Module):
             return stages
         return [k for k in (range(self.num_stages) if stages is None else stages)
                 if "target" in HEADS[self.objectives[k]].needs]
+
+    @property
+    def grad_checkpoint(self) -> bool:
+        """`train.grad_checkpoint`: every stage recomputes its blocks' activations in backward
+        (`isolocal.models.recompute`), the end-to-end memory baseline local training is compared with."""
+        return all(getattr(stage, "grad_checkpointing", False) for stage in self.stages)
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, enabled: bool) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enabled
 
     @property
     def isolated(self) -> bool:
@@ -282,21 +269,12 @@ class LocalMIM(nn.Module):
         """Run stage k on its input: (output tokens, local loss, prediction). A `mim` stage's head is its
         decoder (`predict`, compiled with the stage); any other reads the stage's normalized output."""
         stage = self.stages[k]
-        x = self.run_stage(stage, x, batch.ctx)
+        x = stage(x, batch.ctx)
         if self.objectives[k] != "mim":
             out = stage.head.loss(stage.features(x), HeadInputs(int(self.family.has_cls), batch.labels, batch.views))
             return x, out.loss, out.pred
         pred = stage.predict(x, batch.ctx)
         return x, masked_mse(pred, batch.targets[k], batch.weights[k]), pred
-
-    def run_stage(self, stage: nn.Module, x: Tensor, ctx: Any) -> Tensor:
-        """The stage's encoder forward; with `grad_checkpoint` in training, under non-reentrant
-        `torch.utils.checkpoint` (activations recomputed in backward, same numbers, same BatchNorm
-        statistics: the end-to-end memory baseline against which local training is compared)."""
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(stage, x, ctx, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), _scratch_batch_stats(stage)))
-        return stage(x, ctx)
 
     def forward(self, images: Tensor, mask: Tensor, return_pred: bool = False,
                 labels: Tensor | None = None) -> MIMOutput:

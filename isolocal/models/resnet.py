@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from isolocal.config import ModelConfig
 from isolocal.heads.base import attach_head, parse_objectives
 from isolocal.models.geometry import Family, Tap, require
+from isolocal.models.recompute import run_blocks
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -111,7 +112,7 @@ class ResNetStage(nn.Module):
         """Images (first stage) or the previous stage's map -> this stage's map."""
         if self.has_stem:
             x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        return self.blocks(x)
+        return run_blocks(self, self.blocks, x)
 
     def features(self, x: Tensor) -> Tensor:
         """The stage's map as it is (B, C, H, W): heads and probes pool it themselves."""

@@ -26,6 +26,7 @@ from isolocal.config import ModelConfig
 from isolocal.heads.base import attach_head
 from isolocal.models.decoder import LocalDecoder
 from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
+from isolocal.models.recompute import run_blocks
 from isolocal.models.swin_attention import Level, LevelPlan, plan_levels, take, visible_block, visible_merge
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 from isolocal.targets import target_dim
@@ -185,9 +186,7 @@ class SwinStage(nn.Module):
         """Images (first stage) or the previous stage's tokens (B, N, C) -> this stage's tokens."""
         if self.first == 0:
             x = self.embed(x, ctx)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        return x
+        return run_blocks(self, self.layers, x, ctx)
 
     def features(self, x: Tensor) -> Tensor:
         return self.norm(x)

@@ -20,6 +20,7 @@ from isolocal.masking import visible_count, visible_indices
 from isolocal.models.decoder import LayerNorm, LocalDecoder
 from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.posembed import sincos_pos_embed
+from isolocal.models.recompute import run_blocks
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 from isolocal.targets import target_dim
 
@@ -65,7 +66,7 @@ class ViTStage(nn.Module):
         """Images (first stage) or the previous stage's tokens -> this stage's tokens."""
         if self.first_block == 0:
             x = self.embed(x, ctx)
-        return self.blocks(x)
+        return run_blocks(self, self.blocks, x)
 
     def features(self, x: Tensor) -> Tensor:
         """The tap's normalized tokens (what the decoder and the probes read)."""
