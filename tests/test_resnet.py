@@ -179,6 +179,8 @@ def test_bad_resnet_fields_are_config_errors_naming_the_key():
             load_run_config(None, ["preset=resnet32_k4", f"model.{key}={value}"])
     with pytest.raises(ConfigError, match="train.analysis_every = 5 measures attention, which a resnet has none of"):
         load_run_config(None, ["preset=resnet32_k4", "train.analysis_every=5"])
+    with pytest.raises(ConfigError, match="train.grad_checkpoint = true is not supported with train.compile = true"):
+        load_run_config(None, ["preset=resnet32_k4", "train.grad_checkpoint=true", "train.compile=true"])
     with pytest.raises(ConfigError, match="data.pad must be >= 0, got -1"):
         load_run_config(None, ["preset=resnet32_k4", "data.pad=-1"])
 
