@@ -32,7 +32,7 @@ FORMAT = {"loss": (4, "loss"), "loss_total": (4, "total loss"), "knn": (2, "k-NN
           "linear_best": (2, "best-stage linear top-1 %"), "finetune": (2, "fine-tune top-1 %"),
           "head": (2, "classify head top-1 %"), "head_top": (2, "top classify head top-1 %"),
           "nmi": (4, "NMI"), "attention_distance": (2, "attention distance (px)"),
-          "pretrain_s": (0, "pre-training s"), "img_per_s": (0, "img/s"), "peak_mem_mb": (0, "peak MB")}
+          "pretrain_s": (0, "pre-training s"), "epoch_s": (1, "s per epoch"), "img_per_s": (0, "img/s"), "peak_mem_mb": (0, "peak MB")}
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
@@ -87,6 +87,8 @@ def run_rows(run: Run) -> list[dict]:
             add(metric, value, layer=int(layer))
     if (run.dir / PRETRAIN).exists():
         add("pretrain_s", read_json(run.dir / PRETRAIN)["time"])
+        if len(epochs):  # wall-clock per epoch, the median over epochs (ends of consecutive epoch records)
+            add("epoch_s", np.median(np.diff(epochs["time"].to_numpy(), prepend=0.0)))
         add("img_per_s", steps["img_per_s"].median())
         add("peak_mem_mb", steps["peak_mem_mb"].max())
     return rows
@@ -164,7 +166,7 @@ def paired_table(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
     """Per-seed paired differences of every variant to the baseline on the headline numbers."""
     selections = [(m, None) for m in ("knn_best", "linear_best", "head_top", "finetune")]
     selections += [("nmi", layer) for layer in study.nmi_layers]
-    selections += [(m, None) for m in ("pretrain_s", "peak_mem_mb")]
+    selections += [(m, None) for m in ("pretrain_s", "epoch_s", "peak_mem_mb")]
     rows = []
     for metric, layer in selections:
         digits, label = FORMAT[metric]
@@ -357,7 +359,7 @@ def build_report(study: Study) -> Path:
                 ("Fine-tuning top-1 % (whole encoder)", ["finetune"]),
                 ("Query/key NMI per encoder layer", ["nmi"]),
                 ("Mean attention distance per encoder layer (pixels)", ["attention_distance"]),
-                ("Cost of pre-training", ["pretrain_s", "img_per_s", "peak_mem_mb"])]
+                ("Cost of pre-training", ["pretrain_s", "epoch_s", "img_per_s", "peak_mem_mb"])]
     for title, metrics in families:
         if not summary["metric"].isin(metrics).any():
             continue

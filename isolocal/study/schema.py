@@ -54,6 +54,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "nmi": ("layer", "analysis"),
     "attention_distance": ("layer", "analysis"),
     "pretrain_s": ("run", "pretrain"),
+    "epoch_s": ("run", "pretrain"),
     "img_per_s": ("run", "pretrain"),
     "peak_mem_mb": ("run", "pretrain"),
 }
