@@ -77,6 +77,41 @@ def test_classify_head_is_cross_entropy_of_an_mlp_on_pooled_tokens_or_maps():
     torch.testing.assert_close(on_map.pred, head.mlp(maps.mean((2, 3))))
 
 
+def test_head_defaults_pool_every_token_of_one_view_and_size_the_mlp_by_the_stage():
+    """HeadInputs() means no prefix token and one view; hidden = 0 means the stage's width; the classify
+    head logs its batch accuracy."""
+    torch.manual_seed(0)
+    head = ClassifyHead(dim=8, num_classes=3)
+    assert head.mlp[0].out_features == 8 and ContrastiveHead(8, 4, 0.5).proj[0].out_features == 8
+    features, labels = torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 2])
+    out = head.loss(features, HeadInputs(labels=labels))
+    torch.testing.assert_close(out.pred, head.mlp(features.mean(1)))
+    assert out.logs["acc"].item() == pytest.approx((out.pred.argmax(1) == labels).float().mean().item())
+    with pytest.raises(ValueError, match="got views=1"):
+        ContrastiveHead(8, 4, 0.5).loss(torch.randn(4, 5, 8), HeadInputs())
+
+
+def test_info_nce_normalises_in_fp32_under_bf16_autocast():
+    """`train.amp = "bf16"` runs heads under autocast (CPU too): the projections come out in bf16 and
+    InfoNCE must normalise them in fp32 (bf16 normalisation shifts this loss by ~3e-3)."""
+    torch.manual_seed(0)
+    head = ContrastiveHead(16, 8, 0.2)
+    features = torch.randn(12, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = F.normalize(head.proj(features[:, 1:].mean(1)).float(), dim=1)
+        sim = (z @ z.T / 0.2).masked_fill(torch.eye(12, dtype=torch.bool), float("-inf"))
+        expected = F.cross_entropy(sim, torch.arange(12).roll(6))
+        loss = head.loss(features, HeadInputs(prefix=1, views=2)).loss
+    assert loss.item() == expected.item()
+
+
+def test_check_config_refuses_an_unknown_objective_without_building_the_model():
+    cfg = isolocal.preset_config(NANO)
+    cfg.objective = "byol"
+    with pytest.raises(ValueError, match="model.objective 'byol' is not a head"):
+        isolocal.LocalMIM.check_config(cfg)
+
+
 def test_contrastive_head_is_info_nce_of_the_projected_pooled_views():
     torch.manual_seed(0)
     head = ContrastiveHead(dim=8, proj_dim=4, temperature=0.5)

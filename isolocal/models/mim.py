@@ -39,8 +39,8 @@ class Batch:
     ctx: Any
     targets: list[Tensor | None]  # None for stages a caller did not ask for
     weights: list[Tensor | None]  # the mask at each tap's output grid (1 = masked, fractional when pooled)
-    labels: Tensor | None = None  # (B,) class indices, repeated over views, when a head needs them
-    views: int = 1  # images per sample, stacked along the batch as [view 1; view 2]
+    labels: Tensor | None  # (B,) class indices, repeated over views, when a head needs them (else None)
+    views: int  # images per sample, stacked along the batch as [view 1; view 2]
 
 
 class _GradScale(torch.autograd.Function):
