@@ -339,21 +339,25 @@ model = {{ boundary = "isolated" }}
 """
 
 
-def test_the_shipped_resnet_study_is_21_paired_runs_of_resnet32_splits():
+def test_the_shipped_resnet_study_is_24_paired_runs_of_resnet32_splits():
     study = load_study(REPO / "experiments" / "local_learning_resnet.toml")
-    assert len(study.runs()) == 21 and set(study.evals) == {"knn", "linear", "head"}
+    assert len(study.runs()) == 24 and set(study.evals) == {"knn", "linear", "head"}
     configs = {v: resolve_run(study, v) for v in study.variants}
     for variant, cfg in configs.items():
         LocalMIM.check_config(cfg.model)
         LocalMIM.check_masking(cfg.model)
-        stages = 1 if variant == "e2e" else int(variant.rsplit("_k", 1)[1])
+        end_to_end = variant.startswith("e2e")
+        stages = 1 if end_to_end else int(variant.rsplit("_k", 1)[1])
         assert len(cfg.model.taps) == stages and cfg.model.taps[-1] == 14 and cfg.model.depths == [5, 5, 5]
         assert cfg.model.objective == ("contrastive" if variant.startswith("contrastive") else "classify")
-        assert cfg.model.boundary == ("global" if variant == "e2e" else "isolated")
+        assert cfg.model.boundary == ("global" if end_to_end else "isolated")
+        assert cfg.train.grad_checkpoint == (variant == "e2e_ckpt")
+        cfg.train.grad_checkpoint = False  # the one difference the checkpointed twin has
         assert (cfg.data, cfg.train, cfg.eval) == (configs["e2e"].data, configs["e2e"].train, configs["e2e"].eval)
     assert configs["e2e"].data.pad == 2 and configs["e2e"].eval.feature == "mean"
     assert {(c.a, c.b, c.metric) for c in study.claims.values()} == {
-        (f"classify_k{k}", "e2e", "head_top") for k in (2, 4, 8)}
+        *((f"classify_k{k}", "e2e", "head_top") for k in (2, 4, 8)),
+        ("e2e", "classify_k8", "peak_mem_mb"), ("e2e", "e2e_ckpt", "peak_mem_mb")}
 
 
 @pytest.mark.slow
