@@ -476,24 +476,8 @@ def test_a_mixed_objective_pipeline_gives_the_single_process_parameters(tmp_path
     global: labels and both views reach every rank's heads, and after 3 steps the parameters and every
     logged loss equal the single-process trainer's (same data, labels, views and masks) to 1e-5."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_pipeline import launch
+    from test_pipeline import assert_pipeline_equals_single_process
 
-    from isolocal.checkpoint import LAST, load_model_state
-
-    common = [*TINY, "data.synthetic_size=64", "train.batch_size=16", "train.max_steps=3", "train.base_lr=0.01",
-              "pipeline.micro_batches=2", "pipeline.timeout_s=60", "model.objective=['mim', 'classify', 'mim', 'contrastive']"]
-    runs = []
-    for boundary in ("isolated", "global"):
-        opts = [*common, f"model.boundary={boundary!r}"]
-        train(tiny(tmp_path / f"single_{boundary}", *opts, "train.accum_steps=2"))
-        runs.append([to_dict(tiny(tmp_path / f"pipe_{boundary}", *opts, "pipeline.stages=2")), False, None])
-    launch(2, tmp_path / "launch", {"runs": runs})
-    for boundary in ("isolated", "global"):
-        expected = load_model_state(tmp_path / f"single_{boundary}" / LAST)[1]
-        got = load_model_state(tmp_path / f"pipe_{boundary}")[1]
-        assert expected.keys() == got.keys()
-        for key, value in expected.items():
-            assert float((got[key] - value).norm()) <= 1e-5 * max(float(value.norm()), 1e-30), (boundary, key)
-        logs = [[json.loads(line)["loss_stage"] for line in (tmp_path / f"{run}_{boundary}" / "metrics.jsonl").read_text()
-                 .splitlines() if json.loads(line)["kind"] == "step"] for run in ("single", "pipe")]
-        assert len(logs[0]) == 3 and np.allclose(logs[0], logs[1], rtol=1e-5, atol=0)
+    assert_pipeline_equals_single_process(tmp_path, [
+        *TINY, "data.synthetic_size=64", "train.batch_size=16", "train.max_steps=3", "train.base_lr=0.01",
+        "pipeline.micro_batches=2", "pipeline.timeout_s=60", "model.objective=['mim', 'classify', 'mim', 'contrastive']"])

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -87,6 +88,32 @@ def launch(n: int, out: Path, spec: dict, timeout: float = 180) -> None:
     codes = wait_all(start_ranks(n, out, spec), timeout)
     logs = "\n".join((out / f"log_rank{r}.txt").read_text()[-3000:] for r in range(n))
     assert codes == [0] * n, f"exit codes {codes}\n{logs}"
+
+
+def assert_pipeline_equals_single_process(tmp_path: Path, overrides: list[str]) -> dict[str, dict]:
+    """Train `overrides` (2 micro-batches per step) in one process (accumulating them) and as a 2-rank
+    pipeline, isolated and global: the final parameters and buffers agree to 1e-5 (relative) and so do
+    the logged per-stage losses of every step. Returns the single-process states by boundary."""
+    runs, states = [], {}
+    for boundary in ("isolated", "global"):
+        opts = [*overrides, f"model.boundary={boundary!r}"]
+        single = load_run_config(None, [*opts, "train.accum_steps=2", f"out_dir='{tmp_path / f'single_{boundary}'}'"])
+        train(single)
+        runs.append([to_dict(load_run_config(None, [*opts, "pipeline.stages=2",
+                                                    f"out_dir='{tmp_path / f'pipe_{boundary}'}'"])), False, None])
+    launch(2, tmp_path / "launch", {"runs": runs})
+    for boundary in ("isolated", "global"):
+        expected = states[boundary] = load_model_state(tmp_path / f"single_{boundary}" / LAST)[1]
+        got = load_model_state(tmp_path / f"pipe_{boundary}")[1]
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            diff, scale = (got[key] - value).double().norm(), max(float(value.double().norm()), 1e-30)
+            assert float(diff) <= 1e-5 * scale, (boundary, key)
+        logs = [pd.read_json(tmp_path / f"{run}_{boundary}" / "metrics.jsonl", lines=True).query("kind == 'step'")
+                for run in ("single", "pipe")]
+        single_losses, pipe_losses = (np.array(log["loss_stage"].tolist()) for log in logs)
+        assert len(single_losses) == 3 and np.allclose(single_losses, pipe_losses, rtol=1e-5, atol=0), boundary
+    return states
 
 
 def merged(out: Path, n: int) -> dict:

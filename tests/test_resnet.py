@@ -11,15 +11,13 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from isolocal.checkpoint import LAST, load_model_state
 from isolocal.cli import main
-from isolocal.config import ConfigError, ModelConfig, to_dict
+from isolocal.config import ConfigError, ModelConfig
 from isolocal.data import build_dataset
 from isolocal.export import export_timm, timm_kwargs
 from isolocal.heads import ClassifyHead, pool
@@ -27,9 +25,8 @@ from isolocal.models.mim import LocalMIM
 from isolocal.models.presets import list_models, preset_config
 from isolocal.recipes import load_run_config
 from isolocal.study.schema import load_study, resolve_run
-from isolocal.train import train
 from isolocal.train.loop import build_model
-from test_pipeline import launch
+from test_pipeline import assert_pipeline_equals_single_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -270,32 +267,12 @@ def test_a_two_rank_resnet_pipeline_gives_the_single_process_parameters(tmp_path
     """2 DeepSpeed pipeline ranks (stages 0-1 | 2-3) send 4-D feature maps; isolated and global, after 3
     steps the parameters (BatchNorm statistics included) and logged losses equal the single-process
     trainer's (same data, labels, micro-batches) to 1e-5."""
-    common = ["preset=resnet32_k4", "model.depths=[1, 1, 2]", "model.taps=[0, 1, 2, 3]", "data.name=synthetic",
-              "data.synthetic_size=64", "train.batch_size=16", "train.epochs=1", "train.log_every=1",
-              "train.warmup_epochs=0.5", "train.max_steps=3", "train.base_lr=0.01", "pipeline.micro_batches=2",
-              "pipeline.timeout_s=60"]
-
-    def config(out: Path, *opts: str):
-        cfg = load_run_config(None, [*common, *opts])
-        cfg.out_dir = str(out)
-        return cfg
-
-    runs = []
-    for boundary in ("isolated", "global"):
-        opts = [f"model.boundary={boundary!r}"]
-        train(config(tmp_path / f"single_{boundary}", *opts, "train.accum_steps=2"))
-        runs.append([to_dict(config(tmp_path / f"pipe_{boundary}", *opts, "pipeline.stages=2")), False, None])
-    launch(2, tmp_path / "launch", {"runs": runs})
-    for boundary in ("isolated", "global"):
-        expected = load_model_state(tmp_path / f"single_{boundary}" / LAST)[1]
-        got = load_model_state(tmp_path / f"pipe_{boundary}")[1]
-        assert expected.keys() == got.keys() and any("running_mean" in k for k in expected)
-        for key, value in expected.items():
-            diff, scale = (got[key] - value).double().norm(), max(float(value.double().norm()), 1e-30)
-            assert float(diff) <= 1e-5 * scale, (boundary, key)
-        logs = [[json.loads(line)["loss_stage"] for line in (tmp_path / f"{run}_{boundary}" / "metrics.jsonl").read_text()
-                 .splitlines() if json.loads(line)["kind"] == "step"] for run in ("single", "pipe")]
-        assert len(logs[0]) == 3 and np.allclose(logs[0], logs[1], rtol=1e-5, atol=0)
+    states = assert_pipeline_equals_single_process(tmp_path, [
+        "preset=resnet32_k4", "model.depths=[1, 1, 2]", "model.taps=[0, 1, 2, 3]", "data.name=synthetic",
+        "data.synthetic_size=64", "train.batch_size=16", "train.epochs=1", "train.log_every=1",
+        "train.warmup_epochs=0.5", "train.max_steps=3", "train.base_lr=0.01", "pipeline.micro_batches=2",
+        "pipeline.timeout_s=60"])
+    assert all(any("running_mean" in k for k in state) for state in states.values())  # BatchNorm statistics too
 
 
 # ---------------------------------------------------------------------------------------- study
