@@ -48,6 +48,10 @@ def load_for_analysis(path: str | Path, arch_hint: Mapping[str, Any] | None = No
     timm-named formats, chiefly ``{"num_heads": N}`` for non-standard widths.
     """
     model = load_encoder(path, arch_hint)
+    family = getattr(model, "family", None)
+    if family is not None and not family.has_attention:
+        raise ValueError(f"{path} is a {model.cfg.arch} encoder: it has no attention, so there is nothing for NMI, "
+                         "attention distance or attention maps to measure (they need a vit or swin encoder)")
     size, _ = input_shape(model)
     return model, token_layout(model, (size, size))
 

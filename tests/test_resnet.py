@@ -223,6 +223,11 @@ def test_the_cli_trains_resnet32_k4_on_padded_fashion_mnist(tmp_path, capsys):
     net = timm.create_model(sidecar["timm_model"], **sidecar["kwargs"])
     net.load_state_dict(torch.load(tmp_path / "enc.pt"), strict=True)
     assert net.num_features == 64 and net.conv1.weight.shape == (16, 1, 3, 3)
+    capsys.readouterr()
+    assert main(["analyze", "nmi", "--ckpt", str(out), "--images", "fmnist:0", "--out", str(tmp_path / "nmi")]) == 2
+    err = capsys.readouterr().err
+    assert "is a resnet encoder: it has no attention" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nmi").exists()
 
 
 @pytest.mark.parametrize("preset, overrides", [
