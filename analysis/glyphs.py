@@ -6,7 +6,7 @@ visualisation does. Its length is the bin's value times the cell width (L2-norma
 lie in [0, 1], so a bin holding all the energy spans the cell); lines are symmetric about the
 cell's middle pixel, so their end points snap to whole pixels together.
 
-Angle convention (checked against ``isolocal.targets`` by the tests): ``hog_histogram`` bins the
+Angle convention (checked against ``isolocal.core.targets`` by the tests): ``hog_histogram`` bins the
 phase ``atan2(g0, g1)`` of the horizontal (g0) and vertical (g1) derivatives over [0, pi), and the
 edge of bin ``b`` lies at ``bin_angles(nbins)[b] = (b + 1/2) pi / nbins`` counter-clockwise from the
 image's x axis as displayed (rows grow downwards): bin 0 holds horizontal edges, bin nbins/2
@@ -49,7 +49,7 @@ def draw_glyphs(hist: np.ndarray, cell_px: int) -> np.ndarray:
 
 def hog_glyphs(cells: np.ndarray, grid: int, in_chans: int, nbins: int, cell_px: int,
                channels: str = "mean") -> np.ndarray:
-    """One image's HOG cells (grid*grid, in_chans*nbins), row-major as ``isolocal.targets.hog``
+    """One image's HOG cells (grid*grid, in_chans*nbins), row-major as ``isolocal.core.targets.hog``
     lays them out, as glyphs: (H, W) averaged over channels, or (H, W, 3) one colour per channel."""
     if channels not in CHANNEL_MODES:
         raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")

@@ -1,7 +1,7 @@
 """Load encoders and images for attention analysis.
 
 Checkpoints of every format (isolocal files and run directories, pipeline checkpoints, timm ViT
-state dicts, MAE and published LocalMIM files) are read by `isolocal.checkpoint.load_encoder`;
+state dicts, MAE and published LocalMIM files) are read by `isolocal.io.checkpoint.load_encoder`;
 this module adds the token layout analysis needs, and the images to analyse.
 """
 
@@ -21,7 +21,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 import isolocal
 from analysis.capture import TokenLayout, is_windowed, token_layout
-from isolocal.checkpoint import load_encoder
+from isolocal.io.checkpoint import load_encoder
 from isolocal.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -41,7 +41,7 @@ IMAGE_SPEC_HELP = "fmnist:<test indices, e.g. 0,5,17> | skimage:<names, e.g. ast
 
 def load_for_analysis(path: str | Path, arch_hint: Mapping[str, Any] | None = None) -> tuple[nn.Module, TokenLayout]:
     """(encoder in eval mode, its input token layout at its own image size) from any supported
-    checkpoint or run directory (see `isolocal.checkpoint`).
+    checkpoint or run directory (see `isolocal.io.checkpoint`).
 
     Swin encoders (isolocal checkpoints) load too; their per-layer window layouts come from
     ``analysis.attention_layouts``. ``arch_hint`` holds ``timm.create_model`` overrides for

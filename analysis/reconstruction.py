@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from analysis.loading import load_for_analysis
-from isolocal.masking import regrid
-from isolocal.models.mim import LocalMIM, masked_mse
+from isolocal.core.masking import regrid
+from isolocal.models.encoder import LocalMIM, masked_mse
 
 
 @dataclass
@@ -84,7 +84,7 @@ def error_table(recs: list[StageReconstruction], names: list[str], target: str) 
 # ---- pixel targets back to image space -----------------------------------------------------------
 
 def unpatchify(cells: Tensor, grid: int, cell: int, in_chans: int) -> Tensor:
-    """(B, grid*grid, cell*cell*C) in ``isolocal.targets.pixels``' layout -> (B, C, H, W)."""
+    """(B, grid*grid, cell*cell*C) in ``isolocal.core.targets.pixels``' layout -> (B, C, H, W)."""
     x = cells.reshape(cells.shape[0], grid, grid, cell, cell, in_chans)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(cells.shape[0], in_chans, grid * cell, grid * cell)
 

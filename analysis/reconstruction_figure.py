@@ -23,7 +23,7 @@ from analysis.glyphs import hog_glyphs
 from analysis.loading import ImageBatch, input_shape, load_images
 from analysis.reconstruction import (StageReconstruction, check_options, error_table, load_model, pixel_mask,
                                      pixel_views, reconstruct)
-from isolocal.models.mim import LocalMIM
+from isolocal.models.encoder import LocalMIM
 
 MASK_COLOUR = np.array([0.20, 0.25, 0.45])  # masked patches in the masked input, and HOG cell shading
 PANEL_INCHES = 2.0

@@ -6,7 +6,7 @@ same run. A step is forward + backward + AdamW step; the median over `--iters` s
 carries over) and its peak memory is what training adds to the built model over all its steps:
 gradients, optimizer state and activations, the weights and the batch excluded on both devices (CUDA
 `max_memory_allocated`, CPU peak resident memory, each minus its value before the first step; see
-`isolocal.train.metrics.PeakMemory`).
+`isolocal.train.logs.PeakMemory`).
 
 Run from the repository root of a plain checkout (no install needed):
 
@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 import isolocal
-from isolocal.train.metrics import PeakMemory
+from isolocal.train.logs import PeakMemory
 from isolocal.train.step import backward_step, compile_stages
 
 MODELS = ("localmim", "mae", "maskfeat")

@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def worker(args: argparse.Namespace) -> None:
     """One launched rank."""
-    from isolocal.pipeline.runner import exit_on_failure, init_distributed, shutdown
+    from isolocal.train.pipeline.runner import exit_on_failure, init_distributed, shutdown
 
     init_distributed(torch.device("cpu"), timeout_s=300)
     with exit_on_failure():
@@ -68,8 +68,8 @@ def time_engines(args: argparse.Namespace) -> None:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     import isolocal
-    from isolocal.pipeline.engine import build_engine
-    from isolocal.pipeline.module import MIMPipe
+    from isolocal.train.pipeline.engine import build_engine
+    from isolocal.train.pipeline.module import MIMPipe
 
     world, rank = dist.get_world_size(), dist.get_rank()
     engines, feeds = {}, {}

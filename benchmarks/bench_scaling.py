@@ -10,7 +10,7 @@ Throughput is the median `img_per_s` of the log records of steps `--from-step` .
 (`train.log_every = --log-every`). In the same process, before the runs, every stage is timed on one
 micro-batch with `--threads` threads (`measure_stage_costs`) and the first rank's data loading per
 micro-batch; from those come the balance bound (one worker's work over the busiest rank's) and the
-cost model's step time (`isolocal.pipeline.costmodel.predict`; the isolated schedule drains at log
+cost model's step time (`isolocal.train.pipeline.costmodel.predict`; the isolated schedule drains at log
 steps only, DeepSpeed's 1F1B every step). Efficiency = measured speed-up over one worker / bound.
 The per-rank breakdown of the fastest pipeline follows the table (`--figure`: its timeline).
 
@@ -101,8 +101,8 @@ def stage_costs(args: argparse.Namespace, boundary: str, micro_batch: int) -> tu
     """Per-stage costs of one micro-batch with `--threads` threads, and the loader's time per micro-batch."""
     import isolocal
     from isolocal.data import build_loader
-    from isolocal.pipeline.profile import measure_stage_costs
-    from isolocal.recipes import load_run_config
+    from isolocal.train.pipeline.timing import measure_stage_costs
+    from isolocal.config.load import load_run_config
     from isolocal.train.loop import build_train_dataset
 
     torch.set_num_threads(args.threads)
@@ -121,8 +121,8 @@ def stage_costs(args: argparse.Namespace, boundary: str, micro_batch: int) -> tu
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from isolocal.checkpoint import pipeline_client_state
-    from isolocal.pipeline.costmodel import Link, balance_bound, predict
+    from isolocal.io.checkpoint import pipeline_client_state
+    from isolocal.train.pipeline.costmodel import Link, balance_bound, predict
 
     m, micro = args.micro_batches, args.batch // args.micro_batches
     link = Link(*SEND)

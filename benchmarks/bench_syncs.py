@@ -3,7 +3,7 @@
 A step is what the trainer runs between log steps: a mask drawn on the host, `backward_step` and the
 optimizer step (AdamW). Over `--steps` steps after `--warmup`, per step:
 - `fwd_bwd_*` (`backward_step`) and `opt_*` (the optimizer step): events of
-  `isolocal.syncs.HostSyncCounter`: every host read (`all`), those of floating-point tensors
+  `isolocal.testing.syncs.HostSyncCounter`: every host read (`all`), those of floating-point tensors
   (`float`) and those of tensors on the accelerator (`device`). On a CPU run every tensor is a host
   tensor, so `device` is 0 there and `all` is the upper bound the CPU tests guard (ViT 0; Swin only
   its host-side window planning, on integer data). AdamW reads its step counts, CPU scalars even on
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 import isolocal
-from isolocal.syncs import HostSyncCounter
+from isolocal.testing.syncs import HostSyncCounter
 from isolocal.train.step import backward_step
 
 

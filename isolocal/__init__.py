@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from isolocal import masking, targets
-from isolocal.checkpoint import load_checkpoint
+from isolocal.core import masking, targets
+from isolocal.io.checkpoint import load_checkpoint
 from isolocal.config import Boundary, ConfigError, ModelConfig, from_dict, to_dict
-from isolocal.export import create_timm_model, export_timm, timm_kwargs
-from isolocal.models.mim import LocalMIM, MIMOutput
-from isolocal.models.presets import list_models, preset_config
+from isolocal.io.export import create_timm_model, export_timm, timm_kwargs
+from isolocal.models.encoder import LocalMIM, MIMOutput
+from isolocal.config.presets import list_models, preset_config
 
 __version__ = "0.1.0"
 

@@ -45,8 +45,8 @@ def build(p: int, dp: int, m: int, boundary: str, schedule: str, clip: float, pr
     import isolocal
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-    from isolocal.pipeline.engine import build_engine
-    from isolocal.pipeline.module import MIMPipe
+    from isolocal.train.pipeline.engine import build_engine
+    from isolocal.train.pipeline.module import MIMPipe
 
     torch.manual_seed(0)
     model = isolocal.create_model(preset, boundary=boundary)
@@ -90,7 +90,7 @@ def main() -> None:
     out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
     rank = int(os.environ["RANK"])
     from isolocal.config import RunConfig, from_dict
-    from isolocal.pipeline.runner import PipelineRun, exit_on_failure, init_distributed, pretrain_pipeline, shutdown
+    from isolocal.train.pipeline.runner import PipelineRun, exit_on_failure, init_distributed, pretrain_pipeline, shutdown
 
     init_distributed(torch.device("cpu"), timeout_s=30)
     with exit_on_failure():

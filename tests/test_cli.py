@@ -11,7 +11,7 @@ import pytest
 
 import isolocal
 from isolocal.cli import main
-from isolocal.recipes import load_run_config
+from isolocal.config.load import load_run_config
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
 TINY = ["data.name=synthetic", "data.synthetic_size=32", "train.batch_size=8", "train.max_steps=2"]

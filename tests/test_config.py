@@ -7,9 +7,9 @@ import pytest
 
 import isolocal
 from isolocal.config import ConfigError, RunConfig, from_dict, to_dict
-from isolocal.recipes import load_run_config
-from isolocal.models.mim import _family
-from isolocal.train.metrics import write_config
+from isolocal.config.load import load_run_config
+from isolocal.models.encoder import _family
+from isolocal.train.logs import write_config
 from isolocal.train.optim import scaled_lr
 
 EXPERIMENTS = Path(isolocal.__file__).resolve().parents[1] / "experiments"

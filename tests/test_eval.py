@@ -10,7 +10,7 @@ import torch
 import isolocal
 from isolocal.cli import main
 from isolocal.config import ConfigError, EvalConfig
-from isolocal.recipes import load_run_config
+from isolocal.config.load import load_run_config
 from isolocal.data import FASHION_MNIST_ROOT, SyntheticImages
 from isolocal.eval import (build_classifier, extract_features, finetune, finetune_optimizer, knn_accuracy,
                            knn_predict, linear_per_stage, online_knn, split_features, train_linear_probe)
@@ -232,7 +232,7 @@ def test_cli_evaluates_a_pretrained_checkpoint(tmp_path):
 def test_head_accuracy_is_each_classify_heads_argmax_agreement_with_the_labels():
     """Only classify stages are scored, on full images, each by its own head: a hand count of
     argmax(head(pool(encode))) == label over the set, in eval mode (restored afterwards)."""
-    from isolocal.eval.heads import head_accuracy
+    from isolocal.eval.head_accuracy import head_accuracy
 
     torch.manual_seed(0)
     model = isolocal.create_model("localmim_vit_nano", objective=["mim", "classify", "contrastive", "classify"],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.checkpoint import LAST, atomic_save, load_state
+from isolocal.io.checkpoint import LAST, atomic_save, load_state
 from isolocal.cli import main
 from isolocal.errors import CheckpointError, CheckpointWriteError, NonFiniteError
 from isolocal.train import Trainer, train
@@ -273,7 +273,7 @@ def test_disk_full_is_one_line_and_the_old_checkpoint_stays(tmp_path, monkeypatc
 def test_a_nan_run_stops_at_its_first_bad_step_and_keeps_the_last_good_checkpoint(tmp_path):
     """Stage 2's decoder goes NaN before step 7 (isolated: only its loss and gradient are hit); the
     guard is read at log steps (every 4): the run stops at step 8 naming step 7, epoch 1's checkpoint stays."""
-    cfg = isolocal.recipes.load_run_config(None, [*TINY, "train.log_every=4", "model.boundary='isolated'"])
+    cfg = isolocal.config.load.load_run_config(None, [*TINY, "train.log_every=4", "model.boundary='isolated'"])
     cfg.out_dir = str(tmp_path / "nan")
     calls = []
 
@@ -306,7 +306,7 @@ def test_a_run_that_is_nan_from_its_start_is_one_line_and_writes_no_checkpoint(t
 
 
 def test_skip_drops_bad_updates_counts_them_and_stops_after_the_limit(tmp_path):
-    cfg = isolocal.recipes.load_run_config(None, [*TINY, "train.base_lr=1e30", "train.nonfinite='skip'",
+    cfg = isolocal.config.load.load_run_config(None, [*TINY, "train.base_lr=1e30", "train.nonfinite='skip'",
                                                   "train.nonfinite_max_skips=3"])
     cfg.out_dir = str(tmp_path / "skip")
     with pytest.raises(NonFiniteError, match="in 3 consecutive steps .*nonfinite_max_skips"):

@@ -16,15 +16,15 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import isolocal
-import isolocal.models.mim as mim
-from isolocal import targets
+import isolocal.models.encoder as mim
+from isolocal.core import targets
 from isolocal.config import to_dict
 from isolocal.data import SyntheticImages, build_loader
 from isolocal.eval.features import cuda_eval_precision
-from isolocal.masking import visible_indices
-from isolocal.recipes import load_run_config
-from isolocal.syncs import HostSyncCounter
-from isolocal.toml_writer import dumps_toml
+from isolocal.core.masking import visible_indices
+from isolocal.config.load import load_run_config
+from isolocal.testing.syncs import HostSyncCounter
+from isolocal.config.toml import dumps_toml
 from isolocal.train.step import backward_step, compile_stages
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_cli_eval_and_benchmarks_run_without_tomli_w_and_deepspeed(tmp_path):
                      "train.max_steps=2", "--out", {str(tmp_path / "run")!r}]) == 0
         import isolocal
         model = isolocal.load_checkpoint({str(tmp_path / "run" / "last.pt")!r})
-        import analysis.cli, isolocal.eval.cli, isolocal.eval.finetune, isolocal.eval.knn, isolocal.eval.linear
+        import isolocal.cli.analyze, isolocal.cli.eval, isolocal.eval.finetune, isolocal.eval.knn, isolocal.eval.linear
         import benchmarks.bench_models, benchmarks.bench_swin, benchmarks.bench_syncs
         benchmarks.bench_syncs.main(["--presets", "localmim_vit_nano", "--batch", "2", "--warmup", "0",
                                      "--steps", "1"])
@@ -282,10 +282,10 @@ import torch
 import isolocal
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-from isolocal.pipeline.engine import build_engine
-from isolocal.pipeline.module import MIMPipe
-from isolocal.pipeline.runner import init_distributed
-from isolocal.syncs import HostSyncCounter
+from isolocal.train.pipeline.engine import build_engine
+from isolocal.train.pipeline.module import MIMPipe
+from isolocal.train.pipeline.runner import init_distributed
+from isolocal.testing.syncs import HostSyncCounter
 
 init_distributed(torch.device("cpu"), 120)
 executed = []

@@ -21,10 +21,10 @@ from isolocal.config import RunConfig, to_dict
 from isolocal.data import MultiView, SyntheticImages, build_dataset, views_first
 from isolocal.heads import (HEADS, ClassifyHead, ContrastiveHead, HeadInputs, HeadOutput, StageHead, info_nce, pool,
                             register_head)
-from isolocal.recipes import load_run_config
+from isolocal.config.load import load_run_config
 from isolocal.train import Trainer, train
 from isolocal.train.step import backward_step
-from launch import torchrun_two
+from isolocal.testing.launch import torchrun_two
 
 NANO = "localmim_vit_nano"  # 4 stages of one block, 64-d, 32 px gray images, 8x8 tokens
 TINY = ["data.name=synthetic", "data.synthetic_size=48", "train.batch_size=8", "train.epochs=1",
@@ -246,7 +246,7 @@ def test_runs_train_and_log_per_stage_losses(tmp_path, objective):
 def test_a_resumed_mixed_objective_run_gives_the_uninterrupted_losses(tmp_path):
     """Labels and two augmented views (real Fashion-MNIST crops and flips) keep resume exact: a run
     stopped mid-epoch twice logs the uninterrupted run's losses, bit for bit, and ends at its weights."""
-    from isolocal.checkpoint import LAST, load_state
+    from isolocal.io.checkpoint import LAST, load_state
 
     opts = ["data.name='fashion_mnist'", "data.train_subset=64", "train.batch_size=16", "train.accum_steps=2",
             "train.epochs=2", "model.boundary='isolated'", "model.objective=['mim', 'contrastive', 'mim', 'classify']"]
@@ -360,7 +360,7 @@ def test_attention_analysis_and_maps_work_on_a_classify_model(tmp_path):
 
 DDP_SCRIPT = """
 import sys, torch
-from isolocal.recipes import load_run_config
+from isolocal.config.load import load_run_config
 from isolocal.train import Trainer
 cfg = load_run_config(None, sys.argv[2:])
 cfg.out_dir = sys.argv[1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.checkpoint import LAST, load_state
+from isolocal.io.checkpoint import LAST, load_state
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
 # 12 steps per epoch (96 images, batch 8), 2 epochs: an interrupt after a few steps lands mid-epoch.
@@ -154,7 +154,7 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
 
 @pytest.mark.slow
 def test_a_two_stage_pipeline_interrupted_by_sigint_resumes_exactly(tmp_path):
-    from isolocal.checkpoint import pipeline_client_state, pipeline_state_dict
+    from isolocal.io.checkpoint import pipeline_client_state, pipeline_state_dict
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     procs = pipeline_ranks(cut)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from isolocal.masking import random_mask, regrid, visible_count, visible_indices
+from isolocal.core.masking import random_mask, regrid, visible_count, visible_indices
 
 
 def test_same_seed_same_mask_and_keep_count():

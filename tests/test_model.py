@@ -8,15 +8,15 @@ import timm
 import torch
 
 import isolocal
-from isolocal import targets
-from isolocal.masking import random_mask, visible_indices
+from isolocal.core import targets
+from isolocal.core.masking import random_mask, visible_indices
 from isolocal.models.decoder import LocalDecoder, rescale_head
-from isolocal.models.mim import LocalMIM
+from isolocal.models.encoder import LocalMIM
 from isolocal.models.posembed import sincos_pos_embed
 from isolocal.models.resnet import resnet_taps
 from isolocal.models.swin import swin_taps
 from isolocal.models.vit import vit_taps
-from isolocal.targets import target_dim
+from isolocal.core.targets import target_dim
 from isolocal.train.step import backward_step, is_stagewise
 
 

@@ -26,11 +26,11 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.checkpoint import LAST, convert_pipeline_checkpoint, load_model_state, pipeline_state_dict
+from isolocal.io.checkpoint import LAST, convert_pipeline_checkpoint, load_model_state, pipeline_state_dict
 from isolocal.config import RunConfig, from_dict, to_dict
-from isolocal.pipeline.engine import IsolatedSchedule, LocalBackward, build_engine
-from isolocal.pipeline.runner import eval_batches
-from isolocal.recipes import load_run_config
+from isolocal.train.pipeline.engine import IsolatedSchedule, LocalBackward, build_engine
+from isolocal.train.pipeline.runner import eval_batches
+from isolocal.config.load import load_run_config
 from isolocal.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -418,7 +418,7 @@ def test_build_engine_defaults_to_the_auto_schedule_without_clipping():
 
 def test_bad_pipeline_settings_fail_before_any_work(monkeypatch):
     from isolocal.config import ConfigError
-    from isolocal.pipeline.runner import check_launch
+    from isolocal.train.pipeline.runner import check_launch
 
     cfg = load_run_config(None, ["pipeline.stages=2"])
     with pytest.raises(ConfigError, match="torchrun"):
@@ -440,9 +440,9 @@ def test_bad_pipeline_settings_fail_before_any_work(monkeypatch):
 RNG_RESUME_SCRIPT = """
 import sys
 import torch
-from isolocal.checkpoint import run_state
-from isolocal.pipeline.runner import PipelineRun
-from isolocal.recipes import load_run_config
+from isolocal.io.checkpoint import run_state
+from isolocal.train.pipeline.runner import PipelineRun
+from isolocal.config.load import load_run_config
 
 cfg = load_run_config(None, sys.argv[2:])
 cfg.out_dir = sys.argv[1]

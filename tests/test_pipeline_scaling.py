@@ -12,10 +12,10 @@ import torch
 
 import isolocal
 from isolocal.config import ConfigError
-from isolocal.pipeline.costmodel import Link, StageCost, balance_bound, predict, rank_order, simulate
-from isolocal.pipeline.partition import cost_parts, describe
-from isolocal.pipeline.profile import RankTimes, measure_stage_costs
-from isolocal.recipes import load_run_config
+from isolocal.train.pipeline.costmodel import Link, StageCost, balance_bound, predict, rank_order, simulate
+from isolocal.train.pipeline.partition import cost_parts, describe
+from isolocal.train.pipeline.timing import RankTimes, measure_stage_costs
+from isolocal.config.load import load_run_config
 
 # Two ranks of one stage each: rank 0 takes 1 + 1 per micro-batch, rank 1 2 + 2, a send 0.5.
 TWO = [StageCost(1.0, 1.0), StageCost(2.0, 2.0)]

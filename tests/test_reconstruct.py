@@ -23,7 +23,7 @@ from analysis.reconstruction_figure import MASK_COLOUR, glyph_panels
 from isolocal.cli import main
 from isolocal.config import RunConfig, to_dict
 from isolocal.data import FASHION_MNIST_ROOT
-from isolocal.targets import hog
+from isolocal.core.targets import hog
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +88,7 @@ def test_one_bin_histogram_is_one_line_at_the_bin_angle(nbins, value):
     ("horizontal", 0.0), ("vertical", 90.0), ("rising", 45.0), ("falling", 135.0),
 ])
 def test_glyphs_of_real_hog_targets_follow_the_image_edges(picture, edge_degrees):
-    """The bin -> angle convention agrees with isolocal.targets: a glyph runs along the edge."""
+    """The bin -> angle convention agrees with isolocal.core.targets: a glyph runs along the edge."""
     r, c = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
     image = {"horizontal": (r < 8).float(), "vertical": (c < 8).float(), "rising": r + c, "falling": c - r}[picture]
     nbins = 9

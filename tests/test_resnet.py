@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from isolocal.cli import main
 from isolocal.config import ConfigError, ModelConfig
 from isolocal.data import build_dataset
-from isolocal.export import export_timm, timm_kwargs
+from isolocal.io.export import export_timm, timm_kwargs
 from isolocal.heads import ClassifyHead, pool
-from isolocal.models.mim import LocalMIM
-from isolocal.models.presets import list_models, preset_config
-from isolocal.recipes import load_run_config
+from isolocal.models.encoder import LocalMIM
+from isolocal.config.presets import list_models, preset_config
+from isolocal.config.load import load_run_config
 from isolocal.study.schema import load_study, resolve_run
 from isolocal.train.loop import build_model
 from test_pipeline import assert_pipeline_equals_single_process

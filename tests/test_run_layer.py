@@ -102,19 +102,19 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_packages_have_no_import_cycle_and_config_imports_no_model():
     graph = import_graph()
-    assert graph["isolocal.models.presets"] == {"isolocal.config"}
+    assert graph["isolocal.config.presets"] == {"isolocal.config"}
     assert import_cycles(graph) == []
     assert not [m for m in graph["isolocal.config"] if m.startswith("isolocal.models")]
     # the checker sees the kind of circle it must catch: presets -> family -> config -> presets
-    graph["isolocal.config"].add("isolocal.models.presets")
-    graph["isolocal.models.presets"].add("isolocal.models.swin")
-    assert ["isolocal.config", "isolocal.models.presets", "isolocal.models.swin"] in \
-        [[m for m in c if m in ("isolocal.config", "isolocal.models.presets", "isolocal.models.swin")]
+    graph["isolocal.config"].add("isolocal.config.presets")
+    graph["isolocal.config.presets"].add("isolocal.models.swin")
+    assert ["isolocal.config", "isolocal.config.presets", "isolocal.models.swin"] in \
+        [[m for m in c if m in ("isolocal.config", "isolocal.config.presets", "isolocal.models.swin")]
          for c in import_cycles(graph)]
 
 
 def test_every_preset_is_listed_without_importing_a_model_family():
-    code = ("import sys; from isolocal.models.presets import list_models, preset_config; names = list_models(); "
+    code = ("import sys; from isolocal.config.presets import list_models, preset_config; names = list_models(); "
             "[preset_config(n) for n in names]; "
             "print(len(names), sum(n.startswith(('localmim_swin', 'simmim_swin')) for n in names), "
             "[m for m in ('isolocal.models.swin', 'isolocal.models.vit', 'isolocal.models.resnet') if m in sys.modules])")
@@ -125,7 +125,7 @@ def test_every_preset_is_listed_without_importing_a_model_family():
 
 def test_deepspeed_outside_the_tested_range_is_one_line_naming_the_range(tmp_path):
     """A DeepSpeed 0.15 install (its metadata first on the path) makes the pipeline refuse to load."""
-    from isolocal.pipeline import DEEPSPEED_RANGE
+    from isolocal.train.pipeline import DEEPSPEED_RANGE
 
     info = tmp_path / "deepspeed-0.15.0.dist-info"
     info.mkdir()
@@ -134,7 +134,7 @@ def test_deepspeed_outside_the_tested_range_is_one_line_naming_the_range(tmp_pat
     out = subprocess.run([sys.executable, "-m", "isolocal", "pretrain", "--pipeline-stages", "2", "--set", *TINY,
                           f"out_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.splitlines() == [f"isolocal pretrain: error: isolocal.pipeline needs deepspeed "
+    assert out.stderr.splitlines() == [f"isolocal pretrain: error: isolocal.train.pipeline needs deepspeed "
                                        f"{DEEPSPEED_RANGE} (the tested range), found 0.15.0; install a version "
                                        "in that range"]
 
@@ -142,7 +142,7 @@ def test_deepspeed_outside_the_tested_range_is_one_line_naming_the_range(tmp_pat
 # ------------------------------------------------------------------------------ single process
 
 def tiny(out: Path, *overrides: str):
-    from isolocal.recipes import load_run_config
+    from isolocal.config.load import load_run_config
 
     cfg = load_run_config(None, [*TINY, "train.epochs=2", *overrides])
     cfg.out_dir = str(out)
@@ -186,7 +186,7 @@ def test_trainer_tensorboard_holds_the_per_stage_losses_and_a_resume_rewrites_no
 
 
 def test_resume_refuses_a_checkpoint_without_the_loops_per_rank_state(tmp_path):
-    from isolocal.checkpoint import LAST, atomic_save, load_state
+    from isolocal.io.checkpoint import LAST, atomic_save, load_state
     from isolocal.train import Trainer, train
 
     train(tiny(tmp_path, "train.max_steps=1"))
@@ -197,7 +197,7 @@ def test_resume_refuses_a_checkpoint_without_the_loops_per_rank_state(tmp_path):
 
 
 def test_init_starts_a_single_process_run_from_a_checkpoints_weights(tmp_path):
-    from isolocal.checkpoint import load_model_state
+    from isolocal.io.checkpoint import load_model_state
     from isolocal.train import Trainer, train
 
     train(tiny(tmp_path / "a", "train.max_steps=2"))
@@ -214,7 +214,7 @@ def test_init_starts_a_single_process_run_from_a_checkpoints_weights(tmp_path):
 def worker(out: Path, cfg_dict: dict) -> None:
     """One rank: a pipeline run recording, per call of the model's target bank, which targets it made."""
     from isolocal.config import RunConfig, from_dict
-    from isolocal.pipeline.runner import PipelineRun, exit_on_failure, shutdown
+    from isolocal.train.pipeline.runner import PipelineRun, exit_on_failure, shutdown
 
     made: list[list[int]] = []
     with exit_on_failure():

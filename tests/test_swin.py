@@ -7,7 +7,7 @@ import torch
 from timm.models.swin_transformer import window_partition, window_reverse
 
 import isolocal
-from isolocal.masking import random_mask
+from isolocal.core.masking import random_mask
 from isolocal.models.swin import swin_context
 
 SWIN_PRESETS = [n for n in isolocal.list_models() if "_swin_" in n]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isolocal import targets
+from isolocal.core import targets
 
 
 def edge_image(direction: str, polarity: int, size: int = 32, chans: int = 1) -> torch.Tensor:

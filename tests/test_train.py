@@ -15,12 +15,12 @@ import timm
 import torch
 
 import isolocal
-from launch import free_port, torchrun_two
-from isolocal.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
+from isolocal.testing.launch import free_port, torchrun_two
+from isolocal.io.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
 from isolocal.config import ConfigError, RunConfig
-from isolocal.models.mim import LocalMIM
+from isolocal.models.encoder import LocalMIM
 from isolocal.train import Trainer, distributed, train
-from isolocal.recipes import load_run_config
+from isolocal.config.load import load_run_config
 from isolocal.train.optim import build_optimizers, build_scheduler
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, boundary):
 
 KILL_SCRIPT = """
 import os, signal, sys
-from isolocal.recipes import load_run_config
+from isolocal.config.load import load_run_config
 from isolocal.train import train
 cfg = load_run_config(None, sys.argv[3:])
 cfg.out_dir = sys.argv[1]
@@ -151,7 +151,7 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     atomic_save({"step": 1}, tmp_path / LAST)
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from isolocal.checkpoint import atomic_save
+        from isolocal.io.checkpoint import atomic_save
         real_save = torch.save
         def save_then_die(obj, f):
             real_save(obj, f)
@@ -356,7 +356,7 @@ def test_export_cli_writes_a_timm_state_dict(tmp_path):
 
 DDP_SCRIPT = """
 import sys, torch
-from isolocal.recipes import load_run_config
+from isolocal.config.load import load_run_config
 from isolocal.train import Trainer
 out = sys.argv[1]
 cfg = load_run_config(None, sys.argv[2:])

@@ -24,8 +24,8 @@ from isolocal.config import EvalConfig
 from isolocal.data import build_loader
 from isolocal.eval.features import cuda_eval_precision
 from isolocal.eval.linear import cosine_scheduler
-from isolocal.export import create_timm_model
-from isolocal.models.mim import LocalMIM
+from isolocal.io.export import create_timm_model
+from isolocal.models.encoder import LocalMIM
 
 
 def build_classifier(model: LocalMIM | nn.Module, cfg: EvalConfig) -> nn.Module:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from isolocal.config import RunConfig
-    from isolocal.models.mim import LocalMIM
+    from isolocal.models.encoder import LocalMIM
 
 MODES = ("knn", "linear", "head", "finetune")
 
@@ -22,8 +22,8 @@ def load_model(ckpt: str, cfg: RunConfig) -> LocalMIM:
 
     import torch
 
-    from isolocal.checkpoint import load_checkpoint
-    from isolocal.models.mim import LocalMIM
+    from isolocal.io.checkpoint import load_checkpoint
+    from isolocal.models.encoder import LocalMIM
 
     if ckpt == "random":
         torch.manual_seed(cfg.train.seed)
@@ -36,10 +36,10 @@ def load_model(ckpt: str, cfg: RunConfig) -> LocalMIM:
 def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True) -> dict:
     """Run the protocols on `cfg`'s data; returns {"results": rows, ...} with the settings used."""
     from isolocal.config import to_dict
-    from isolocal.device import resolve_device
+    from isolocal.core.device import resolve_device
     from isolocal.eval.features import check_feature, eval_datasets, split_features
     from isolocal.eval.finetune import finetune
-    from isolocal.eval.heads import head_accuracy
+    from isolocal.eval.head_accuracy import head_accuracy
     from isolocal.eval.knn import check_knn, knn_per_stage
     from isolocal.eval.linear import check_optimizer, linear_per_stage
 

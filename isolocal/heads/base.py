@@ -4,7 +4,7 @@ A stage's head reads the stage's output (normalized tokens (B, N, C) with `prefi
 tokens, e.g. ViT's CLS, or a feature map (B, C, H, W)) and returns its local loss. What else it needs
 it declares in `needs`, so that a run can check before any work that its data provides it, and a
 pipeline rank can be sent only what its own heads read:
-- "target": the reconstruction target at the head's scale (`isolocal.targets`);
+- "target": the reconstruction target at the head's scale (`isolocal.core.targets`);
 - "mask": the encoder runs on the visible tokens of an explicit, seeded mask;
 - "labels": one class index per image;
 - "views": two augmented views of every image, stacked along the batch as [view 1; view 2].

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
 from isolocal.heads.base import attach_head, parse_objectives
-from isolocal.models.geometry import Family, Tap, require
+from isolocal.models.family import Family, Tap, require
 from isolocal.models.recompute import run_blocks
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 

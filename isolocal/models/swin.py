@@ -25,11 +25,11 @@ from torch import Tensor, nn
 from isolocal.config import ModelConfig
 from isolocal.heads.base import attach_head
 from isolocal.models.decoder import LocalDecoder
-from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
+from isolocal.models.family import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.recompute import run_blocks
 from isolocal.models.swin_attention import Level, LevelPlan, plan_levels, take, visible_block, visible_merge
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
-from isolocal.targets import target_dim
+from isolocal.core.targets import target_dim
 
 
 def swin_levels(cfg: ModelConfig) -> list[Level]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from torch import Tensor
 
-from isolocal.masking import to_device, visible_indices
+from isolocal.core.masking import to_device, visible_indices
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
 from isolocal.heads.base import attach_head
-from isolocal.masking import visible_count, visible_indices
+from isolocal.core.masking import visible_count, visible_indices
 from isolocal.models.decoder import LayerNorm, LocalDecoder
-from isolocal.models.geometry import Family, Tap, check_common, make_tap, per_tap, require
+from isolocal.models.family import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.posembed import sincos_pos_embed
 from isolocal.models.recompute import run_blocks
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
-from isolocal.targets import target_dim
+from isolocal.core.targets import target_dim
 
 
 @dataclass

@@ -93,7 +93,7 @@ def _stamp_knn_steps(metrics: Path, steps_per_epoch: int) -> None:
 
 def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
     """Train (resuming from last.pt when a previous attempt left one); the summary gains the step it resumed from."""
-    from isolocal.checkpoint import LAST, run_state
+    from isolocal.io.checkpoint import LAST, run_state
     from isolocal.train import train
 
     resumed = 0
@@ -107,7 +107,7 @@ def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
 
 def encoder_source(spec: dict, run_dir: Path) -> str:
     """What the evaluation loads: the run's last checkpoint, or 'random' for a control."""
-    from isolocal.checkpoint import LAST
+    from isolocal.io.checkpoint import LAST
 
     return str(run_dir / LAST) if spec["pretrain"] else "random"
 

@@ -228,7 +228,7 @@ def check_claim(name: str, claim: Claim, study: Study) -> None:
 def resolve_run(study: Study, variant: str, seed: int | None = None) -> RunConfig:
     """A run's RunConfig: the variant's config at `seed` (the study's first seed when None), in its run dir."""
     from isolocal.config import validate_run
-    from isolocal.models.presets import resolve_model_config
+    from isolocal.config.presets import resolve_model_config
 
     data = copy.deepcopy(study.variants[variant])
     if study.seeds is not None:
@@ -240,7 +240,7 @@ def resolve_run(study: Study, variant: str, seed: int | None = None) -> RunConfi
     try:
         cfg = from_dict(RunConfig, {k: v for k, v in data.items() if k != "model"})
         cfg.model = resolve_model_config(cfg.preset, data.get("model", {}))
-        from isolocal.models.mim import LocalMIM  # geometry is validated without allocating weights
+        from isolocal.models.encoder import LocalMIM  # geometry is validated without allocating weights
 
         LocalMIM.check_config(cfg.model)
         validate_run(cfg)

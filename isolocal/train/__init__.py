@@ -1,7 +1,7 @@
 """Pre-training: the shared loop (`loop`), the single-process / data-parallel trainer, optimizers, logs.
 
 `pretrain(cfg)` is the entry every caller uses: the trainer, or with `pipeline.stages` > 0 the
-DeepSpeed pipeline runner (`isolocal.pipeline.runner`), which runs the same loop.
+DeepSpeed pipeline runner (`isolocal.train.pipeline.runner`), which runs the same loop.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, init: str | None = None) -> d
         raise ValueError("--resume continues a run from its own checkpoint; --init starts a new run from "
                          "another one's weights: pass one of them")
     if cfg.pipeline.stages > 0:
-        from isolocal.pipeline.runner import pretrain_pipeline
+        from isolocal.train.pipeline.runner import pretrain_pipeline
 
         return pretrain_pipeline(cfg, resume=resume, init=init)
     return train(cfg, resume=resume, init=init)

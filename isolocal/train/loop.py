@@ -5,7 +5,7 @@ the epoch, elapsed time), draws each optimizer step's micro-batches, writes the 
 decides when to save. A runner supplies only its step and its state:
 - `isolocal.train.trainer.Trainer`: one process or data parallel (torchrun), global or stage-wise
   isolated back-propagation;
-- `isolocal.pipeline.runner.PipelineRun`: a DeepSpeed pipeline over the model's stages.
+- `isolocal.train.pipeline.runner.PipelineRun`: a DeepSpeed pipeline over the model's stages.
 
 Micro-batches (`epoch_micro_batches`): one loader per epoch, seeded by (seed, epoch, replica), a
 `DistributedSampler` splitting the data over replicas, `micro_per_step` micro-batches per optimizer
@@ -61,16 +61,16 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from isolocal.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, load_model_state, load_state,
+from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, load_model_state, load_state,
                                  remove_stale_temps, run_state)
 from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
 from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
 from isolocal.heads.base import config_needs, heads_needing
-from isolocal.models.mim import LocalMIM
+from isolocal.models.encoder import LocalMIM
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
-from isolocal.train.metrics import MetricsLog, PeakMemory, check_tensorboard, write_config
+from isolocal.train.logs import MetricsLog, PeakMemory, check_tensorboard, write_config
 from isolocal.train.step import is_stagewise
 
 MASK_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2  # the keys of a run's independent random streams

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from isolocal.config import RunConfig
-from isolocal.models.mim import LocalMIM
+from isolocal.models.encoder import LocalMIM
 
 PROBE_IMAGES = 8
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from isolocal.models.mim import LocalMIM
+from isolocal.models.encoder import LocalMIM
 
 Scale = Callable[[Tensor], Tensor]
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from isolocal.checkpoint import LAST, check_fits, save_checkpoint
+from isolocal.io.checkpoint import LAST, check_fits, save_checkpoint
 from isolocal.config import RunConfig
-from isolocal.device import resolve_amp, resolve_device
+from isolocal.core.device import resolve_amp, resolve_device
 from isolocal.train import distributed
 from isolocal.train.loop import MicroBatches, PretrainLoop, StageValues, build_model, micro_batch_size
 from isolocal.train.optim import build_optimizers, build_scheduler

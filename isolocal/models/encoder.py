@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from isolocal.config import Boundary, ModelConfig
 from isolocal.heads import HEADS, HeadInputs, needs_of, parse_objectives
 from isolocal.heads.base import as_labels, config_needs
-from isolocal.masking import random_mask, regrid, to_device, visible_count
-from isolocal.models.geometry import Family
-from isolocal.targets import TargetBank
+from isolocal.core.masking import random_mask, regrid, to_device, visible_count
+from isolocal.models.family import Family
+from isolocal.core.targets import TargetBank
 
 
 @dataclass

@@ -15,7 +15,7 @@ optimizer step, with the trainer's `clip_stage_gradients`: DeepSpeed's own `grad
 one norm across the pipeline, which would couple isolated stages, so it is always off.
 
 The engines subclass DeepSpeed's private names (`_INSTRUCTION_MAP`, `_exec_*`), which is why
-`isolocal.pipeline` accepts only the DeepSpeed versions it is tested with.
+`isolocal.train.pipeline` accepts only the DeepSpeed versions it is tested with.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import Tensor
 
-from isolocal.pipeline.module import MIMPipe
-from isolocal.pipeline.profile import RankTimes
+from isolocal.train.pipeline.module import MIMPipe
+from isolocal.train.pipeline.timing import RankTimes
 from isolocal.train.step import clip_stage_gradients
 
 

@@ -9,8 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from isolocal.config import RunConfig
-from isolocal.device import resolve_device
-from isolocal.models.mim import LocalMIM
+from isolocal.core.device import resolve_device
+from isolocal.models.encoder import LocalMIM
 
 
 def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:

@@ -8,7 +8,7 @@ DeepSpeed's loss call; each rank computes the targets of its own stages only.
 The loop, its micro-batches, logs, checkpoint schedule and resume checks are the trainer's
 (`isolocal.train.loop`); this module supplies the pipeline's step (`engine.train_batch`), its per-stage
 values (every stage's loss, gradient norm and lr gathered from the ranks that own them) and its
-checkpoints: DeepSpeed's (`<out_dir>/pipeline/<tag>/`, see `isolocal.checkpoint`), the loop's state
+checkpoints: DeepSpeed's (`<out_dir>/pipeline/<tag>/`, see `isolocal.io.checkpoint`), the loop's state
 as their client state. After training, an `eval` record holds the loss on fixed held-out
 micro-batches (`eval_batches`), which a converted checkpoint must reproduce.
 
@@ -35,13 +35,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from isolocal.checkpoint import PIPELINE_DIR, prune_pipeline_tags
+from isolocal.io.checkpoint import PIPELINE_DIR, prune_pipeline_tags
 from isolocal.config import ConfigError, RunConfig
 from isolocal.data import MultiView, build_dataset, build_loader
-from isolocal.device import resolve_amp, resolve_device
+from isolocal.core.device import resolve_amp, resolve_device
 from isolocal.errors import NonFiniteError, RunInterrupted
-from isolocal.models.mim import LocalMIM
-from isolocal.pipeline.profile import RankTimes, breakdown_table, plot_timeline, write_trace
+from isolocal.models.encoder import LocalMIM
+from isolocal.train.pipeline.timing import RankTimes, breakdown_table, plot_timeline, write_trace
 from isolocal.train.distributed import DistInfo, gather_objects, shutdown
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
                                  micro_batch_size, model_inputs)
@@ -123,8 +123,8 @@ class PipelineRun(PretrainLoop):
 
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-        from isolocal.pipeline.engine import build_engine
-        from isolocal.pipeline.module import MIMPipe
+        from isolocal.train.pipeline.engine import build_engine
+        from isolocal.train.pipeline.module import MIMPipe
 
         init_distributed(self.device, p.timeout_s)
         self.dist = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
@@ -171,9 +171,9 @@ class PipelineRun(PretrainLoop):
         """The "cost" partition: the first rank times every stage on one micro-batch (a short pass that
         leaves weights and RNG streams as they were) and every rank takes its choice, printed with the
         predicted balance."""
-        from isolocal.pipeline.costmodel import predict
-        from isolocal.pipeline.partition import cost_parts, describe
-        from isolocal.pipeline.profile import measure_stage_costs
+        from isolocal.train.pipeline.costmodel import predict
+        from isolocal.train.pipeline.partition import cost_parts, describe
+        from isolocal.train.pipeline.timing import measure_stage_costs
 
         m = self.cfg.pipeline.micro_batches
         chosen = [None, None]

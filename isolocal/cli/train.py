@@ -1,7 +1,7 @@
 """`isolocal pretrain | export | info`: run a recipe, export its encoder to timm, inspect its stages.
 
-Parsing and printing only: the work is `isolocal.train.pretrain`, `isolocal.export.write_timm_export`,
-`isolocal.models.profile.stage_table` and `isolocal.pipeline.plan.plan_run`.
+Parsing and printing only: the work is `isolocal.train.pretrain`, `isolocal.io.export.write_timm_export`,
+`isolocal.models.stage_cost.stage_table` and `isolocal.train.pipeline.plan.plan_run`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from isolocal.recipes import load_run_config
+    from isolocal.config.load import load_run_config
     from isolocal.train import pretrain
 
     overrides = args.overrides + ([f"pipeline.stages={args.pipeline_stages}"] if args.pipeline_stages is not None else [])
@@ -65,7 +65,7 @@ def pretrain(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from isolocal.export import write_timm_export
+    from isolocal.io.export import write_timm_export
 
     import timm
 
@@ -78,14 +78,14 @@ def export(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
-    from isolocal.device import resolve_device
-    from isolocal.models.profile import stage_table
-    from isolocal.recipes import load_run_config
+    from isolocal.core.device import resolve_device
+    from isolocal.models.stage_cost import stage_table
+    from isolocal.config.load import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     plan = None
     if args.pipeline_stages is not None:  # first: its bad values fail before anything is measured
-        from isolocal.pipeline.plan import plan_run
+        from isolocal.train.pipeline.plan import plan_run
 
         micro_batches = cfg.pipeline.micro_batches if args.micro_batches is None else args.micro_batches
         plan = plan_run(cfg, args.pipeline_stages, micro_batches, args.micro_batch_size, args.bandwidth_gbs,

@@ -6,7 +6,7 @@
 - `costmodel`, `partition`, `profile`, `plan`: predicted step time and bubble, the "count" / "cost"
   partitions, stage timing and the per-rank breakdown, `isolocal info --pipeline-stages` (pure
   Python or torch: they import no DeepSpeed, except `plan` for the "count" partition).
-Pipeline checkpoints are read by `isolocal.checkpoint`. Modules are imported explicitly (deepspeed is
+Pipeline checkpoints are read by `isolocal.io.checkpoint`. Modules are imported explicitly (deepspeed is
 heavy to import). The engines subclass DeepSpeed's private names, so importing this package checks
 that the installed DeepSpeed is in the tested range (`DEEPSPEED_RANGE`, as pinned in
 pyproject.toml), without importing it.
@@ -28,10 +28,10 @@ class DeepSpeedVersionError(ImportError):
 def check_deepspeed(installed: str | None) -> None:
     """One line naming the tested range when `installed` (a version, None: not installed) is outside it."""
     if installed is None:
-        raise DeepSpeedVersionError(f"isolocal.pipeline needs deepspeed {DEEPSPEED_RANGE} (the tested range); "
+        raise DeepSpeedVersionError(f"isolocal.train.pipeline needs deepspeed {DEEPSPEED_RANGE} (the tested range); "
                                     "it is not installed")
     if Version(installed) not in SpecifierSet(DEEPSPEED_RANGE):
-        raise DeepSpeedVersionError(f"isolocal.pipeline needs deepspeed {DEEPSPEED_RANGE} (the tested range), "
+        raise DeepSpeedVersionError(f"isolocal.train.pipeline needs deepspeed {DEEPSPEED_RANGE} (the tested range), "
                                     f"found {installed}; install a version in that range")
 
 

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from isolocal.eval.protocols import evaluate
-    from isolocal.recipes import load_run_config
+    from isolocal.config.load import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     result = evaluate(args.modes, cfg, args.ckpt)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from isolocal.config import RunConfig, from_dict, to_dict
 from isolocal.errors import CheckpointError, CheckpointWriteError
-from isolocal.models.mim import LocalMIM
+from isolocal.models.encoder import LocalMIM
 
 LAST = "last.pt"
 PIPELINE_DIR = "pipeline"  # where the pipeline runner keeps a run's checkpoints: <run>/pipeline/<tag>/

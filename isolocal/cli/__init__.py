@@ -18,10 +18,10 @@ from isolocal.config import ConfigError
 from isolocal.errors import NonFiniteError, RunInterrupted
 
 SUBCOMMANDS = [
-    "isolocal.train.cli",  # pretrain, export, info
-    "isolocal.eval.cli",  # eval knn|linear|finetune
-    "analysis.cli",  # analyze nmi|distance|attention
-    "isolocal.study.cli",  # compare
+    "isolocal.cli.train",  # pretrain, export, info
+    "isolocal.cli.eval",  # eval knn|linear|finetune
+    "isolocal.cli.analyze",  # analyze nmi|distance|attention
+    "isolocal.cli.study",  # compare
 ]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from isolocal.config import ConfigError, RunConfig, to_dict
-from isolocal.toml_writer import dumps_toml
+from isolocal.config.toml import dumps_toml
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"

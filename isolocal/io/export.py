@@ -15,7 +15,7 @@ import timm
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from isolocal.models.mim import LocalMIM
+    from isolocal.models.encoder import LocalMIM
 
 
 def export_timm(model: LocalMIM) -> tuple[str, dict[str, Tensor]]:
@@ -43,7 +43,7 @@ def write_timm_export(ckpt: str | os.PathLike, out: str | os.PathLike) -> tuple[
     """Export the encoder of any isolocal checkpoint or run directory: the state dict to `out`, the timm
     model name and kwargs to `out` with suffix .json. Returns (out, sidecar, name, kwargs); raises
     before writing unless the export loads strictly into timm."""
-    from isolocal.checkpoint import atomic_save, load_checkpoint
+    from isolocal.io.checkpoint import atomic_save, load_checkpoint
 
     model = load_checkpoint(ckpt)
     create_timm_model(model)

@@ -1,7 +1,7 @@
 """Every knob as a dataclass; TOML files plus `--set a.b=c` overrides; strict validation.
 
 Configs are plain dataclasses so a run's resolved config can be written next to its logs and read
-back unchanged. This module knows no model: presets are resolved by `isolocal.recipes`. Loading is strict on purpose: an unknown key or a wrong type is an error that
+back unchanged. This module knows no model: presets are resolved by `isolocal.config.load`. Loading is strict on purpose: an unknown key or a wrong type is an error that
 names the key, because a typo that silently falls back to a default wastes a whole run.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run recipes: a TOML run config plus `--set` overrides, with the preset it names resolved, validated.
 
-`isolocal.config` holds the schema and knows no model; presets live in `isolocal.models.presets`;
+`isolocal.config` holds the schema and knows no model; presets live in `isolocal.config.presets`;
 this module joins the two, so a recipe names a preset and overrides any of its fields.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from isolocal.config import RunConfig, apply_overrides, from_dict, read_toml, validate_run
-from isolocal.models.presets import resolve_model_config
+from isolocal.config.presets import resolve_model_config
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pandas as pd
 
 from isolocal.config import RunConfig
-from isolocal.device import resolve_device
-from isolocal.models.mim import LocalMIM
-from isolocal.pipeline.costmodel import Link, StageCost, predict
-from isolocal.pipeline.partition import cost_parts
-from isolocal.pipeline.profile import measure_stage_costs
+from isolocal.core.device import resolve_device
+from isolocal.models.encoder import LocalMIM
+from isolocal.train.pipeline.costmodel import Link, StageCost, predict
+from isolocal.train.pipeline.partition import cost_parts
+from isolocal.train.pipeline.timing import measure_stage_costs
 
 
 def plan_table(model: LocalMIM, costs: list[StageCost], ranks: int, micro_batches: int, micro_batch: int,
@@ -21,7 +21,7 @@ def plan_table(model: LocalMIM, costs: list[StageCost], ranks: int, micro_batche
     """One row per (partition, schedule): the ranks' stage ranges, balance bound, predicted step time,
     bubble, images/s and speed-up over one worker. The isolated schedule syncs only at log steps
     (`log_every`); DeepSpeed's 1F1B ends every step with a pipeline-wide loss broadcast."""
-    from isolocal.pipeline.module import balanced_parts  # DeepSpeed's partitioner, as the runner uses it
+    from isolocal.train.pipeline.module import balanced_parts  # DeepSpeed's partitioner, as the runner uses it
 
     partitions = {"count": [int(b) for b in balanced_parts(model, ranks)],
                   "cost": cost_parts(costs, ranks, micro_batches)}

@@ -4,7 +4,7 @@ Pure Python (no torch, no DeepSpeed), so it can be tested on hand-computed sched
 `isolocal info` for any preset. The inputs are per micro-batch: each stage's forward time (its targets,
 blocks, local head and loss), its backward time and the bytes it hands to the next rank, plus its
 optimizer step per optimizer step. A rank runs a contiguous range of stages (`parts`, as in
-`isolocal.pipeline.module`).
+`isolocal.train.pipeline.module`).
 
 The model is a list schedule simulated event by event:
 - "isolated" (`IsolatedScheduleEngine`): per micro-batch each rank receives (or, the first, loads),

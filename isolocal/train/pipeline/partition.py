@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from isolocal.pipeline.costmodel import StageCost, rank_loads
+from isolocal.train.pipeline.costmodel import StageCost, rank_loads
 
 
 def cost_parts(costs: list[StageCost], ranks: int, micro_batches: int = 1, data_s: float = 0.0) -> list[int]:

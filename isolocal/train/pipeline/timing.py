@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from isolocal.models.mim import LocalMIM
-from isolocal.pipeline.costmodel import StageCost
+from isolocal.models.encoder import LocalMIM
+from isolocal.train.pipeline.costmodel import StageCost
 
 CATEGORIES = ("data", "targets", "forward", "backward", "optimizer", "send", "recv", "sync")
 

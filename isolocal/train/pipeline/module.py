@@ -29,8 +29,8 @@ from deepspeed.runtime.pipe.topology import ProcessTopology
 from deepspeed.runtime.utils import partition_balanced
 from torch import Tensor
 
-from isolocal.models.mim import LocalMIM, _GradScale, cross_boundary
-from isolocal.pipeline.profile import RankTimes
+from isolocal.models.encoder import LocalMIM, _GradScale, cross_boundary
+from isolocal.train.pipeline.timing import RankTimes
 
 
 def balanced_parts(model: LocalMIM, ranks: int) -> list[int]:
