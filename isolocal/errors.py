@@ -1,5 +1,22 @@
-"""Errors a run ends with on purpose; the CLI prints each as one line (no torch import, so `--help` stays fast)."""
+"""Every error class of the package, in one module that imports nothing, so any layer can raise them.
+
+These are the errors a run ends with on purpose; the CLI prints each as one line. Each is still importable
+from the module that raises it (`isolocal.config.ConfigError`, `isolocal.data.DatasetError`,
+`isolocal.train.pipeline.DeepSpeedVersionError`).
+"""
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what would be valid."""
+
+
+class DatasetError(ValueError):
+    """A dataset file or directory is missing, truncated or malformed; the message names it."""
+
+
+class DeepSpeedVersionError(ImportError):
+    """The installed DeepSpeed is missing or outside the range the pipeline engines are tested with."""
 
 
 class CheckpointError(ValueError):

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 import isolocal
-from isolocal.config import ConfigError, RunConfig, from_dict, to_dict
+from isolocal.config import FAMILY_FIELDS, ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from isolocal.config.load import load_run_config
+from isolocal.config.presets import PRESETS, list_models, preset_config
 from isolocal.models.encoder import _family
 from isolocal.train.logs import write_config
 from isolocal.train.optim import scaled_lr
@@ -45,6 +46,9 @@ def test_file_then_overrides_then_preset(tmp_path):
     ("data.name=folder", "data.root must name the image folder"),
     ("train.amp=fp8", "train.amp must be one of auto, bf16, fp16, off"),
     ("preset=vit_huge", "unknown preset 'vit_huge'"),
+    ("model.arch=vitt", "model.arch must be one of resnet, swin, vit; got 'vitt'"),
+    ("pipeline.schedule=gpipe", "pipeline.schedule must be auto or default, got 'gpipe'"),
+    ("eval.feature=max", "eval.feature must be cls or mean, got 'max'"),
 ])
 def test_bad_values_name_the_key(override, message):
     extra = ["train.accum_steps=3", "train.batch_size=99"] if "batch_size" in override else []
@@ -101,3 +105,31 @@ def test_cpu_recipes_differ_only_where_they_should():
         d["model"].pop("boundary")
     assert glob == iso
     assert glob["data"] == mae["data"] and glob["train"] == mae["train"]
+
+
+def test_every_model_field_is_read_by_some_family():
+    read = {name for fields in FAMILY_FIELDS.values() for name in fields}
+    assert read == {f for f in ModelConfig.__dataclass_fields__}
+    assert set(FAMILY_FIELDS) == {preset_config(n).arch for n in list_models()}
+
+
+@pytest.mark.parametrize("preset,key,value,default", [
+    ("resnet32_k2", "patch_size", "8", "16"),
+    ("resnet32_k2", "mask_ratio", "0.5", "0.75"),
+    ("localmim_swin_nano", "depth", "3", "12"),
+    ("localmim_vit_nano", "window_size", "4", "7"),
+    ("localmim_vit_nano", "dense_encoder", "true", "false"),
+])
+def test_a_field_the_family_ignores_is_refused_unless_default(preset, key, value, default):
+    arch = preset_config(preset).arch
+    shown = {"true": "True"}.get(value, value)
+    with pytest.raises(ConfigError, match=rf"model.{key} = {shown} has no effect on a {arch} model"):
+        load_run_config(None, [f"preset={preset}", f"model.{key}={value}"])
+    load_run_config(None, [f"preset={preset}", f"model.{key}={default}"])
+
+
+def test_preset_config_hands_out_copies_of_the_table():
+    cfg = preset_config("localmim_vit_nano")
+    cfg.taps.append(99)
+    assert PRESETS["localmim_vit_nano"].taps == preset_config("localmim_vit_nano").taps == [0, 1, 2, 3]
+    assert list_models() == sorted(PRESETS)

@@ -271,7 +271,7 @@ def test_study_summaries_carry_each_classify_heads_accuracy_and_the_top_one(tmp_
     top stage classifies (its head is the model's prediction)."""
     from pathlib import Path
 
-    from isolocal.study.report import run_rows
+    from isolocal.study.summary import run_rows
     from isolocal.study.schema import Run
 
     def rows_of(head: dict[int, float]) -> list[dict]:

@@ -6,10 +6,11 @@ import pytest
 
 from isolocal.config import ConfigError
 from isolocal.study.job import write_json
-from isolocal.study.report import claim_rows, values
 from isolocal.study.runner import check_stale
 from isolocal.study.schema import load_study, run_spec, select_runs
 from isolocal.study.stats import Interval, mean_ci, paired_difference, verdict
+from isolocal.study.summary import values
+from isolocal.study.tables import claim_rows
 
 T_975_DF2 = 4.302652729749464  # Student t 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
 

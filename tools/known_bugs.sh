@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Issue 13's four one-line bugs, each introduced into a copy of the committed tree (git archive HEAD),
-# then the test files that must notice it, with -x. Every line of the summary must say "1 failed".
+# The four one-line bugs that once passed the suite, each introduced into a copy of the committed tree
+# (git archive HEAD), then the test files that must notice it, with -x. Every line of the summary must say "1 failed".
 #   bash tools/known_bugs.sh            (about 2 minutes on 2 cores; never touches the checkout)
 set -uo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 declare -A FILE EDIT
-FILE[loss_on_visible_tokens]=isolocal/models/mim.py
+FILE[loss_on_visible_tokens]=isolocal/models/encoder.py
 EDIT[loss_on_visible_tokens]='s/regrid(mask, self.mask_grid/regrid(~mask, self.mask_grid/'
 FILE[data_parallel_sum]=isolocal/train/distributed.py
 EDIT[data_parallel_sum]='s/^\(\s*\)flat \/= self.world/\1pass/'
-FILE[hog_bias_subtracted]=isolocal/targets.py
+FILE[hog_bias_subtracted]=isolocal/core/targets.py
 EDIT[hog_bias_subtracted]='s/g = g + bias.to(g.device)/g = g - bias.to(g.device)/'
 FILE[stagewise_detach_dropped]=isolocal/train/step.py
 EDIT[stagewise_detach_dropped]='s/^\(\s*\)x = x.detach()/\1x = x/'

@@ -1,7 +1,7 @@
 """Mutation check of isolocal's core: make one-line bugs on purpose and see whether the tests notice.
 
     python tools/mutate.py                      # every module below, 2 jobs
-    python tools/mutate.py --module isolocal/targets.py --jobs 2
+    python tools/mutate.py --module isolocal/core/targets.py --jobs 2
     python tools/mutate.py --list               # print the mutants, run nothing
     python tools/mutate.py --resume             # go on after an interrupted run (outcomes kept in --report)
 
@@ -50,7 +50,7 @@ FAST = "not vit_b_exports and not swin_base_export and not swin_tiny_export and 
 EARLY_REDUCE = ("tests/test_gpu_readiness.py::"
                 "test_isolated_data_parallel_reduces_start_after_each_stage_and_average_bit_identically")
 MODULES: dict[str, list[str]] = {
-    "isolocal/models/mim.py": ["tests/test_model.py", "tests/test_swin.py::test_isolation_on_nano_swin",
+    "isolocal/models/encoder.py": ["tests/test_model.py", "tests/test_swin.py::test_isolation_on_nano_swin",
                                "tests/test_swin.py::test_simmim_dense_encoder_trains_mask_token",
                                *[f"tests/test_failures.py::test_{name}" for name in (
                                    "a_mask_that_is_not_bool_is_a_type_error_naming_its_dtype",
@@ -68,11 +68,11 @@ MODULES: dict[str, list[str]] = {
     "isolocal/heads/classify.py": ["tests/test_heads.py", "-m", "not slow"],
     "isolocal/heads/contrastive.py": ["tests/test_heads.py", "-m", "not slow"],
     "isolocal/models/decoder.py": ["tests/test_model.py", "tests/test_swin.py::test_nano_preset_shapes", "-k", FAST],
-    "isolocal/models/geometry.py": ["tests/test_model.py", "tests/test_swin.py", "-k", FAST],
-    "isolocal/targets.py": ["tests/test_targets.py",
+    "isolocal/models/family.py": ["tests/test_model.py", "tests/test_swin.py", "-k", FAST],
+    "isolocal/core/targets.py": ["tests/test_targets.py",
                             "tests/test_model.py::test_loss_is_the_weighted_mse_over_masked_cells",
                             "tests/test_heads.py::test_isolation_holds_under_autograd_for_every_head"],
-    "isolocal/masking.py": ["tests/test_masking.py", "tests/test_model.py", "tests/test_swin.py", "-k", FAST],
+    "isolocal/core/masking.py": ["tests/test_masking.py", "tests/test_model.py", "tests/test_swin.py", "-k", FAST],
     "isolocal/train/step.py": ["tests/test_model.py::test_stagewise_isolated_step_gives_the_gradients_of_the_summed_loss",
                                "tests/test_model.py::test_global_step_divides_by_accum_and_scales",
                                "tests/test_model.py::test_stagewise_backward_is_used_exactly_when_isolated_with_several_stages",
@@ -83,7 +83,7 @@ MODULES: dict[str, list[str]] = {
     "isolocal/train/distributed.py": [
         "tests/test_train.py::test_averaged_gradients_of_two_processes_equal_one_process_over_the_whole_batch",
         "tests/test_train.py::test_two_process_data_parallel_ends_with_identical_parameters", EARLY_REDUCE],
-    "isolocal/pipeline/engine.py": [
+    "isolocal/train/pipeline/engine.py": [
         "tests/test_pipeline.py::test_isolated_schedule_only_sends_forward_and_holds_two_micro_batches",
         "tests/test_pipeline.py::test_build_engine_defaults_to_the_auto_schedule_without_clipping",
         "tests/test_pipeline.py::test_two_ranks_match_single_process_gradients_and_params",
@@ -101,8 +101,8 @@ ONLY = {
 # Functions left out of the mutation scope, with the reason (also in docs/testing.md).
 EXCLUDED = {
     "isolocal/train/step.py": {"compile_stages": "torch.compile wiring; its test compiles for minutes"},
-    "isolocal/masking.py": {"to_device": "host-to-CUDA copies; on a CPU-only machine it returns its input"},
-    "isolocal/models/mim.py": {"LocalMIM.compile_stages": "torch.compile wiring; its test compiles for minutes",
+    "isolocal/core/masking.py": {"to_device": "host-to-CUDA copies; on a CPU-only machine it returns its input"},
+    "isolocal/models/encoder.py": {"LocalMIM.compile_stages": "torch.compile wiring; its test compiles for minutes",
                                "_compiled_in_training": "torch.compile wiring; its test compiles for minutes"},
 }
 # Startup costs that dwarf a killed mutant's test: autoloaded plugins (hypothesis alone imports for

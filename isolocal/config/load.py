@@ -1,14 +1,16 @@
 """Run recipes: a TOML run config plus `--set` overrides, with the preset it names resolved, validated.
 
-`isolocal.config` holds the schema and knows no model; presets live in `isolocal.config.presets`;
-this module joins the two, so a recipe names a preset and overrides any of its fields.
+The schema knows no model; presets live in `isolocal.config.presets`; this module joins the two, so a
+recipe names a preset and overrides any of its fields.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from isolocal.config import RunConfig, apply_overrides, from_dict, read_toml, validate_run
+from isolocal.config.parse import apply_overrides, from_dict, read_toml
 from isolocal.config.presets import resolve_model_config
+from isolocal.config.schema import RunConfig
+from isolocal.config.validate import validate_run
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

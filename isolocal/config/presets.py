@@ -1,12 +1,13 @@
 """Named presets of the families (ViT, Swin, ResNet): published recipes and small CPU configs, all as
-ModelConfigs of one model. The table is plain data: importing this module builds no model and
+ModelConfigs (`PRESETS`). The table is plain data: importing this module builds no model and
 imports no family module."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+import copy
+from typing import Any
 
-from isolocal.config import ModelConfig, from_dict, to_dict
+from isolocal.config.parse import from_dict, to_dict
+from isolocal.config.schema import ModelConfig
 
 # (embed_dim, depth, num_heads) of the columnar sizes; nano and micro are for tests and CPU studies.
 VIT_SIZES = {
@@ -118,38 +119,37 @@ def imagenet_resnet(name: str) -> ModelConfig:
                        objective="classify")
 
 
-_BUILDERS: dict[str, Callable[[], ModelConfig]] = {}
-for _size in VIT_SIZES:
-    for _name, _fn in (("localmim", localmim_vit), ("mae", mae_vit), ("maskfeat", maskfeat_vit)):
-        _BUILDERS[f"{_name}_vit_{_size}"] = (lambda fn=_fn, s=_size: fn(s))
-for _size in SWIN_SIZES:
-    _BUILDERS[f"localmim_swin_{_size}"] = lambda s=_size: localmim_swin(s)
-    _BUILDERS[f"localmim_swin_{_size}_pix"] = lambda s=_size: localmim_swin(s, "pixels")
-    _BUILDERS[f"simmim_swin_{_size}"] = lambda s=_size: simmim_swin(s)
+def _presets() -> dict[str, ModelConfig]:
+    """Every preset by name, families in turn."""
+    table = {}
+    for size in VIT_SIZES:
+        table |= {f"localmim_vit_{size}": localmim_vit(size), f"mae_vit_{size}": mae_vit(size),
+                  f"maskfeat_vit_{size}": maskfeat_vit(size)}
+    for size in SWIN_SIZES:
+        table |= {f"localmim_swin_{size}": localmim_swin(size),
+                  f"localmim_swin_{size}_pix": localmim_swin(size, "pixels"), f"simmim_swin_{size}": simmim_swin(size)}
+    for name, n in RESNET_CIFAR.items():
+        for k in (k for k in RESNET_CIFAR_STAGES if k <= 3 * n):  # ResNet-32 has 15 blocks: no k16
+            table[f"{name}_k{k}"] = cifar_resnet(n, k)
+    for name in RESNET_IMAGENET:
+        table[name] = imagenet_resnet(name)
+    return table
 
 
-for _name, _n in RESNET_CIFAR.items():
-    for _k in (k for k in RESNET_CIFAR_STAGES if k <= 3 * _n):  # ResNet-32 has 15 blocks: no k16
-        _BUILDERS[f"{_name}_k{_k}"] = lambda n=_n, k=_k: cifar_resnet(n, k)
-for _name in RESNET_IMAGENET:
-    _BUILDERS[_name] = lambda name=_name: imagenet_resnet(name)
-
-
-def register_preset(name: str, builder: Callable[[], ModelConfig]) -> None:
-    """Add a preset (users' own studies); `builder` returns a fresh ModelConfig per call."""
-    _BUILDERS[name] = builder
+# name -> ModelConfig of every preset; read it through `preset_config`, which hands out a copy.
+PRESETS: dict[str, ModelConfig] = _presets()
 
 
 def list_models() -> list[str]:
     """Preset names, sorted."""
-    return sorted(_BUILDERS)
+    return sorted(PRESETS)
 
 
 def preset_config(name: str) -> ModelConfig:
-    """A fresh copy of a preset's ModelConfig."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(_BUILDERS))}")
-    return dataclasses.replace(_BUILDERS[name]())
+    """A fresh copy of a preset's ModelConfig (its lists are the copy's own)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])
 
 
 def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:

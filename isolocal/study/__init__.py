@@ -2,8 +2,9 @@
 
 Modules, each importing only those before it: `stats` (scipy.stats intervals, paired tests,
 verdicts), `schema` (the study file), `job` (one run in its own process; the only module that
-imports the evaluation code), `runner` (launch, resume, progress), `report` (summary.csv,
-report.md, figures), `cli` (`isolocal compare`).
+imports the evaluation code), `runner` (launch, resume, progress), `summary` (the runs' numbers in
+long form, summary.csv), `tables` (intervals, paired differences, claim verdicts), `plots` (the
+figures), `report` (report.md). `isolocal compare` is `isolocal.cli.study`.
 """
 from isolocal.study.schema import Claim, Run, Study, load_study, select_runs
 

@@ -16,7 +16,6 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
-VERDICTS = ("holds", "fails", "undecided")
 
 
 @dataclass(frozen=True)

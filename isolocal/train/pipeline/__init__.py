@@ -18,11 +18,9 @@ from importlib.metadata import PackageNotFoundError, version
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from isolocal.errors import DeepSpeedVersionError
+
 DEEPSPEED_RANGE = ">=0.19,<0.20"  # as pinned in pyproject.toml
-
-
-class DeepSpeedVersionError(ImportError):
-    """The installed DeepSpeed is missing or outside the range the pipeline engines are tested with."""
 
 
 def check_deepspeed(installed: str | None) -> None:

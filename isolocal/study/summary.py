@@ -1,0 +1,120 @@
+"""A study's numbers, read only from the files its runs saved (so `--report-only` is the same code).
+
+`summary.csv` is long form, one row per number: `variant, seed, metric, stage, layer, value` (`stage`:
+stage index for per-stage metrics; `layer`: the 1-based encoder layer the number reads, i.e. the
+stage's tap layer, or the layer of NMI / attention distance; both empty for run-level numbers).
+`pandas.read_csv` reads it as is.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from isolocal.study.job import ANALYSIS, FINETUNE, PRETRAIN, PROBES, RESULT, RUN_SPEC, read_json
+from isolocal.study.schema import Run
+from isolocal.study.stats import PairedDifference, paired_difference
+
+COLUMNS = ["variant", "seed", "metric", "stage", "layer", "value"]
+
+
+def read_metrics(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / "metrics.jsonl"
+    return pd.read_json(path, lines=True) if path.exists() and path.stat().st_size else pd.DataFrame()
+
+
+def run_status(run: Run) -> dict:
+    """result.json of a run, or a "missing" record when it never ran to the end."""
+    path = run.dir / RESULT
+    return read_json(path) if path.exists() else {"status": "missing", "error": "not run yet"}
+
+
+def run_rows(run: Run) -> list[dict]:
+    """Every number of one finished run, in long form."""
+    spec = read_json(run.dir / RUN_SPEC)
+    taps = spec["config"]["model"]["taps"]
+    rows: list[dict] = []
+
+    def add(metric: str, value: float, stage: int | None = None, layer: int | None = None) -> None:
+        rows.append({"variant": run.variant, "seed": run.seed, "metric": metric, "stage": stage, "layer": layer,
+                     "value": float(value)})
+
+    if (run.dir / PRETRAIN).exists():
+        metrics = read_metrics(run.dir)
+        steps = metrics.query("kind == 'step'")
+        epochs = metrics.query("kind == 'epoch'")
+        last = (epochs if len(epochs) else steps).iloc[-1]  # the last epoch's mean losses, when it ended
+        for k, loss in enumerate(last["loss_stage"]):
+            add("loss", loss, k, taps[k] + 1)
+        add("loss_total", last["loss"])
+    if (run.dir / PROBES).exists():
+        results = read_json(run.dir / PROBES)["results"]
+        for mode in ("knn", "linear"):
+            if f"{mode}_top1" in results[0]:
+                for r in results:
+                    add(mode, r[f"{mode}_top1"], r["stage"], r["tap"] + 1)
+                add(f"{mode}_best", max(r[f"{mode}_top1"] for r in results))
+        for r in results:  # only stages with a classify head have one
+            if "head_top1" in r:
+                add("head", r["head_top1"], r["stage"], r["tap"] + 1)
+        if "head_top1" in results[-1]:
+            add("head_top", results[-1]["head_top1"])
+    if (run.dir / FINETUNE).exists():
+        add("finetune", read_json(run.dir / FINETUNE)["results"][0]["finetune_top1"])
+    analysis = pd.read_csv(run.dir / ANALYSIS)
+    for metric in ("nmi", "attention_distance"):
+        for layer, value in zip(analysis["layer"], analysis[metric]):
+            add(metric, value, layer=int(layer))
+    if (run.dir / PRETRAIN).exists():
+        add("pretrain_s", read_json(run.dir / PRETRAIN)["time"])
+        if len(epochs):  # wall-clock per epoch, the median over epochs (ends of consecutive epoch records)
+            add("epoch_s", np.median(np.diff(epochs["time"].to_numpy(), prepend=0.0)))
+        add("img_per_s", steps["img_per_s"].median())
+        add("peak_mem_mb", steps["peak_mem_mb"].max())
+    return rows
+
+
+def summary_frame(runs: Sequence[Run]) -> pd.DataFrame:
+    rows = [row for run in runs for row in run_rows(run)]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ("stage", "layer"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def values(summary: pd.DataFrame, variant: str, metric: str, stage: int | list[int] | None = None,
+           layer: int | list[int] | None = None) -> pd.Series:
+    """One number per seed (index): the metric at `stage` or `layer`, a list meaning the mean over it
+    (seeds missing one of the listed entries are left out)."""
+    rows = summary[(summary["variant"] == variant) & (summary["metric"] == metric)]
+    for col, want in (("stage", stage), ("layer", layer)):
+        if want is not None:
+            want = want if isinstance(want, list) else [want]
+            rows = rows[rows[col].isin(want)]
+            complete = rows.groupby("seed")[col].transform("count") == len(want)
+            rows = rows[complete]
+    return rows.groupby("seed", sort=False)["value"].mean()
+
+
+def paired(summary: pd.DataFrame, a: str, b: str, metric: str, stage: int | list[int] | None = None,
+           layer: int | list[int] | None = None) -> PairedDifference:
+    """Paired difference a - b over the seeds both variants have."""
+    va, vb = values(summary, a, metric, stage, layer), values(summary, b, metric, stage, layer)
+    seeds = [s for s in va.index if s in vb.index]
+    return paired_difference(va[seeds].to_numpy(), vb[seeds].to_numpy())
+
+
+def online_knn(runs: Sequence[Run]) -> pd.DataFrame:
+    """Best-stage online k-NN per logged epoch: columns variant, seed, epoch, time, knn."""
+    frames = []
+    for run in runs:
+        metrics = read_metrics(run.dir)
+        if "kind" not in metrics or not (metrics["kind"] == "knn").any():
+            continue
+        knn = metrics[metrics["kind"] == "knn"]
+        frames.append(pd.DataFrame({"variant": run.variant, "seed": run.seed, "epoch": knn["epoch"].to_numpy(),
+                                    "time": knn["time"].to_numpy(),
+                                    "knn": knn.filter(like="knn_top1_stage").max(axis=1).to_numpy()}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["variant", "seed", "epoch", "time", "knn"])
