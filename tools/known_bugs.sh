@@ -11,7 +11,7 @@ FILE[loss_on_visible_tokens]=isolocal/models/mim.py
 EDIT[loss_on_visible_tokens]='s/regrid(mask, self.mask_grid/regrid(~mask, self.mask_grid/'
 FILE[data_parallel_sum]=isolocal/train/distributed.py
 EDIT[data_parallel_sum]='s/^\(\s*\)flat \/= self.world/\1pass/'
-FILE[hog_bias_subtracted]=isolocal/targets.py
+FILE[hog_bias_subtracted]=isolocal/core/targets.py
 EDIT[hog_bias_subtracted]='s/g = g + bias.to(g.device)/g = g - bias.to(g.device)/'
 FILE[stagewise_detach_dropped]=isolocal/train/step.py
 EDIT[stagewise_detach_dropped]='s/^\(\s*\)x = x.detach()/\1x = x/'

@@ -41,6 +41,8 @@ class ModelConfig:
     depths: list[int] = field(default_factory=list)
     stage_heads: list[int] = field(default_factory=list)
     window_size: int = 7
+    # Swin only: eps of every encoder LayerNorm (timm's and SimMIM's 1e-5; the LocalMIM-Swin presets 1e-6).
+    swin_norm_eps: float = 1e-5
     # ResNet only: residual block, output width of each timm stage (before a bottleneck's x4), stem.
     block: str = "basic"  # "basic" | "bottleneck" (timm's BasicBlock / Bottleneck)
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
@@ -308,6 +310,7 @@ def _validate_model(m: ModelConfig) -> None:
     _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
     _check(0 < m.mask_ratio < 1, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
     _check(m.mask_unit >= 1, f"model.mask_unit must be >= 1, got {m.mask_unit}")
+    _check(0 < m.swin_norm_eps < 1, f"model.swin_norm_eps must be in (0, 1), got {m.swin_norm_eps}")
     _check(m.target in ("hog", "pixels"), f"model.target must be hog or pixels, got {m.target!r}")
     _check(m.block in ("basic", "bottleneck"), f"model.block must be basic or bottleneck, got {m.block!r}")
     _check(m.stem in ("imagenet", "cifar"), f"model.stem must be imagenet or cifar, got {m.stem!r}")
