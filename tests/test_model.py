@@ -169,8 +169,8 @@ def hand_targets(model, images: torch.Tensor) -> list[torch.Tensor]:
     cfg = model.cfg
     if cfg.target == "pixels":
         return [targets.pixels(images, t.cell) for t in model.taps]
-    bias = targets.hog_bias(cfg.in_chans, cfg.hog_bias_seed) if cfg.hog_bias else None
-    return [targets.hog(images, t.cell, cfg.hog_nbins, bias) for t in model.taps]
+    bias = targets.hog_bias(len(model.taps), cfg.hog_bias_seed) if cfg.hog_bias else [None] * len(model.taps)
+    return [targets.hog(images, t.cell, cfg.hog_nbins, b) for t, b in zip(model.taps, bias)]
 
 
 def hand_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> float:

@@ -1,13 +1,19 @@
 """Swin LocalMIM: visible-token encoder vs a dense masked Swin, timm export, isolation, presets."""
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+from functools import partial
+
 import pytest
 import timm
 import torch
 from timm.models.swin_transformer import window_partition, window_reverse
 
 import isolocal
+from isolocal.config import RunConfig, to_dict
 from isolocal.core.masking import random_mask
+from isolocal.models.encoder import LocalMIM
 from isolocal.models.swin import swin_context
 
 SWIN_PRESETS = [n for n in isolocal.list_models() if "_swin_" in n]
@@ -119,11 +125,15 @@ def test_packing_is_dense_and_per_image_masks_work():
 
 
 def test_swin_tiny_export_gives_timm_features():
+    """The export is timm's registered Swin-T (eps 1e-5, as fine-tuning uses it); built with the preset's
+    pre-training eps, 1e-6, timm's model computes the encoder's own features."""
     torch.manual_seed(0)
     model = isolocal.create_model("localmim_swin_tiny").eval()
     name, sd = isolocal.export_timm(model)
     assert name == "swin_tiny_patch4_window7_224" and isolocal.timm_kwargs(model) == {}
-    timm_model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    eps = model.cfg.swin_norm_eps
+    timm_model = timm.create_model(name, pretrained=False, num_classes=0,
+                                   norm_layer=partial(torch.nn.LayerNorm, eps=eps)).eval()
     timm_model.load_state_dict(sd, strict=True)
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -192,6 +202,49 @@ def test_nano_preset_shapes(name):
         assert pred.shape == target.shape == (B, tap.out_grid ** 2, target.shape[-1])
         assert feat.shape == (B, tap.grid ** 2, tap.dim)
     assert all(torch.isfinite(loss) and loss > 0 for loss in out.losses)
+
+
+# The published LocalMIM-Swin code builds its encoder with LayerNorm(eps=1e-6); timm's Swin and SimMIM's
+# use 1e-5, and so do nano (isolocal's CPU model) and the SimMIM-style presets.
+EPS_1E6_PRESETS = {f"localmim_swin_{size}{pix}" for size in ("tiny", "small", "base", "large") for pix in ("", "_pix")}
+
+
+def norm_kind(name: str) -> str:
+    """`stages.k.norm` is tap k's norm; the others are named by their module, without indices."""
+    parts = name.split(".")
+    if len(parts) == 3:
+        return "tap norm"
+    return ".".join(parts[-2:]) if parts[-2] in ("patch_embed", "downsample") else parts[-1]
+
+
+@pytest.mark.parametrize("name", SWIN_PRESETS)
+def test_every_encoder_norm_of_a_swin_preset_has_the_published_eps(name):
+    with torch.device("meta"):  # the modules only: no weight memory, no init
+        model = LocalMIM(isolocal.preset_config(name))
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    encoder = {n: m.eps for n, m in norms.items() if ".decoder." not in n}
+    depths = model.cfg.depths
+    assert Counter(map(norm_kind, encoder)) == {"patch_embed.norm": 1, "tap norm": model.num_stages,
+                                                "norm1": sum(depths), "norm2": sum(depths),
+                                                "downsample.norm": len(depths) - 1}
+    assert set(encoder.values()) == {1e-6 if name in EPS_1E6_PRESETS else 1e-5}
+    assert all(m.eps == 1e-6 for n, m in norms.items() if ".decoder." in n)
+
+
+def test_a_checkpoint_from_before_the_published_eps_and_offsets_loads(tmp_path):
+    """Older Swin HOG checkpoints saved one HOG offset per colour channel (`target_bank.bias`) and have
+    no `swin_norm_eps` in their config: they load, with the eps they were trained with (1e-5) and the
+    per-stage offsets rebuilt from the config."""
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_swin_nano")
+    state = {**model.state_dict(), "target_bank.bias": torch.zeros(model.cfg.in_chans, 2)}
+    config = to_dict(RunConfig(model=dataclasses.replace(model.cfg, swin_norm_eps=1e-6)))
+    del config["model"]["swin_norm_eps"]
+    torch.save({"model": state, "config": config}, tmp_path / "old.pt")
+    loaded = isolocal.load_checkpoint(tmp_path / "old.pt")
+    assert loaded.cfg.swin_norm_eps == 1e-5 and loaded.stages[0].patch_embed.norm.eps == 1e-5
+    assert torch.equal(loaded.target_bank.bias, model.target_bank.bias) and model.target_bank.bias.shape == (4, 2)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("size, dim", [("tiny", 96), ("small", 96), ("base", 128), ("large", 192)])

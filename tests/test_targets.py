@@ -64,28 +64,53 @@ def test_hog_layout_is_row_major_and_channel_concatenated():
 
 
 def test_hog_bias_is_seeded_and_changes_the_target():
-    a, b, c = targets.hog_bias(3, 0), targets.hog_bias(3, 0), targets.hog_bias(3, 1)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    a, b, c = targets.hog_bias(4, 0), targets.hog_bias(4, 0), targets.hog_bias(4, 1)
+    assert a.shape == (4, 2) and torch.equal(a, b) and not torch.equal(a, c)
     many = targets.hog_bias(2000, 0)  # PyTorch's conv-bias init for a 3x3 kernel: U(-1/3, 1/3)
     assert many.abs().max() <= 1 / 3 and many.min() < -0.33 and many.max() > 0.33
     assert abs(many.mean().item()) < 0.01
-    bank = targets.TargetBank("hog", [8], 3, 9, bias=True)  # the config's default hog_bias_seed, 0
-    assert torch.equal(bank.bias, a)
     img = torch.full((1, 3, 16, 16), 0.5)
-    assert torch.count_nonzero(targets.hog(img, cell=8, nbins=18, bias=a)) > 0
+    assert torch.count_nonzero(targets.hog(img, cell=8, nbins=18, bias=a[0])) > 0
+
+
+def test_target_bank_offsets_one_per_stage_shared_by_the_colour_channels():
+    """The published code runs R, G and B through one HOG layer per stage, its conv bias the (g0, g1)
+    offset: one offset per stage (here from the config's default seed, 0), the same for every channel,
+    so three equal channels give three equal histograms."""
+    bank = targets.TargetBank("hog", [4, 8, 8], 18, bias=True)
+    assert torch.equal(bank.bias, targets.hog_bias(3, 0)) and len(bank.bias.unique(dim=0)) == 3
+    torch.manual_seed(0)
+    gray = torch.randn(2, 1, 16, 16)
+    for k, got in enumerate(bank(gray.expand(-1, 3, -1, -1))):
+        assert torch.equal(got, targets.hog(gray, bank.cells[k], 18, bank.bias[k]).repeat(1, 1, 3)), k
+    rgb = torch.randn(2, 3, 16, 16)
+    second, third = bank(rgb)[1:]  # same cell size, another stage's offset: another target
+    assert not torch.allclose(second, third)
+    with pytest.raises(ValueError, match=r"one \(g0, g1\) offset of shape \(2,\), got shape \(3, 2\)"):
+        targets.hog(rgb, 8, 18, torch.zeros(3, 2))
+
+
+def test_target_bank_offsets_are_not_saved_and_old_saved_ones_are_ignored():
+    """The offsets are a function of the config; checkpoints from before they were drawn per stage
+    saved one per colour channel under `bias`, and those still load (the rebuilt offsets stay)."""
+    bank = targets.TargetBank("hog", [4, 8], 18, bias=True)
+    assert "bias" not in bank.state_dict()
+    bank.load_state_dict({"bias": torch.zeros(3, 2)})
+    assert torch.equal(bank.bias, targets.hog_bias(2, 0))
 
 
 def reference_hog(images: torch.Tensor, cell: int, nbins: int, bias: torch.Tensor | None) -> np.ndarray:
-    """HOG written out independently: `conv2d` with the two 3x3 Sobel kernels and their bias (as the
-    published code's frozen nn.Conv2d), unsigned orientation in degrees binned in 180/nbins steps,
-    a per-cell loop averaging the histograms, then L2 normalization per cell and channel."""
+    """HOG written out independently: `conv2d` with the two 3x3 Sobel kernels and their bias, one
+    (g0, g1) for every channel (as the published code's frozen nn.Conv2d), unsigned orientation in
+    degrees binned in 180/nbins steps, a per-cell loop averaging the histograms, then L2 normalization
+    per cell and channel."""
     B, C, H, W = images.shape
     k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
     out = np.zeros((B, (H // cell) * (W // cell), C * nbins))
     for c in range(C):
         x = F.pad(images[:, c:c + 1].double(), (1, 1, 1, 1), mode="reflect")
         g = F.conv2d(x, torch.stack([k0, k0.t()]).unsqueeze(1),
-                     None if bias is None else bias[c].double()).numpy()  # (B, 2, H, W)
+                     None if bias is None else bias.double()).numpy()  # (B, 2, H, W)
         magnitude = np.hypot(g[:, 0], g[:, 1])
         degrees = np.degrees(np.arctan2(g[:, 0], g[:, 1])) % 180.0
         bins = np.minimum((degrees // (180.0 / nbins)).astype(int), nbins - 1)
@@ -105,7 +130,7 @@ def test_hog_matches_a_conv2d_reference_with_bias(nbins, with_bias):
     torch.manual_seed(0)
     img = torch.randn(2, 3, 16, 16)
     img[:, :, :4, :4] = 0.3  # a flat corner: without the bias its gradients are exactly zero
-    bias = torch.tensor([[0.3, -0.1], [-0.25, 0.2], [0.05, 0.3]]) if with_bias else None
+    bias = torch.tensor([0.3, -0.1]) if with_bias else None
     got = targets.hog(img, cell=4, nbins=nbins, bias=bias).numpy()
     np.testing.assert_allclose(got, reference_hog(img, 4, nbins, bias), rtol=1e-4, atol=1e-5)
 
@@ -137,7 +162,7 @@ def test_anti_diagonal_edge_lands_in_bin_2_and_the_bias_shifts_it():
     img = diagonal_image().flip(-2)  # I[y, x] = [x + y > 15]
     hist = targets.hog_histogram(img, nbins=9)[0, 0, :, 2:-2, 2:-2]
     assert torch.count_nonzero(hist[torch.arange(9) != 2]) == 0 and hist[2].max() == pytest.approx(3 * math.sqrt(2))
-    biased = targets.hog_histogram(img, nbins=9, bias=torch.tensor([[6.0, 0.0]]))[0, 0, :, 2:-2, 2:-2]
+    biased = targets.hog_histogram(img, nbins=9, bias=torch.tensor([6.0, 0.0]))[0, 0, :, 2:-2, 2:-2]
     strong = hist[2] > 4  # the pixels with g = (-3, -3)
     assert torch.allclose(biased[6][strong], torch.full_like(biased[6][strong], 3 * math.sqrt(2)))
     assert torch.count_nonzero(biased[3]) == 0
@@ -146,7 +171,7 @@ def test_anti_diagonal_edge_lands_in_bin_2_and_the_bias_shifts_it():
 def test_target_bank_pools_once_and_matches_direct_hog():
     torch.manual_seed(0)
     img = torch.randn(2, 3, 64, 64)
-    bank = targets.TargetBank("hog", [4, 8, 16, 32], 3, 9)
+    bank = targets.TargetBank("hog", [4, 8, 16, 32], 9)
     for cell, got in zip(bank.cells, bank(img)):
         assert torch.allclose(got, targets.hog(img, cell=cell, nbins=9), atol=1e-6)
 
@@ -205,6 +230,6 @@ def test_target_bank_with_cells_that_do_not_nest():
     every target still equals the direct computation."""
     torch.manual_seed(0)
     img = torch.randn(2, 3, 12, 12)
-    bank = targets.TargetBank("hog", [2, 3, 4, 6], 3, 9)
+    bank = targets.TargetBank("hog", [2, 3, 4, 6], 9)
     for cell, got in zip(bank.cells, bank(img)):
         assert torch.allclose(got, targets.hog(img, cell=cell, nbins=9), atol=1e-6), cell

@@ -74,8 +74,11 @@ def _swin(size: str, **kw: Any) -> ModelConfig:
 
 
 def localmim_swin(size: str, target: str = "hog") -> ModelConfig:
-    """LocalMIM-Swin: taps at every stage, HOG with 18 bins and the frozen gradient bias, or pixels."""
-    return _swin(size, target=target, hog_nbins=18, hog_bias=target == "hog")
+    """LocalMIM-Swin: taps at every stage, HOG with 18 bins and the frozen gradient bias, or pixels. The
+    published sizes build the encoder's LayerNorms with eps 1e-6, as the published code does; nano,
+    isolocal's CPU model and no published recipe, keeps timm's 1e-5."""
+    eps = {} if size == "nano" else {"swin_norm_eps": 1e-6}
+    return _swin(size, target=target, hog_nbins=18, hog_bias=target == "hog", **eps)
 
 
 def simmim_swin(size: str) -> ModelConfig:

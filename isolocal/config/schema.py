@@ -37,6 +37,8 @@ class ModelConfig:
     depths: list[int] = field(default_factory=list)
     stage_heads: list[int] = field(default_factory=list)
     window_size: int = 7
+    # Swin only: eps of every encoder LayerNorm (timm's and SimMIM's 1e-5; the LocalMIM-Swin presets 1e-6).
+    swin_norm_eps: float = 1e-5
     # ResNet only: residual block, output width of each timm stage (before a bottleneck's x4), stem.
     block: str = "basic"  # "basic" | "bottleneck" (timm's BasicBlock / Bottleneck)
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
@@ -78,7 +80,7 @@ _TOKEN_FAMILIES = ("patch_size", "embed_dim", "mlp_ratio", "scales", "target", "
 # The ModelConfig fields each family reads; every other field keeps its default for that family.
 FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
     "vit": _EVERY_FAMILY + _TOKEN_FAMILIES + ("depth", "num_heads"),
-    "swin": _EVERY_FAMILY + _TOKEN_FAMILIES + ("depths", "stage_heads", "window_size", "dense_encoder"),
+    "swin": _EVERY_FAMILY + _TOKEN_FAMILIES + ("depths", "stage_heads", "window_size", "swin_norm_eps", "dense_encoder"),
     "resnet": _EVERY_FAMILY + ("depths", "block", "channels", "stem"),
 }
 

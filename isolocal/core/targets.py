@@ -3,7 +3,8 @@
 Both return (B, cells, dim) with cells in row-major order, which is the layout every decoder
 predicts. `TargetBank` computes all of a model's targets for one batch at once: the HOG gradient
 histogram is built once at pixel level and pooled to every tap's cell size (pooling nests exactly
-because every cell size is a multiple of the smallest one). Targets are always fp32: every entry
+because every cell size is a multiple of the smallest one), unless each tap has its own gradient
+offset (`hog_bias`), which gives each tap its own histogram. Targets are always fp32: every entry
 point turns autocast off on the images' device (CUDA autocast runs einsum in bf16, and a target
 rounded to bf16 is another target).
 """
@@ -17,14 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def hog_bias(in_chans: int, seed: int) -> Tensor:
-    """The frozen (g0, g1) offset per colour channel, shape (C, 2).
+def hog_bias(stages: int, seed: int) -> Tensor:
+    """The frozen (g0, g1) offset of every stage's HOG target, shape (stages, 2); a stage's offset is
+    added to the gradients of every colour channel.
 
-    The published code leaves this at PyTorch's default conv-bias init, U(-1/3, 1/3) for a 3x3
-    single-channel kernel, drawn from the global RNG; here it is drawn from an explicit seed.
+    The published code gives each stage its own HOG layer, a 3x3 convolution whose bias (g0, g1) it
+    leaves at PyTorch's default init, U(-1/3, 1/3) for a single-channel 3x3 kernel, drawn from the global
+    RNG, and runs R, G and B through that one layer; here the offsets are drawn from an explicit seed.
     """
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(in_chans, 2, generator=g) * 2 - 1) / 3.0
+    return (torch.rand(stages, 2, generator=g) * 2 - 1) / 3.0
 
 
 def fp32(images: Tensor) -> torch.autocast:
@@ -33,7 +36,10 @@ def fp32(images: Tensor) -> torch.autocast:
 
 
 def hog_histogram(images: Tensor, nbins: int = 9, bias: Tensor | None = None) -> Tensor:
-    """Per-pixel hard-binned gradient histogram, (B, C, nbins, H, W), fp32."""
+    """Per-pixel hard-binned gradient histogram, (B, C, nbins, H, W), fp32; `bias`, one (g0, g1) offset
+    of shape (2,), is added to the gradients of every channel."""
+    if bias is not None and tuple(bias.shape) != (2,):
+        raise ValueError(f"bias must be one (g0, g1) offset of shape (2,), got shape {tuple(bias.shape)}")
     with fp32(images):
         B, C, H, W = images.shape
         x = F.pad(images.float().reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="reflect").squeeze(1)
@@ -45,7 +51,7 @@ def hog_histogram(images: Tensor, nbins: int = 9, bias: Tensor | None = None) ->
         g1 = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
         g = torch.stack([g0, g1], dim=1).reshape(B, C, 2, H, W)
         if bias is not None:
-            g = g + bias.to(g.device).reshape(1, C, 2, 1, 1)
+            g = g + bias.to(g.device).reshape(1, 1, 2, 1, 1)
         g0, g1 = g[:, :, 0], g[:, :, 1]
         magnitude = torch.sqrt(g0 * g0 + g1 * g1)
         phase = torch.atan2(g0, g1)
@@ -101,16 +107,27 @@ def target_dim(kind: str, cell: int, in_chans: int, nbins: int) -> int:
     return in_chans * nbins if kind == "hog" else cell * cell * in_chans
 
 
-class TargetBank(nn.Module):
-    """All of a model's targets for one batch, one tensor per tap, computed without gradients in fp32."""
+def _drop_saved_bias(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Checkpoints from before the offsets were drawn per stage saved them (one per colour channel);
+    they are rebuilt from the config now, so the saved ones are not loaded."""
+    state_dict.pop(prefix + "bias", None)
 
-    def __init__(self, kind: str, cells: list[int], in_chans: int, nbins: int,
-                 bias: bool = False, bias_seed: int = 0):
+
+class TargetBank(nn.Module):
+    """All of a model's targets for one batch, one tensor per tap, computed without gradients in fp32.
+
+    With `bias`, tap k's HOG has its own offset `bias[k]` (drawn from `bias_seed`), so each tap gets its
+    own histogram; without it the histogram is built once and pooled to every cell size. The offsets
+    are a function of the config and are not saved with the weights."""
+
+    def __init__(self, kind: str, cells: list[int], nbins: int, bias: bool = False, bias_seed: int = 0):
         super().__init__()
         if kind not in ("hog", "pixels"):
             raise ValueError(f"target must be 'hog' or 'pixels', got {kind!r}")
         self.kind, self.cells, self.nbins = kind, list(cells), nbins
-        self.register_buffer("bias", hog_bias(in_chans, bias_seed) if bias and kind == "hog" else None)
+        offsets = hog_bias(len(self.cells), bias_seed) if bias and kind == "hog" else None
+        self.register_buffer("bias", offsets, persistent=False)
+        self.register_load_state_dict_pre_hook(_drop_saved_bias)
 
     @torch.no_grad()
     def forward(self, images: Tensor, which: Sequence[int] | None = None) -> list[Tensor | None]:
@@ -122,8 +139,10 @@ class TargetBank(nn.Module):
             return [None] * len(self.cells)
         if self.kind == "pixels":
             return [pixels(images, c) if k in wanted else None for k, c in enumerate(self.cells)]
+        if self.bias is not None:
+            return [hog(images, c, self.nbins, self.bias[k]) if k in wanted else None for k, c in enumerate(self.cells)]
         with fp32(images):
-            hist = hog_histogram(images, self.nbins, self.bias)
+            hist = hog_histogram(images, self.nbins)
             finest = min(self.cells)
             base = pool_histogram(hist, finest)
             return [None if k not in wanted else

@@ -171,9 +171,12 @@ def check_finite_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -
 
 
 def check_fits(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """Refuse a state dict that does not fit `model`, naming the first differing key and its shapes."""
+    """Refuse a state dict that does not fit `model`, naming the first differing key and its shapes.
+    Buffers the model rebuilds from its config (non-persistent) are not compared: older checkpoints
+    that saved them still fit."""
     expected = model.state_dict()
-    for key in sorted(expected.keys() | state.keys()):
+    rebuilt = {name for name, _ in model.named_buffers()} - expected.keys()
+    for key in sorted((expected.keys() | state.keys()) - rebuilt):
         want, got = expected.get(key), state.get(key)
         if want is None or got is None or tuple(want.shape) != tuple(getattr(got, "shape", ())):
             shape = lambda t: "missing" if t is None else f"shape {tuple(t.shape)}"  # noqa: E731
@@ -247,8 +250,7 @@ def convert_pipeline_checkpoint(path: str | os.PathLike, out: str | os.PathLike,
 
 
 def _pipeline_model_state(path: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, dict[str, Tensor]]:
-    """Layer files hold only the stages; the model's other state (the seeded HOG bias) is rebuilt
-    from the config."""
+    """Layer files hold only the stages; anything else in the model's state is rebuilt from the config."""
     cfg = from_dict(RunConfig, pipeline_client_state(path, tag)["config"])
     full = LocalMIM(cfg.model).state_dict()
     stages = pipeline_state_dict(path, tag)

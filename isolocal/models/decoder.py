@@ -2,11 +2,14 @@
 
 One decoder per tap, each with its own weights (docs/method.md §2). The rescale head turns the
 decoder's token grid into the target grid of its scale: transposed convolutions up, average pool
-down, a 1x1 convolution to the target dimension.
+down, a 1x1 convolution to the target dimension. Its position table is timm's sin-cos layout, a
+channel permutation of the published code's (MAE's); `load_published_decoder` maps a published
+decoder onto it (docs/method.md §9).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -14,7 +17,7 @@ from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from isolocal.models.posembed import sincos_pos_embed
+from isolocal.models.posembed import mae_channel_order, sincos_pos_embed
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -68,3 +71,32 @@ class LocalDecoder(nn.Module):
         B, L, D = x.shape
         x = self.head(x.transpose(1, 2).reshape(B, D, self.grid, self.grid))
         return x.flatten(2).transpose(1, 2)
+
+    def width_axes(self) -> dict[str, int]:
+        """The axis of every weight that meets the decoder width (the residual stream between `embed`
+        and the head): permuting all of them by one permutation leaves the decoder's function unchanged."""
+        axes = {"mask_token": 2, "pos_embed": 2, "embed.weight": 0, "embed.bias": 0, "norm.weight": 0, "norm.bias": 0}
+        for i in range(len(self.blocks)):
+            for name, axis in (("norm1.weight", 0), ("norm1.bias", 0), ("attn.qkv.weight", 1), ("attn.proj.weight", 0),
+                               ("attn.proj.bias", 0), ("norm2.weight", 0), ("norm2.bias", 0), ("mlp.fc1.weight", 1),
+                               ("mlp.fc2.weight", 0), ("mlp.fc2.bias", 0)):
+                axes[f"blocks.{i}.{name}"] = axis
+        index, first = next((i, m) for i, m in enumerate(self.head) if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+        axes[f"head.{index}.weight"] = 0 if isinstance(first, nn.ConvTranspose2d) else 1  # (in, out, ..), (out, in, ..)
+        return axes
+
+
+def load_published_decoder(decoder: LocalDecoder, state: Mapping[str, Tensor]) -> None:
+    """Load one decoder of a published LocalMIM checkpoint (its `decoder.<k>.` entries without that
+    prefix: embed, mask_token, pos_embed, blocks, norm, pred) into `decoder`, strictly. The published
+    decoder adds MAE's sin-cos table, a channel permutation of isolocal's, so every weight is permuted
+    along the decoder width to isolocal's layout: the loaded decoder computes the published function
+    and its table is isolocal's own."""
+    order = mae_channel_order(decoder.embed.out_features)
+    axes = decoder.width_axes()
+    renamed = {"head." + k.removeprefix("pred.") if k.startswith("pred.") else k: v for k, v in state.items()}
+    for key, value in renamed.items():
+        if key in axes and value.shape[axes[key]] != len(order):
+            raise ValueError(f"published decoder entry {key} has shape {tuple(value.shape)}: its axis {axes[key]} "
+                             f"should be the decoder width {len(order)}")
+    decoder.load_state_dict({k: v.index_select(axes[k], order) if k in axes else v for k, v in renamed.items()})

@@ -139,8 +139,8 @@ class LocalMIM(nn.Module):
         self.objectives = parse_objectives(cfg.objective, len(self.taps))
         self.needs = needs_of(self.objectives)  # what the heads need from the data, together
         self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps))
-        self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.in_chans,
-                                      cfg.hog_nbins, cfg.hog_bias, cfg.hog_bias_seed)
+        self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.hog_nbins, cfg.hog_bias,
+                                      cfg.hog_bias_seed)
         self.apply(_init_weights)
         for stage in self.stages:
             for name in ("cls_token", "mask_token"):

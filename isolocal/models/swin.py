@@ -15,6 +15,7 @@ timm's own block on the full grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,6 +31,11 @@ from isolocal.models.recompute import run_blocks
 from isolocal.models.swin_attention import Level, LevelPlan, plan_levels, take, visible_block, visible_merge
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 from isolocal.core.targets import target_dim
+
+
+def swin_norm(cfg: ModelConfig) -> partial[nn.LayerNorm]:
+    """The encoder's LayerNorm (patch embedding, blocks, patch merging, tap norms) at the config's eps."""
+    return partial(nn.LayerNorm, eps=cfg.swin_norm_eps)
 
 
 def swin_levels(cfg: ModelConfig) -> list[Level]:
@@ -127,10 +133,10 @@ class SwinLayer(nn.Module):
         self.blocks = nn.ModuleList([
             SwinTransformerBlock(dim, (level.grid, level.grid), cfg.stage_heads[s], window_size=level.window,
                                  shift_size=level.shift if i % 2 else 0, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
-                                 drop_path=drop_path[i], norm_layer=nn.LayerNorm)
+                                 drop_path=drop_path[i], norm_layer=swin_norm(cfg))
             for i in range(cfg.depths[s])
         ])
-        self.downsample = PatchMerging(dim, 2 * dim, norm_layer=nn.LayerNorm) if merge else None
+        self.downsample = PatchMerging(dim, 2 * dim, norm_layer=swin_norm(cfg)) if merge else None
 
     def forward(self, x: Tensor, ctx: SwinContext) -> Tensor:
         plan = ctx.plan(self.index)
@@ -160,12 +166,12 @@ class SwinStage(nn.Module):
         self.tap_level = _tap_level(tap.index, n)
         if first == 0:
             self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
-                                          norm_layer=nn.LayerNorm, output_fmt="NHWC")
+                                          norm_layer=swin_norm(cfg), output_fmt="NHWC")
             if cfg.dense_encoder:
                 self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.layers = nn.ModuleList([SwinLayer(cfg, s, levels[s], drop_path[s], merge=s < n - 1)
                                      for s in range(first, tap.index + 1)])
-        self.norm = nn.LayerNorm(tap.dim)
+        self.norm = swin_norm(cfg)(tap.dim)
         attach_head(self, cfg, k, tap.dim, lambda: LocalDecoder(
             tap.dim, per_tap(cfg.decoder_dim, k), cfg.decoder_depth, per_tap(cfg.decoder_heads, k),
             cfg.decoder_mlp_ratio, tap.grid, tap.scale, target_dim(cfg.target, tap.cell, cfg.in_chans, cfg.hog_nbins),
