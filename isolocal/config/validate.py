@@ -84,6 +84,7 @@ def validate_model(m: ModelConfig) -> None:
     _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
     _check(0 < m.mask_ratio < 1, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
     _at_least("model", m, 1, ("mask_unit",))
+    _check(0 < m.swin_norm_eps < 1, f"model.swin_norm_eps must be in (0, 1), got {m.swin_norm_eps}")
     _one_of("model", m, "target", ("hog", "pixels"))
     _one_of("model", m, "block", ("basic", "bottleneck"))
     _one_of("model", m, "stem", ("imagenet", "cifar"))
