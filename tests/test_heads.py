@@ -38,7 +38,7 @@ def tiny(out: Path, *overrides: str) -> RunConfig:
     return cfg
 
 
-def inputs(model: isolocal.LocalMIM, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(model: isolocal.StagewiseEncoder, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, mask, labels) for `samples` samples: images hold `model.views` views of each."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(samples * model.views, 1, 32, 32, generator=g)
@@ -109,7 +109,7 @@ def test_check_config_refuses_an_unknown_objective_without_building_the_model():
     cfg = isolocal.preset_config(NANO)
     cfg.objective = "byol"
     with pytest.raises(ValueError, match="model.objective 'byol' is not a head"):
-        isolocal.LocalMIM.check_config(cfg)
+        isolocal.StagewiseEncoder.check_config(cfg)
 
 
 def test_contrastive_head_is_info_nce_of_the_projected_pooled_views():
@@ -382,7 +382,7 @@ def test_labels_and_views_flow_through_two_process_data_parallel(tmp_path):
     torchrun_two(DDP_SCRIPT, tmp_path, overrides)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
-    init = isolocal.LocalMIM(load_run_config(None, overrides).model).state_dict()
+    init = isolocal.StagewiseEncoder(load_run_config(None, overrides).model).state_dict()
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
     for k in range(4):

@@ -11,7 +11,7 @@ import isolocal
 from isolocal.core import targets
 from isolocal.core.masking import random_mask, visible_indices
 from isolocal.models.decoder import LocalDecoder, rescale_head
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.models.posembed import sincos_pos_embed
 from isolocal.models.resnet import resnet_taps
 from isolocal.models.swin import swin_taps
@@ -61,13 +61,13 @@ def test_large_vit_preset_geometry(name):
     assert [t.cell for t in taps] == cells and all(t.dim == cfg.embed_dim and t.grid == 14 for t in taps)
     assert [target_dim(cfg.target, t.cell, cfg.in_chans, cfg.hog_nbins) for t in taps] == dims
     assert cfg.hog_bias == (name == "localmim_vit_large")
-    LocalMIM.check_config(cfg)
+    StagewiseEncoder.check_config(cfg)
 
 
 def test_every_preset_tiles_the_image_at_every_tap():
     for name in isolocal.list_models():
         cfg = isolocal.preset_config(name)
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
         taps = {"vit": vit_taps, "swin": swin_taps, "resnet": resnet_taps}[cfg.arch](cfg)
         assert all(t.out_grid * t.cell == cfg.img_size for t in taps), name
         assert [t.index for t in taps] == cfg.taps, name
@@ -398,20 +398,20 @@ def test_config_checks_run_without_building():
     cfg = isolocal.preset_config("localmim_vit_nano")
     cfg.boundary = "detached"
     with pytest.raises(ValueError, match="boundary 'detached' is not valid"):
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
     cfg.boundary = ["isolated", 0.5]
     with pytest.raises(ValueError, match=r"one entry per boundary \(3\), got 2"):
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
     cfg.boundary, cfg.target = ["isolated", 0.5, "global"], "sift"
     with pytest.raises(ValueError, match="target must be 'hog' or 'pixels'"):
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
 
 
 def test_mask_settings_are_checked_before_a_run():
     cfg = dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), mask_unit=3)
     with pytest.raises(ValueError, match="mask_unit 3 must be >= 1 and divide the token grid 8"):
-        LocalMIM.check_masking(cfg)
-    LocalMIM.check_masking(isolocal.preset_config("localmim_swin_nano"))
+        StagewiseEncoder.check_masking(cfg)
+    StagewiseEncoder.check_masking(isolocal.preset_config("localmim_swin_nano"))
 
 
 def test_edge_configs_that_are_valid():
@@ -420,7 +420,7 @@ def test_edge_configs_that_are_valid():
     model = isolocal.create_model("localmim_vit_nano", boundary=[0, 1.0, 0.0], scales=[4.0, 2.0, 1.0, 0.125])
     assert model.alphas == [0.0, 1.0, 0.0] and (model.taps[-1].out_grid, model.taps[-1].cell) == (1, 32)
     for overrides in ({"img_size": 1, "patch_size": 1, "scales": [1.0] * 4}, {"hog_nbins": 1}):
-        LocalMIM.check_config(dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), **overrides))
+        StagewiseEncoder.check_config(dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), **overrides))
 
 
 def test_unknown_preset_and_field_name_the_value():
@@ -445,5 +445,6 @@ def test_a_mask_with_another_visible_count_is_refused():
         model(torch.zeros(2, 1, 32, 32), mask)
 
 
-def test_model_is_a_plain_module():
-    assert isinstance(isolocal.create_model("mae_vit_nano"), LocalMIM)
+def test_model_is_a_plain_module_and_keeps_its_former_names():
+    assert isinstance(isolocal.create_model("mae_vit_nano"), StagewiseEncoder)
+    assert isolocal.LocalMIM is StagewiseEncoder and isolocal.MIMOutput is isolocal.StageOutput

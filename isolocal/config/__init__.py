@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from isolocal.config.schedule import check_schedule_value
+
 Boundary = Union[str, float, list]
 Objective = Union[str, list]
 
@@ -119,7 +121,8 @@ class TrainConfig:
 class PipelineConfig:
     stages: int = 0  # pipeline ranks; 0 = no pipeline
     micro_batches: int = 4
-    schedule: str = "auto"  # "auto" (isolated schedule when all boundaries are isolated) | "default"
+    # "auto" (isolated when every boundary is isolated, else 1f1b) | "isolated" | "1f1b" ("default" = "1f1b")
+    schedule: str = "auto"
     timeout_s: int = 120
     partition: str = "count"  # stages per rank: "count" (balanced parameter counts) | "cost" (measured time)
     profile: bool = False  # per-rank time breakdown and a Chrome trace in out_dir (pipeline_profile.*)
@@ -327,7 +330,7 @@ def _validate_model(m: ModelConfig) -> None:
 
 def validate_run(cfg: RunConfig) -> None:
     """Range checks that types cannot express, all before any work: every float finite, every count
-    in range. The model's family geometry (taps, grids, mask units) is checked by `LocalMIM.check_config`."""
+    in range. The model's family geometry (taps, grids, mask units) is checked by `StagewiseEncoder.check_config`."""
     bad = _non_finite(cfg, "")
     _check(bad is None, f"{bad} must be a finite number, got {_lookup(cfg, bad)}")
     if cfg.model is not None:
@@ -380,7 +383,7 @@ def validate_run(cfg: RunConfig) -> None:
     p = cfg.pipeline
     _check(p.stages >= 0, f"pipeline.stages must be >= 0, got {p.stages}")
     _check(p.micro_batches >= 1, f"pipeline.micro_batches must be >= 1, got {p.micro_batches}")
-    _check(p.schedule in ("auto", "default"), f"pipeline.schedule must be auto or default, got {p.schedule!r}")
+    check_schedule_value(p.schedule, ConfigError)
     _check(p.timeout_s >= 1, f"pipeline.timeout_s must be >= 1, got {p.timeout_s}")
     _check(p.partition in ("count", "cost"), f"pipeline.partition must be count or cost, got {p.partition!r}")
     _check(p.stages == 0 or t.nonfinite == "stop",

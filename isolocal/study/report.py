@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from isolocal.study.job import ANALYSIS, FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, read_json
-from isolocal.heads import parse_objectives
+from isolocal.heads import StagePlan
 from isolocal.study.schema import METRICS, Claim, Run, Study, resolve_run
 from isolocal.study.stats import CONFIDENCE, Interval, mean_ci, paired_difference, verdict
 
@@ -404,7 +404,7 @@ def heads_per_stage(study: Study, variant: str) -> str:
     """Which head (`model.objective`) trained which stages of a variant, and across which boundaries."""
     model = resolve_run(study, variant).model
     stages: dict[str, list[int]] = {}
-    for k, name in enumerate(parse_objectives(model.objective, len(model.taps))):
+    for k, name in enumerate(StagePlan.from_config(model).objectives):
         stages.setdefault(name, []).append(k)
     heads = "; ".join(f"{name} (stage{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))})"
                       for name, ks in stages.items())
