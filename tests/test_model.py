@@ -10,6 +10,7 @@ import torch
 import isolocal
 from isolocal.core import targets
 from isolocal.core.masking import random_mask, visible_indices
+from isolocal.core.stages import cross_boundary, iter_stages
 from isolocal.models.decoder import LocalDecoder, rescale_head
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.models.posembed import sincos_pos_embed
@@ -319,6 +320,49 @@ def test_scaled_boundary_multiplies_cross_boundary_gradient_by_alpha():
     scaled_loss = model(images, mask).loss
     model.set_boundary("global")
     assert torch.equal(scaled_loss, model(images, mask).loss)  # the policy never changes the forward
+
+
+def test_the_stage_loop_crosses_each_boundary_and_yields_before_the_next_stage_runs():
+    """`iter_stages`, the loop of every runner: stage k > 0 reads stage k-1's output across boundary
+    alphas[k-1] (0 detaches, 0.5 halves the gradient), and a caller gets each stage's loss before the
+    next stage runs, so it can back-propagate it there (the stage-wise isolated step)."""
+    w = [torch.tensor(float(k + 2), requires_grad=True) for k in range(3)]  # stage k: y = x * (k + 2)
+    ran = []
+
+    def run(k, x):
+        ran.append(k)
+        y = x * w[k]
+        return y, y.sum(), y.detach()
+
+    x = torch.ones(2, requires_grad=True)
+    grads = []
+    for stage in iter_stages(run, x, [0.0, 0.5], range(3)):
+        assert ran == list(range(stage.index + 1))
+        grads.append(torch.autograd.grad(stage.loss, [x, *w], allow_unused=True, retain_graph=True))
+    assert [stage.loss.item() for stage in iter_stages(run, x.detach(), [0.0, 0.5], range(3))] == [4.0, 12.0, 48.0]
+    assert [[None if g is None else float(g.sum()) for g in gs] for gs in grads] == [
+        [4.0, 2.0, None, None],  # d(2 x)/dx, d/dw0 = sum(x)
+        [None, None, 4.0, None],  # detached: only w1 (d/dw1 = sum(2 x))
+        [None, None, 8.0, 12.0],  # halved: d/dw1 = 0.5 * 4 * 4; d/dw2 = sum(6 x)
+    ]
+
+
+def test_a_received_isolated_boundary_passes_zero_gradient_instead_of_detaching():
+    """A pipeline rank's first stage under DeepSpeed's default schedule: the received tensor needs a gradient
+    (zeros), so the isolated boundary in front of it is a zero scale, not a detach; inside a rank, and for a
+    received tensor that needs no gradient (the isolated schedule), it detaches."""
+    def run(k, x):
+        return x * 2, (x * 2).sum(), None
+
+    y = torch.ones(3, requires_grad=True)
+    first, second = iter_stages(run, y, [0.0, 0.0], [1, 2], received=True)
+    (grad,) = torch.autograd.grad(first.loss, y)
+    assert torch.equal(grad, torch.zeros(3))
+    assert not second.output.requires_grad
+    (inside,) = iter_stages(run, y, [0.0], [1])
+    assert not inside.output.requires_grad
+    assert not cross_boundary(y.detach(), 0.0, received=True).requires_grad
+    assert cross_boundary(y, 1.0, received=True) is y
 
 
 def test_same_weights_images_mask_give_identical_losses():

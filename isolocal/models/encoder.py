@@ -235,8 +235,8 @@ class StagewiseEncoder(nn.Module):
     def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None,
                 labels: Tensor | None = None) -> Batch:
         """Targets and loss weights for every stage (or only for `stages`, None for the others: what a
-        pipeline rank owns), and the token selection for the encoder. Only reconstructing (`mim`) stages get targets;
-        when no head needs the mask the encoder sees every token. `labels` (one per sample, i.e. per
+        pipeline rank owns), and the token selection for the encoder. Only reconstructing (`mim`) stages
+        get targets; when no head needs the mask the encoder sees every token. `labels` (one per sample, i.e. per
         B / views images) are required when a head needs them.
 
         Made for the hot loop: no host sync. A host mask reaches the device with a non-blocking copy

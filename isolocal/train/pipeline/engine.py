@@ -1,11 +1,11 @@
 """Two pipeline engines over one `StagePipe`, one per schedule (`isolocal.config.schedule`):
 
-- `DefaultScheduleEngine` ("1f1b"): DeepSpeed's default 1F1B train schedule (gradients cross rank boundaries), with
-  one fused `torch.autograd.backward(outputs, grads)` per micro-batch instead of DeepSpeed's one
-  backward per float output, which re-traverses the graph the outputs share (same gradients:
-  tests/test_pipeline.py compares them with a single process; docs/pipeline.md).
-- `IsolatedScheduleEngine` ("isolated"): for models whose boundaries are all isolated. Per micro-batch a rank
-  loads or receives, runs its stages forward, sends (asynchronously), and back-propagates its own
+- `DefaultScheduleEngine` ("1f1b"): DeepSpeed's default 1F1B train schedule (gradients cross rank
+  boundaries), with one fused `torch.autograd.backward(outputs, grads)` per micro-batch instead of
+  DeepSpeed's one backward per float output, which re-traverses the graph the outputs share (same
+  gradients: tests/test_pipeline.py compares them with a single process; docs/pipeline.md).
+- `IsolatedScheduleEngine` ("isolated"): for models whose boundaries are all isolated. Per micro-batch
+  a rank loads or receives, runs its stages forward, sends (asynchronously), and back-propagates its own
   local losses at once; no gradient is ever communicated between ranks, only downstream
   dependencies exist (it cannot deadlock), a rank holds the activations of at most two
   micro-batches, and a batch does not end in DeepSpeed's pipeline-wide loss broadcast.
@@ -212,8 +212,8 @@ INSTRUCTION_CATEGORY = {
     schedule.ReduceTiedGrads: "optimizer", schedule.OptimizerStep: "optimizer",
 }  # `RankTimes` categories
 
-ENGINES: dict[str, type[StageNormsEngine]] = {e.schedule_name: e for e in (IsolatedScheduleEngine,
-                                                                           DefaultScheduleEngine)}
+ENGINES: dict[str, type[StageNormsEngine]] = {engine.schedule_name: engine
+                                             for engine in (IsolatedScheduleEngine, DefaultScheduleEngine)}
 
 
 def build_engine(pipe: StagePipe, optimizer: torch.optim.Optimizer, micro_batch_size: int, micro_batches: int,

@@ -1,8 +1,9 @@
 """A pipeline plan for any preset from one device's measurement (`isolocal info --pipeline-stages S`).
 
 Measures the stages once (`timing.measure_stage_costs`), then predicts, for both partitions and
-every schedule (`isolocal.config.schedule.SCHEDULES`), the step time, bubble and speed-up over one worker with `costmodel`. Times are this
-device's; the bubble, balance and speed-up carry over to devices where every stage speeds up alike.
+every schedule (`isolocal.config.schedule.SCHEDULES`), the step time, bubble and speed-up over one
+worker with `costmodel`. Times are this device's; the bubble, balance and speed-up carry over to
+devices where every stage speeds up alike.
 """
 from __future__ import annotations
 
