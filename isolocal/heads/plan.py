@@ -1,6 +1,6 @@
 """Each stage's local head and the boundary in front of it, resolved once from a ModelConfig.
 
-`model.objective` and `model.boundary` are read here and nowhere else: a model keeps its plan
+`model.objective` and `model.boundary` are parsed here and nowhere else: a model keeps its plan
 (`model.plan`), and code that has only a config (the data checks before a run, a study report) builds
 one. Bad values fail here, naming the value and what is valid, before any weights exist.
 """
