@@ -71,7 +71,7 @@ def encoder_depth(model: nn.Module) -> int:
     """Number of encoder blocks, i.e. the layers capture numbers 1..depth."""
     if is_windowed(model):
         return sum(isinstance(m, SwinTransformerBlock) for m in model.modules())
-    return model.cfg.depth if isinstance(model, isolocal.LocalMIM) else len(model.blocks)
+    return model.cfg.depth if isinstance(model, isolocal.StagewiseEncoder) else len(model.blocks)
 
 
 @dataclass(frozen=True)

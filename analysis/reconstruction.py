@@ -1,7 +1,7 @@
 """What each stage reconstructs: every local decoder's prediction on its own cell grid.
 
-``reconstruct(model, images, mask)`` runs the model's own per-stage step (``LocalMIM.prepare`` and
-``LocalMIM.stage_step``, the code every trainer runs), so the targets, predictions, loss weights and
+``reconstruct(model, images, mask)`` runs the model's own per-stage step (``StagewiseEncoder.prepare`` and
+``StagewiseEncoder.stage_step``, the code every trainer runs), so the targets, predictions, loss weights and
 losses it returns are the training loss's by construction, not a re-implementation of it. The
 masked-cell error of a stage is that stage's loss (``masked_mse``); per image it is the loss the
 model would report for that image alone.
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from analysis.loading import load_for_analysis
 from isolocal.core.masking import regrid
-from isolocal.models.encoder import LocalMIM, masked_mse
+from isolocal.models.encoder import StagewiseEncoder, masked_mse
 
 
 @dataclass
@@ -46,7 +46,7 @@ class StageReconstruction:
 
 
 @torch.no_grad()
-def reconstruct(model: LocalMIM, images: Tensor, mask: Tensor) -> list[StageReconstruction]:
+def reconstruct(model: StagewiseEncoder, images: Tensor, mask: Tensor) -> list[StageReconstruction]:
     """Per-stage (target, prediction, weight) of ``model`` on normalized ``images`` (B, C, H, W) under
     ``mask`` (B, tokens) bool, True = masked, for every stage whose head is ``mim``.
     Runs in eval mode (no drop-path); restores the mode."""
@@ -57,7 +57,7 @@ def reconstruct(model: LocalMIM, images: Tensor, mask: Tensor) -> list[StageReco
         batch = model.prepare(images, mask)  # moves the mask itself (Swin plans windows from the host copy)
         x, out = images, []
         for k, tap in enumerate(model.taps):
-            if model.objectives[k] != "mim":  # a classify / contrastive head reconstructs nothing
+            if not model.plan.reconstructs(k):  # a classify / contrastive head reconstructs nothing
                 x = model.stages[k](x, batch.ctx)
                 continue
             x, loss, pred = model.stage_step(k, x, batch)
@@ -102,7 +102,7 @@ def cell_stats(images: Tensor, cell: int) -> tuple[Tensor, Tensor]:
     return stats[:, :1], stats[:, 1:]
 
 
-def pixel_mask(model: LocalMIM, mask: Tensor) -> Tensor:
+def pixel_mask(model: StagewiseEncoder, mask: Tensor) -> Tensor:
     """The token mask at image resolution, (B, 1, H, W) float, 1 = masked pixel."""
     size = model.img_size
     return regrid(mask, model.mask_grid, size // model.mask_grid).reshape(mask.shape[0], 1, size, size)
@@ -136,11 +136,11 @@ def check_options(mask_seed: int, hog_channels: str) -> None:
         raise ValueError(f"hog channels must be one of {', '.join(CHANNEL_MODES)}, got {hog_channels!r}")
 
 
-def load_model(path: str | Path) -> LocalMIM:
+def load_model(path: str | Path) -> StagewiseEncoder:
     """An isolocal checkpoint (file, pipeline directory, or run directory holding ``last.pt``) with
     its local decoders; encoder-only formats (timm, MAE, published LocalMIM) are refused."""
     model, _ = load_for_analysis(path)
-    if not isinstance(model, LocalMIM):
+    if not isinstance(model, StagewiseEncoder):
         raise ValueError(f"{path} holds an encoder only (timm, MAE or LocalMIM format); reconstruct needs an "
                          "isolocal checkpoint, whose local decoders it runs")
     return model

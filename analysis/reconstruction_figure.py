@@ -23,7 +23,7 @@ from analysis.glyphs import hog_glyphs
 from analysis.loading import ImageBatch, input_shape, load_images
 from analysis.reconstruction import (StageReconstruction, check_options, error_table, load_model, pixel_mask,
                                      pixel_views, reconstruct)
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 
 MASK_COLOUR = np.array([0.20, 0.25, 0.45])  # masked patches in the masked input, and HOG cell shading
 PANEL_INCHES = 2.0
@@ -43,7 +43,7 @@ def _normalized(image: Tensor) -> np.ndarray:
     return _rgb(np.clip((arr + NORMALIZED_RANGE) / (2 * NORMALIZED_RANGE), 0.0, 1.0))
 
 
-def glyph_panels(rec: StageReconstruction, model: LocalMIM, index: int,
+def glyph_panels(rec: StageReconstruction, model: StagewiseEncoder, index: int,
                   channels: str) -> tuple[np.ndarray, np.ndarray]:
     """(target glyphs, prediction glyphs on masked cells with the visible cells' target glyphs)."""
     zoom = max(1, -(-GLYPH_PANEL_PX // model.img_size))
@@ -59,7 +59,7 @@ def glyph_panels(rec: StageReconstruction, model: LocalMIM, index: int,
     return draw(target), np.maximum(draw(pasted), shade)
 
 
-def plot_reconstruction(model: LocalMIM, batch: ImageBatch, mask: Tensor, recs: list[StageReconstruction],
+def plot_reconstruction(model: StagewiseEncoder, batch: ImageBatch, mask: Tensor, recs: list[StageReconstruction],
                         errors: pd.DataFrame, path: str | Path, title: str, pdf: bool = False,
                         hog_channels: str = "mean") -> list[Path]:
     """The grid for an ``ImageBatch`` under ``mask``; each prediction panel carries its image's
@@ -101,12 +101,12 @@ def plot_reconstruction(model: LocalMIM, batch: ImageBatch, mask: Tensor, recs: 
 
 # ---- one run: figure + CSV ------------------------------------------------------------------------
 
-def write_reconstruction(model: LocalMIM, batch: ImageBatch, out_dir: str | Path, label: str, mask_seed: int = 0,
+def write_reconstruction(model: StagewiseEncoder, batch: ImageBatch, out_dir: str | Path, label: str, mask_seed: int = 0,
                          pdf: bool = False, hog_channels: str = "mean") -> list[Path]:
     """``reconstruct_<label>.png`` (and .pdf) and ``reconstruct_<label>.csv`` for an ``ImageBatch``
     under the model's own random mask drawn from ``mask_seed``."""
     check_options(mask_seed, hog_channels)
-    if "mim" not in model.objectives:
+    if not model.plan.target_stages:
         raise ValueError(f"{label}: no stage has a mim head (model.objective = {model.cfg.objective!r}); "
                          "nothing to reconstruct")
     mask = model.random_mask(len(batch.names), torch.Generator().manual_seed(mask_seed))
@@ -125,12 +125,12 @@ def write_reconstruction(model: LocalMIM, batch: ImageBatch, out_dir: str | Path
     return written + [csv]
 
 
-def save_reconstruction(run: str | Path | LocalMIM, images: str, out_dir: str | Path, mask_seed: int = 0,
+def save_reconstruction(run: str | Path | StagewiseEncoder, images: str, out_dir: str | Path, mask_seed: int = 0,
                         pdf: bool = False, label: str | None = None, hog_channels: str = "mean") -> list[Path]:
     """Figure + CSV of one run (a checkpoint path, run directory or model) on the images of ``images``
     (``analysis.loading.IMAGE_SPEC_HELP``); the label defaults to the checkpoint's stem or run directory."""
     check_options(mask_seed, hog_channels)
-    if isinstance(run, LocalMIM):
+    if isinstance(run, StagewiseEncoder):
         model, name = run, label or "model"
     else:
         model, name = load_model(run), label or Path(run).stem

@@ -26,7 +26,7 @@ import torch
 
 import isolocal
 from isolocal.train.logs import PeakMemory
-from isolocal.train.step import backward_step, compile_stages
+from isolocal.train.step import backward_step
 
 MODELS = ("localmim", "mae", "maskfeat")
 
@@ -37,7 +37,7 @@ def measure(name: str, boundary: str, args: argparse.Namespace, device_name: str
     torch.manual_seed(0)
     model = isolocal.create_model(name, boundary=boundary, img_size=args.img_size).to(device).train()
     if compiled:
-        compile_stages(model)
+        model.compile_stages()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, model.cfg.in_chans, args.img_size, args.img_size, device=device)

@@ -69,7 +69,7 @@ def time_engines(args: argparse.Namespace) -> None:
 
     import isolocal
     from isolocal.train.pipeline.engine import build_engine
-    from isolocal.train.pipeline.module import MIMPipe
+    from isolocal.train.pipeline.module import StagePipe
 
     world, rank = dist.get_world_size(), dist.get_rank()
     engines, feeds = {}, {}
@@ -77,7 +77,7 @@ def time_engines(args: argparse.Namespace) -> None:
         for name, (boundary, schedule) in VARIANTS.items():
             torch.manual_seed(0)
             model = isolocal.create_model(args.preset, boundary=boundary)
-            pipe = MIMPipe(model, PipeDataParallelTopology(num_pp=world, num_dp=1))
+            pipe = StagePipe(model, PipeDataParallelTopology(num_pp=world, num_dp=1))
             params = [p for p in pipe.parameters() if p.requires_grad]
             engine = build_engine(pipe, torch.optim.AdamW(params, lr=1e-4), args.micro_batch_size, m, schedule)
             engines[m, name] = engine

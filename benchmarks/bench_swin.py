@@ -19,7 +19,7 @@ import isolocal
 from isolocal.models.swin import swin_context
 
 
-def timed_step(model: isolocal.LocalMIM, opt: torch.optim.Optimizer, images: torch.Tensor,
+def timed_step(model: isolocal.StagewiseEncoder, opt: torch.optim.Optimizer, images: torch.Tensor,
                mask: torch.Tensor) -> tuple[float, float]:
     """(wall, CPU) seconds for one forward + backward + optimizer step."""
     wall, cpu = time.perf_counter(), time.process_time()

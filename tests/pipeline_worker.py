@@ -4,7 +4,7 @@ usage: pipeline_worker.py OUT_DIR SPEC_JSON; SPEC holds any of these tasks, run 
 writing OUT_DIR/<task>_rank<r>.pt or .json:
 - "grads": cases "P,dp,M,boundary,schedule,clip[,preset]"; for each a real DeepSpeed engine trains 3 steps on
   `case_data` and records every step's gradients (captured just before the optimizer step), the
-  parameters after the last step, keyed by LocalMIM parameter name, the loss `train_batch`
+  parameters after the last step, keyed by the model's parameter name, the loss `train_batch`
   reported at every step (with the rank's replica and whether it holds the last stage), and how
   many of its activation sends were still in flight when `train_batch` returned, and whether the
   module was in training mode after each `train_batch` (it is put in eval mode before each).
@@ -46,11 +46,11 @@ def build(p: int, dp: int, m: int, boundary: str, schedule: str, clip: float, pr
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from isolocal.train.pipeline.engine import build_engine
-    from isolocal.train.pipeline.module import MIMPipe
+    from isolocal.train.pipeline.module import StagePipe
 
     torch.manual_seed(0)
     model = isolocal.create_model(preset, boundary=boundary)
-    pipe = MIMPipe(model, PipeDataParallelTopology(num_pp=p, num_dp=dp), parts=[round(i * 4 / p) for i in range(p + 1)])
+    pipe = StagePipe(model, PipeDataParallelTopology(num_pp=p, num_dp=dp), parts=[round(i * 4 / p) for i in range(p + 1)])
     optimizer = make_optimizer([q for q in pipe.parameters() if q.requires_grad])
     return model, pipe, build_engine(pipe, optimizer, MICRO, m, schedule, clip)
 

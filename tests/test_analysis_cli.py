@@ -32,8 +32,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NANO_LAYOUT = TokenLayout(num_prefix_tokens=1, grid=(8, 8), patch=(4, 4))
 
 
-def save_isolocal(model: isolocal.LocalMIM, path) -> None:
-    """The isolocal checkpoint format: LocalMIM state dict + the run config holding its ModelConfig."""
+def save_isolocal(model: isolocal.StagewiseEncoder, path) -> None:
+    """The isolocal checkpoint format: StagewiseEncoder state dict + the run config holding its ModelConfig."""
     torch.save({"model": model.state_dict(), "config": to_dict(RunConfig(model=model.cfg)), "step": 4}, path)
 
 
@@ -64,7 +64,7 @@ def is_png(path) -> bool:
         return f.read(8) == PNG_SIGNATURE and imread(path).ndim == 3
 
 
-def write_formats(model: isolocal.LocalMIM, root) -> dict:
+def write_formats(model: isolocal.StagewiseEncoder, root) -> dict:
     """The same encoder as an isolocal checkpoint, a timm state dict, an MAE and a LocalMIM checkpoint."""
     _, timm_sd = isolocal.export_timm(model)
     args = argparse.Namespace(model="MIM_vit_nano", mask_ratio=0.75)
@@ -88,7 +88,7 @@ def test_four_formats_give_the_same_attention(trained, tmp_path):
     reference = capture_attention(model, images)
     for name, path in write_formats(model, tmp_path).items():
         loaded, layout = load_for_analysis(path, {"num_heads": 2})
-        assert isinstance(loaded, isolocal.LocalMIM if name == "isolocal" else VisionTransformer), name
+        assert isinstance(loaded, isolocal.StagewiseEncoder if name == "isolocal" else VisionTransformer), name
         assert layout == NANO_LAYOUT and not loaded.training
         got = capture_attention(loaded, images)
         assert len(got) == len(reference) == 4

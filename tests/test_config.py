@@ -9,9 +9,11 @@ import isolocal
 from isolocal.config import FAMILY_FIELDS, ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from isolocal.config.load import load_run_config
 from isolocal.config.presets import PRESETS, list_models, preset_config
+from isolocal.config.schedule import SCHEDULES, resolve_schedule
 from isolocal.models.encoder import _family
 from isolocal.train.logs import write_config
 from isolocal.train.optim import scaled_lr
+from isolocal.train.pipeline import costmodel
 
 EXPERIMENTS = Path(isolocal.__file__).resolve().parents[1] / "experiments"
 
@@ -133,3 +135,19 @@ def test_preset_config_hands_out_copies_of_the_table():
     cfg.taps.append(99)
     assert PRESETS["localmim_vit_nano"].taps == preset_config("localmim_vit_nano").taps == [0, 1, 2, 3]
     assert list_models() == sorted(PRESETS)
+def test_one_schedule_vocabulary_resolves_pipeline_schedule():
+    """`pipeline.schedule`: "auto" runs "isolated" when every boundary is isolated, else "1f1b"; "default" is
+    "1f1b"; "isolated" is refused for a model that lets gradient cross a boundary; anything else names the
+    valid values. The cost model simulates exactly these schedules."""
+    assert SCHEDULES == ("isolated", "1f1b") and costmodel.SCHEDULES is SCHEDULES
+    for value in ("auto", "isolated", "1f1b", "default"):
+        assert load_run_config(None, [f"pipeline.schedule={value!r}"]).pipeline.schedule == value
+    with pytest.raises(ConfigError, match="pipeline.schedule must be one of auto, isolated, 1f1b, default, got 'gpipe'"):
+        load_run_config(None, ["pipeline.schedule='gpipe'"])
+    assert resolve_schedule("default", True) == resolve_schedule("1f1b", False) == "1f1b"
+    assert resolve_schedule("auto", False) == "1f1b"
+    assert resolve_schedule("auto", True) == resolve_schedule("isolated", True) == "isolated"
+    with pytest.raises(ValueError, match="pipeline.schedule 'isolated' .* needs every model.boundary isolated"):
+        resolve_schedule("isolated", False)
+    with pytest.raises(ValueError, match="must be one of auto, isolated, 1f1b, default, got 'Default'"):
+        resolve_schedule("Default", True)

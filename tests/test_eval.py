@@ -25,7 +25,7 @@ def _clusters(n: int, noise: float = 0.1, seed: int = 0, num_classes: int = 10, 
     return centres[labels] + noise * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed + 1)), labels
 
 
-def _nano() -> isolocal.LocalMIM:
+def _nano() -> isolocal.StagewiseEncoder:
     torch.manual_seed(0)
     return isolocal.create_model("localmim_vit_nano")
 
@@ -122,7 +122,7 @@ def test_finetune_layer_decay_scales_first_and_last_block():
 def test_classifier_pools_the_last_stage_mean_feature():
     model = _nano().eval()
     images = torch.randn(3, 1, 32, 32)
-    for source in (model, isolocal.create_timm_model(model)):  # a LocalMIM or its timm export
+    for source in (model, isolocal.create_timm_model(model)):  # a StagewiseEncoder or its timm export
         clf = build_classifier(source, EvalConfig(num_classes=7)).eval()
         with torch.no_grad():
             pooled = clf.forward_head(clf.forward_features(images), pre_logits=True)

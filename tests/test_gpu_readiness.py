@@ -25,7 +25,7 @@ from isolocal.core.masking import visible_indices
 from isolocal.config.load import load_run_config
 from isolocal.testing.syncs import HostSyncCounter
 from isolocal.config.toml import dumps_toml
-from isolocal.train.step import backward_step, compile_stages
+from isolocal.train.step import backward_step
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _batch(model: isolocal.LocalMIM, b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(model: isolocal.StagewiseEncoder, b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(b, model.cfg.in_chans, model.img_size, model.img_size, generator=g)
     return images, model.random_mask(b, generator=g)
@@ -147,7 +147,7 @@ def test_compiled_stages_compile_once_and_eval_runs_eager(boundary):
     torch.manual_seed(0)
     eager = isolocal.create_model("localmim_vit_nano", boundary=boundary)
     counter = CompileCounter()
-    compile_stages(model, backend=counter)
+    model.compile_stages(backend=counter)
     frames = []
     for step in range(4):
         images, mask = _batch(model, seed=step)
@@ -169,7 +169,7 @@ def test_compiled_stages_compile_once_and_eval_runs_eager(boundary):
 def test_compile_warns_and_stays_eager_for_swin():
     model = isolocal.create_model("localmim_swin_nano")
     with pytest.warns(UserWarning, match="not supported for Swin"):
-        compile_stages(model, backend=CompileCounter())
+        model.compile_stages(backend=CompileCounter())
     assert all("forward" not in vars(stage) for stage in model.stages)
 
 
@@ -283,7 +283,7 @@ import isolocal
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from isolocal.train.pipeline.engine import build_engine
-from isolocal.train.pipeline.module import MIMPipe
+from isolocal.train.pipeline.module import StagePipe
 from isolocal.train.pipeline.runner import init_distributed
 from isolocal.testing.syncs import HostSyncCounter
 
@@ -302,7 +302,7 @@ for name, boundary in [("localmim_vit_nano", "isolated"), ("localmim_vit_nano", 
                        ("localmim_swin_nano", "isolated")]:
     torch.manual_seed(0)
     model = isolocal.create_model(name, boundary=boundary)
-    pipe = MIMPipe(model, PipeDataParallelTopology(num_pp=1, num_dp=1))
+    pipe = StagePipe(model, PipeDataParallelTopology(num_pp=1, num_dp=1))
     opt = torch.optim.AdamW([q for q in pipe.parameters() if q.requires_grad], lr=1e-3)
     engine = build_engine(pipe, opt, 2, 2, "auto", 0.5)
     original_hook = PipelineEngine._train_schedule

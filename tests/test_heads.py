@@ -3,6 +3,7 @@ every head, mixed objectives, labels and two views through the trainer, validati
 analysis on a non-MIM model, and the MIM path unchanged by the heads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -19,8 +20,10 @@ import isolocal
 from isolocal.cli import main
 from isolocal.config import RunConfig, to_dict
 from isolocal.data import MultiView, SyntheticImages, build_dataset, views_first
-from isolocal.heads import (HEADS, ClassifyHead, ContrastiveHead, HeadInputs, HeadOutput, StageHead, info_nce, pool,
-                            register_head)
+import isolocal.heads.plan
+import isolocal.models.vit
+from isolocal.heads import (HEADS, ClassifyHead, ContrastiveHead, HeadInputs, HeadOutput, StageHead, StagePlan,
+                            info_nce, pool, register_head)
 from isolocal.config.load import load_run_config
 from isolocal.train import Trainer, train
 from isolocal.train.step import backward_step
@@ -38,7 +41,7 @@ def tiny(out: Path, *overrides: str) -> RunConfig:
     return cfg
 
 
-def inputs(model: isolocal.LocalMIM, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(model: isolocal.StagewiseEncoder, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, mask, labels) for `samples` samples: images hold `model.views` views of each."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(samples * model.views, 1, 32, 32, generator=g)
@@ -109,7 +112,62 @@ def test_check_config_refuses_an_unknown_objective_without_building_the_model():
     cfg = isolocal.preset_config(NANO)
     cfg.objective = "byol"
     with pytest.raises(ValueError, match="model.objective 'byol' is not a head"):
-        isolocal.LocalMIM.check_config(cfg)
+        isolocal.StagewiseEncoder.check_config(cfg)
+
+
+def test_the_stage_plan_is_resolved_once_from_the_config(monkeypatch):
+    """`StagePlan.from_config`: each stage's head, each boundary's alpha, what the heads need together and the
+    views per sample. The model keeps it (`model.plan`): a forward never reads `model.objective` or
+    `model.boundary` again, and `set_boundary` changes only the alphas."""
+    cfg = dataclasses.replace(isolocal.preset_config(NANO), objective=["mim", "classify", "contrastive", "mim"],
+                              boundary=["isolated", 0.5, "global"])
+    plan = StagePlan.from_config(cfg)
+    assert plan.objectives == ("mim", "classify", "contrastive", "mim") and plan.alphas == (0.0, 0.5, 1.0)
+    assert plan.needs == {"target", "mask", "labels", "views"} and plan.views == 2 and not plan.isolated
+    assert plan.target_stages == [0, 3] and plan.heads_needing("labels") == ["'classify'"]
+    model = isolocal.StagewiseEncoder(cfg)
+    assert model.plan == plan and isinstance(model.stages[1].head, ClassifyHead) and hasattr(model.stages[3], "decoder")
+
+    def parsed_again(*args):
+        raise AssertionError("the config was parsed again")
+
+    monkeypatch.setattr(isolocal.heads.plan, "parse_objectives", parsed_again)
+    monkeypatch.setattr(isolocal.heads.plan, "parse_boundaries", parsed_again)
+    images, mask, labels = inputs(model, 2)
+    assert len(model(images, mask, labels=labels).losses) == 4
+    assert model.objectives == ["mim", "classify", "contrastive", "mim"] and model.alphas == [0.0, 0.5, 1.0]
+    assert model.views == 2
+    monkeypatch.undo()
+    model.set_boundary("isolated")
+    assert model.plan.alphas == (0.0, 0.0, 0.0) and model.plan.objectives == plan.objectives and model.isolated
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("objective", "byol", "model.objective 'byol' is not a head; valid heads: classify, contrastive, mim"),
+    ("boundary", "half", r"boundary 'half' is not valid; use 'global', 'isolated' or an alpha in \[0, 1\]"),
+    ("boundary", [0.5, 0.5], r"boundary list must have one entry per boundary \(3\), got 2"),
+])
+def test_a_bad_objective_or_boundary_fails_in_the_plan_before_any_weights(monkeypatch, field, value, message):
+    cfg = dataclasses.replace(isolocal.preset_config(NANO), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        StagePlan.from_config(cfg)
+
+    def built(*args, **kwargs):
+        raise AssertionError("weights were built before the config was checked")
+
+    monkeypatch.setattr(isolocal.models.vit, "PatchEmbed", built)
+    with pytest.raises(ValueError, match=message):
+        isolocal.StagewiseEncoder(cfg)
+
+
+def test_a_head_needing_the_target_is_the_familys_decoder_and_no_other_is():
+    """The registry says which heads reconstruct (`mim`: built by the family, kept as `stage.decoder`)."""
+    with pytest.raises(ValueError, match="a head that needs 'target' is the model family's decoder"):
+        register_head("rec", frozenset({"target"}), lambda cfg, dim: ClassifyHead(dim, 2))
+    with pytest.raises(ValueError, match="any other head needs a build function"):
+        register_head("nobuild", frozenset({"labels"}), None)
+    assert "rec" not in HEADS and "nobuild" not in HEADS
+    assert [name for name, head in HEADS.items() if head.reconstructs] == ["mim"]
 
 
 def test_contrastive_head_is_info_nce_of_the_projected_pooled_views():
@@ -382,7 +440,7 @@ def test_labels_and_views_flow_through_two_process_data_parallel(tmp_path):
     torchrun_two(DDP_SCRIPT, tmp_path, overrides)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
-    init = isolocal.LocalMIM(load_run_config(None, overrides).model).state_dict()
+    init = isolocal.StagewiseEncoder(load_run_config(None, overrides).model).state_dict()
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
     for k in range(4):

@@ -10,8 +10,9 @@ import torch
 import isolocal
 from isolocal.core import targets
 from isolocal.core.masking import random_mask, visible_indices
+from isolocal.core.stages import cross_boundary, iter_stages
 from isolocal.models.decoder import LocalDecoder, rescale_head
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.models.posembed import sincos_pos_embed
 from isolocal.models.resnet import resnet_taps
 from isolocal.models.swin import swin_taps
@@ -61,13 +62,13 @@ def test_large_vit_preset_geometry(name):
     assert [t.cell for t in taps] == cells and all(t.dim == cfg.embed_dim and t.grid == 14 for t in taps)
     assert [target_dim(cfg.target, t.cell, cfg.in_chans, cfg.hog_nbins) for t in taps] == dims
     assert cfg.hog_bias == (name == "localmim_vit_large")
-    LocalMIM.check_config(cfg)
+    StagewiseEncoder.check_config(cfg)
 
 
 def test_every_preset_tiles_the_image_at_every_tap():
     for name in isolocal.list_models():
         cfg = isolocal.preset_config(name)
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
         taps = {"vit": vit_taps, "swin": swin_taps, "resnet": resnet_taps}[cfg.arch](cfg)
         assert all(t.out_grid * t.cell == cfg.img_size for t in taps), name
         assert [t.index for t in taps] == cfg.taps, name
@@ -321,6 +322,49 @@ def test_scaled_boundary_multiplies_cross_boundary_gradient_by_alpha():
     assert torch.equal(scaled_loss, model(images, mask).loss)  # the policy never changes the forward
 
 
+def test_the_stage_loop_crosses_each_boundary_and_yields_before_the_next_stage_runs():
+    """`iter_stages`, the loop of every runner: stage k > 0 reads stage k-1's output across boundary
+    alphas[k-1] (0 detaches, 0.5 halves the gradient), and a caller gets each stage's loss before the
+    next stage runs, so it can back-propagate it there (the stage-wise isolated step)."""
+    w = [torch.tensor(float(k + 2), requires_grad=True) for k in range(3)]  # stage k: y = x * (k + 2)
+    ran = []
+
+    def run(k, x):
+        ran.append(k)
+        y = x * w[k]
+        return y, y.sum(), y.detach()
+
+    x = torch.ones(2, requires_grad=True)
+    grads = []
+    for stage in iter_stages(run, x, [0.0, 0.5], range(3)):
+        assert ran == list(range(stage.index + 1))
+        grads.append(torch.autograd.grad(stage.loss, [x, *w], allow_unused=True, retain_graph=True))
+    assert [stage.loss.item() for stage in iter_stages(run, x.detach(), [0.0, 0.5], range(3))] == [4.0, 12.0, 48.0]
+    assert [[None if g is None else float(g.sum()) for g in gs] for gs in grads] == [
+        [4.0, 2.0, None, None],  # d(2 x)/dx, d/dw0 = sum(x)
+        [None, None, 4.0, None],  # detached: only w1 (d/dw1 = sum(2 x))
+        [None, None, 8.0, 12.0],  # halved: d/dw1 = 0.5 * 4 * 4; d/dw2 = sum(6 x)
+    ]
+
+
+def test_a_received_isolated_boundary_passes_zero_gradient_instead_of_detaching():
+    """A pipeline rank's first stage under DeepSpeed's default schedule: the received tensor needs a gradient
+    (zeros), so the isolated boundary in front of it is a zero scale, not a detach; inside a rank, and for a
+    received tensor that needs no gradient (the isolated schedule), it detaches."""
+    def run(k, x):
+        return x * 2, (x * 2).sum(), None
+
+    y = torch.ones(3, requires_grad=True)
+    first, second = iter_stages(run, y, [0.0, 0.0], [1, 2], received=True)
+    (grad,) = torch.autograd.grad(first.loss, y)
+    assert torch.equal(grad, torch.zeros(3))
+    assert not second.output.requires_grad
+    (inside,) = iter_stages(run, y, [0.0], [1])
+    assert not inside.output.requires_grad
+    assert not cross_boundary(y.detach(), 0.0, received=True).requires_grad
+    assert cross_boundary(y, 1.0, received=True) is y
+
+
 def test_same_weights_images_mask_give_identical_losses():
     torch.manual_seed(0)
     a = isolocal.create_model("localmim_vit_nano")
@@ -398,20 +442,20 @@ def test_config_checks_run_without_building():
     cfg = isolocal.preset_config("localmim_vit_nano")
     cfg.boundary = "detached"
     with pytest.raises(ValueError, match="boundary 'detached' is not valid"):
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
     cfg.boundary = ["isolated", 0.5]
     with pytest.raises(ValueError, match=r"one entry per boundary \(3\), got 2"):
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
     cfg.boundary, cfg.target = ["isolated", 0.5, "global"], "sift"
     with pytest.raises(ValueError, match="target must be 'hog' or 'pixels'"):
-        LocalMIM.check_config(cfg)
+        StagewiseEncoder.check_config(cfg)
 
 
 def test_mask_settings_are_checked_before_a_run():
     cfg = dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), mask_unit=3)
     with pytest.raises(ValueError, match="mask_unit 3 must be >= 1 and divide the token grid 8"):
-        LocalMIM.check_masking(cfg)
-    LocalMIM.check_masking(isolocal.preset_config("localmim_swin_nano"))
+        StagewiseEncoder.check_masking(cfg)
+    StagewiseEncoder.check_masking(isolocal.preset_config("localmim_swin_nano"))
 
 
 def test_edge_configs_that_are_valid():
@@ -420,7 +464,7 @@ def test_edge_configs_that_are_valid():
     model = isolocal.create_model("localmim_vit_nano", boundary=[0, 1.0, 0.0], scales=[4.0, 2.0, 1.0, 0.125])
     assert model.alphas == [0.0, 1.0, 0.0] and (model.taps[-1].out_grid, model.taps[-1].cell) == (1, 32)
     for overrides in ({"img_size": 1, "patch_size": 1, "scales": [1.0] * 4}, {"hog_nbins": 1}):
-        LocalMIM.check_config(dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), **overrides))
+        StagewiseEncoder.check_config(dataclasses.replace(isolocal.preset_config("localmim_vit_nano"), **overrides))
 
 
 def test_unknown_preset_and_field_name_the_value():
@@ -445,5 +489,6 @@ def test_a_mask_with_another_visible_count_is_refused():
         model(torch.zeros(2, 1, 32, 32), mask)
 
 
-def test_model_is_a_plain_module():
-    assert isinstance(isolocal.create_model("mae_vit_nano"), LocalMIM)
+def test_model_is_a_plain_module_and_keeps_its_former_names():
+    assert isinstance(isolocal.create_model("mae_vit_nano"), StagewiseEncoder)
+    assert isolocal.LocalMIM is StagewiseEncoder and isolocal.MIMOutput is isolocal.StageOutput

@@ -28,7 +28,7 @@ import torch
 import isolocal
 from isolocal.io.checkpoint import LAST, convert_pipeline_checkpoint, load_model_state, pipeline_state_dict
 from isolocal.config import RunConfig, from_dict, to_dict
-from isolocal.train.pipeline.engine import IsolatedSchedule, LocalBackward, build_engine
+from isolocal.train.pipeline.engine import ENGINES, IsolatedSchedule, LocalBackward, build_engine
 from isolocal.train.pipeline.runner import eval_batches
 from isolocal.config.load import load_run_config
 from isolocal.train import train
@@ -414,6 +414,8 @@ def test_isolated_schedule_only_sends_forward_and_holds_two_micro_batches():
 def test_build_engine_defaults_to_the_auto_schedule_without_clipping():
     defaults = {n: p.default for n, p in inspect.signature(build_engine).parameters.items()}
     assert defaults["schedule_name"] == "auto" and defaults["clip_grad"] == 0.0
+    assert {name: engine.__name__ for name, engine in ENGINES.items()} == {
+        "isolated": "IsolatedScheduleEngine", "1f1b": "DefaultScheduleEngine"}
 
 
 def test_bad_pipeline_settings_fail_before_any_work(monkeypatch):
@@ -435,6 +437,9 @@ def test_bad_pipeline_settings_fail_before_any_work(monkeypatch):
     assert check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=16"])) == (2, 2)
     with pytest.raises(ConfigError, match=r"^train.compile = true is not supported by the pipeline runner"):
         check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=16", "train.compile=true"]))
+    with pytest.raises(ValueError, match="pipeline.schedule 'isolated' .* needs every model.boundary isolated"):
+        check_launch(load_run_config(None, ["pipeline.stages=2", "train.batch_size=16", "pipeline.schedule='isolated'",
+                                            "model.boundary='global'"]))
 
 
 RNG_RESUME_SCRIPT = """

@@ -35,7 +35,7 @@ MODELS = {  # (preset, overrides): ViT and Swin, HOG and pixel targets; every pi
 }
 
 
-def _model(name: str) -> isolocal.LocalMIM:
+def _model(name: str) -> isolocal.StagewiseEncoder:
     preset, overrides = MODELS[name]
     return isolocal.create_model(preset, **overrides).eval()
 

@@ -21,7 +21,7 @@ from isolocal.config import ConfigError, ModelConfig
 from isolocal.data import build_dataset
 from isolocal.io.export import export_timm, timm_kwargs
 from isolocal.heads import ClassifyHead, pool
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.config.presets import list_models, preset_config
 from isolocal.config.load import load_run_config
 from isolocal.study.schema import load_study, resolve_run
@@ -38,14 +38,14 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def batch(model: LocalMIM, samples: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(model: StagewiseEncoder, samples: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     c, s = model.cfg.in_chans, model.cfg.img_size
     images = torch.randn(samples * model.views, c, s, s, generator=g)
     return images, model.random_mask(len(images), g), torch.randint(0, 10, (samples,), generator=g)
 
 
-def trained_stats(model: LocalMIM) -> LocalMIM:
+def trained_stats(model: StagewiseEncoder) -> StagewiseEncoder:
     """Two training forwards, so the BatchNorm running statistics are not their init."""
     for seed in (1, 2):
         images, mask, labels = batch(model, seed=seed)
@@ -61,7 +61,7 @@ def trained_stats(model: LocalMIM) -> LocalMIM:
 ], ids=["cifar_basic", "imagenet_bottleneck"])
 def test_export_loads_strictly_into_timm_and_gives_its_forward_features(kw):
     torch.manual_seed(0)
-    model = trained_stats(LocalMIM(tiny(**kw)))
+    model = trained_stats(StagewiseEncoder(tiny(**kw)))
     name, sd = export_timm(model)
     assert name == "isolocal_resnet"
     net = timm.create_model(name, num_classes=0, **timm_kwargs(model)).eval()
@@ -74,7 +74,7 @@ def test_export_loads_strictly_into_timm_and_gives_its_forward_features(kw):
 
 def test_a_standard_resnet18_exports_under_timms_own_name():
     torch.manual_seed(0)
-    model = LocalMIM(dataclasses.replace(preset_config("resnet18"), img_size=64)).eval()
+    model = StagewiseEncoder(dataclasses.replace(preset_config("resnet18"), img_size=64)).eval()
     name, sd = export_timm(model)
     assert (name, timm_kwargs(model)) == ("resnet18", {})
     net = timm.create_model(name, num_classes=0).eval()
@@ -86,7 +86,7 @@ def test_a_standard_resnet18_exports_under_timms_own_name():
 
 # ---------------------------------------------------------------------------------------- isolation
 
-def stage_grads(model: LocalMIM, loss: torch.Tensor) -> list[list[torch.Tensor]]:
+def stage_grads(model: StagewiseEncoder, loss: torch.Tensor) -> list[list[torch.Tensor]]:
     params = [list(s.parameters()) for s in model.stages]
     flat = [p for group in params for p in group]
     grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
@@ -104,7 +104,7 @@ def test_isolated_stages_get_only_their_own_losses_gradient(taps, objective):
     """Isolated: d loss_k / d stage j < k is zero, and each stage's share of the summed loss's gradient is
     its own loss's. Global: a later loss reaches the earlier stages."""
     torch.manual_seed(0)
-    model = LocalMIM(tiny(taps=taps, objective=objective, boundary="isolated"))
+    model = StagewiseEncoder(tiny(taps=taps, objective=objective, boundary="isolated"))
     images, mask, labels = batch(model)
     out = model(images, mask, labels=labels)
     assert all(math.isfinite(float(loss.detach())) for loss in out.losses)
@@ -133,7 +133,7 @@ def test_the_presets_are_the_cifar_resnets_at_every_k_and_timms_resnet18_50():
 def test_every_presets_stages_cover_each_block_once_split_evenly(name):
     cfg = preset_config(name)
     torch.manual_seed(0)
-    model = LocalMIM(cfg)
+    model = StagewiseEncoder(cfg)
     owned = [stage.timm_names for stage in model.stages]
     timm_blocks = [f"layer{s + 1}.{i}" for s, depth in enumerate(cfg.depths) for i in range(depth)]
     assert [n for names in owned for n in names] == timm_blocks
@@ -163,9 +163,9 @@ def test_every_presets_stages_cover_each_block_once_split_evenly(name):
 ])
 def test_bad_resnet_configs_are_refused_before_any_weights(kw, message):
     with pytest.raises(ValueError, match=message):
-        LocalMIM.check_config(tiny(**kw))
+        StagewiseEncoder.check_config(tiny(**kw))
     with pytest.raises(ValueError, match=message):
-        LocalMIM(tiny(**kw))
+        StagewiseEncoder(tiny(**kw))
 
 
 def test_bad_resnet_fields_are_config_errors_naming_the_key():
@@ -187,7 +187,7 @@ def test_bad_resnet_fields_are_config_errors_naming_the_key():
 def test_classify_reads_maps_through_a_conv_and_tokens_as_before():
     """On a map: conv-BN-ReLU at the stage's width, then the pooled MLP; the ViT head has no conv."""
     torch.manual_seed(0)
-    model = LocalMIM(tiny())
+    model = StagewiseEncoder(tiny())
     head = model.stages[0].head
     assert isinstance(head, ClassifyHead) and head.conv.conv.weight.shape == (8, 8, 3, 3)
     maps = torch.randn(4, 8, 4, 4)
@@ -326,8 +326,8 @@ def test_the_shipped_resnet_study_is_24_paired_runs_of_resnet32_splits():
     assert len(study.runs()) == 24 and set(study.evals) == {"knn", "linear", "head"}
     configs = {v: resolve_run(study, v) for v in study.variants}
     for variant, cfg in configs.items():
-        LocalMIM.check_config(cfg.model)
-        LocalMIM.check_masking(cfg.model)
+        StagewiseEncoder.check_config(cfg.model)
+        StagewiseEncoder.check_masking(cfg.model)
         end_to_end = variant.startswith("e2e")
         stages = 1 if end_to_end else int(variant.rsplit("_k", 1)[1])
         assert len(cfg.model.taps) == stages and cfg.model.taps[-1] == 14 and cfg.model.depths == [5, 5, 5]

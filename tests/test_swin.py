@@ -19,7 +19,7 @@ from isolocal.models.swin import swin_context
 SWIN_PRESETS = [n for n in isolocal.list_models() if "_swin_" in n]
 
 
-def narrow_tiny(dtype: torch.dtype = torch.float64) -> isolocal.LocalMIM:
+def narrow_tiny(dtype: torch.dtype = torch.float64) -> isolocal.StagewiseEncoder:
     """Swin-T's published geometry (224 px, patch 4, window 7, 32 px units) at a test-sized width."""
     torch.manual_seed(0)
     model = isolocal.create_model("localmim_swin_tiny", embed_dim=12, depths=[2, 2, 2, 2],
@@ -51,7 +51,7 @@ def reference_block(block, x: torch.Tensor, visible: torch.Tensor) -> torch.Tens
     return x + block.mlp(block.norm2(x))
 
 
-def reference_stage_outputs(model: isolocal.LocalMIM, images: torch.Tensor, mask: torch.Tensor) -> list:
+def reference_stage_outputs(model: isolocal.StagewiseEncoder, images: torch.Tensor, mask: torch.Tensor) -> list:
     """Each stage's output on the full grid and the visibility at its grid."""
     x = model.stages[0].patch_embed(images)
     B, H, W, _ = x.shape

@@ -18,7 +18,7 @@ import isolocal
 from isolocal.testing.launch import free_port, torchrun_two
 from isolocal.io.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
 from isolocal.config import ConfigError, RunConfig
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train import Trainer, distributed, train
 from isolocal.config.load import load_run_config
 from isolocal.train.optim import build_optimizers, build_scheduler
@@ -120,7 +120,7 @@ def test_checkpoints_rotate_and_load_into_a_model(tmp_path):
     last = load_state(tmp_path / LAST)
     assert last["step"] == 18 and last["epoch"] == 3
     model = isolocal.load_checkpoint(tmp_path / LAST)
-    assert isinstance(model, LocalMIM) and not model.training
+    assert isinstance(model, StagewiseEncoder) and not model.training
     assert_same_weights(model.state_dict(), last["model"])
     cfg = load_run_config(tmp_path / "config.toml")  # the run directory's config reproduces the run
     assert cfg == tiny(tmp_path, "train.epochs=3", "train.keep_last=2")
@@ -379,7 +379,7 @@ def test_two_process_data_parallel_ends_with_identical_parameters(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same_weights(r0["model"], r1["model"])
     torch.manual_seed(0)
-    model = LocalMIM(load_run_config(None, overrides).model)
+    model = StagewiseEncoder(load_run_config(None, overrides).model)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     assert any(not torch.equal(init[k], r0["model"][k]) for k in init)  # it did train
     # Step 0 in one process over the same total batch (both ranks' two micro-batches): the mean of the

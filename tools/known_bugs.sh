@@ -13,8 +13,8 @@ FILE[data_parallel_sum]=isolocal/train/distributed.py
 EDIT[data_parallel_sum]='s/^\(\s*\)flat \/= self.world/\1pass/'
 FILE[hog_bias_subtracted]=isolocal/core/targets.py
 EDIT[hog_bias_subtracted]='s/g = g + bias.to(g.device)/g = g - bias.to(g.device)/'
-FILE[stagewise_detach_dropped]=isolocal/train/step.py
-EDIT[stagewise_detach_dropped]='s/^\(\s*\)x = x.detach()/\1x = x/'
+FILE[stagewise_detach_dropped]=isolocal/core/stages.py
+EDIT[stagewise_detach_dropped]='s/^\(\s*\)return x.detach()/\1return x/'
 TESTS=(tests/test_model.py tests/test_train.py tests/test_targets.py tests/test_swin.py tests/test_gpu_readiness.py)
 status=0
 for bug in loss_on_visible_tokens data_parallel_sum hog_bias_subtracted stagewise_detach_dropped; do

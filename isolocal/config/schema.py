@@ -138,7 +138,8 @@ class PipelineConfig:
 
     stages: int = 0  # pipeline ranks; 0 = no pipeline
     micro_batches: int = 4
-    schedule: str = "auto"  # "auto" (isolated schedule when all boundaries are isolated) | "default"
+    # "auto" (isolated when every boundary is isolated, else 1f1b) | "isolated" | "1f1b" ("default" = "1f1b")
+    schedule: str = "auto"
     timeout_s: int = 120
     partition: str = "count"  # stages per rank: "count" (balanced parameter counts) | "cost" (measured time)
     profile: bool = False  # per-rank time breakdown and a Chrome trace in out_dir (pipeline_profile.*)

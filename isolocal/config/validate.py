@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from isolocal.config.schedule import check_schedule_value
 from isolocal.config.schema import (
     FAMILY_FIELDS,
     DataConfig,
@@ -152,7 +153,7 @@ def validate_pipeline(p: PipelineConfig, t: TrainConfig) -> None:
     """Stages, schedule and partition; a pipeline cannot skip a non-finite step (`t.nonfinite`)."""
     _at_least("pipeline", p, 0, ("stages",))
     _at_least("pipeline", p, 1, ("micro_batches",))
-    _one_of("pipeline", p, "schedule", ("auto", "default"))
+    check_schedule_value(p.schedule, ConfigError)
     _at_least("pipeline", p, 1, ("timeout_s",))
     _one_of("pipeline", p, "partition", ("count", "cost"))
     _check(p.stages == 0 or t.nonfinite == "stop",

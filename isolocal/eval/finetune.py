@@ -25,16 +25,16 @@ from isolocal.data import build_loader
 from isolocal.eval.features import cuda_eval_precision
 from isolocal.eval.linear import cosine_scheduler
 from isolocal.io.export import create_timm_model
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 
 
-def build_classifier(model: LocalMIM | nn.Module, cfg: EvalConfig) -> nn.Module:
+def build_classifier(model: StagewiseEncoder | nn.Module, cfg: EvalConfig) -> nn.Module:
     """A timm classifier with an average-pooling head; the source model is copied, never changed.
 
-    A LocalMIM exports its encoder (the last tap's LayerNorm normalizes the tokens before pooling,
+    A StagewiseEncoder exports its encoder (the last tap's LayerNorm normalizes the tokens before pooling,
     exactly what the 'mean' probe reads); a timm model, e.g. a loaded export, gets a new head.
     """
-    if isinstance(model, LocalMIM):
+    if isinstance(model, StagewiseEncoder):
         clf = create_timm_model(model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path,
                                 global_pool="avg", fc_norm=False)
         clf.to(next(model.parameters()).device)
@@ -84,7 +84,7 @@ def classifier_accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int
     return 100.0 * int(correct) / len(dataset)
 
 
-def finetune(model: LocalMIM | nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
+def finetune(model: StagewiseEncoder | nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
              seed: int = 0, num_workers: int = 0, progress: bool = True) -> dict:
     """Fine-tune a copy of the encoder; {"top1": final test top-1 %, "epochs": per-epoch loss and top-1}.
 

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from isolocal.config import RunConfig
-    from isolocal.models.encoder import LocalMIM
+    from isolocal.models.encoder import StagewiseEncoder
 
 MODES = ("knn", "linear", "head", "finetune")
 
 
-def load_model(ckpt: str, cfg: RunConfig) -> LocalMIM:
+def load_model(ckpt: str, cfg: RunConfig) -> StagewiseEncoder:
     """The model of any isolocal checkpoint or run directory, or with 'random' the config's model at
     its seeded init."""
     from pathlib import Path
@@ -23,11 +23,11 @@ def load_model(ckpt: str, cfg: RunConfig) -> LocalMIM:
     import torch
 
     from isolocal.io.checkpoint import load_checkpoint
-    from isolocal.models.encoder import LocalMIM
+    from isolocal.models.encoder import StagewiseEncoder
 
     if ckpt == "random":
         torch.manual_seed(cfg.train.seed)
-        return LocalMIM(cfg.model)
+        return StagewiseEncoder(cfg.model)
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass a checkpoint, a run directory or 'random'")
     return load_checkpoint(ckpt)

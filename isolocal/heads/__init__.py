@@ -1,4 +1,5 @@
-"""Local objectives as plug-ins: the stage-head contract (`base`), its registry and the shipped heads.
+"""Local objectives as plug-ins: the stage-head contract (`base`), its registry, the shipped heads, and
+the per-stage plan a model resolves once from its config (`plan`).
 
 - `mim`: LocalMIM's decoder (HOG or pixels), built by the model family, masked-cell MSE;
 - `classify`: pooled features -> MLP -> cross-entropy (`classify`);
@@ -6,14 +7,15 @@
 """
 from __future__ import annotations
 
-from isolocal.heads.base import (HEADS, NEEDS, HeadInputs, HeadOutput, HeadType, StageHead, needs_of,
-                                 parse_objectives, pool, register_head)
+from isolocal.heads.base import (HEADS, NEEDS, HeadInputs, HeadOutput, HeadType, StageHead, parse_objectives, pool,
+                                 register_head)
 from isolocal.heads.classify import ClassifyHead, build_classify
 from isolocal.heads.contrastive import ContrastiveHead, build_contrastive, info_nce
+from isolocal.heads.plan import StagePlan
 
 register_head("mim", frozenset({"target", "mask"}), None)
 register_head("classify", ClassifyHead.needs, build_classify)
 register_head("contrastive", ContrastiveHead.needs, build_contrastive)
 
 __all__ = ["HEADS", "NEEDS", "ClassifyHead", "ContrastiveHead", "HeadInputs", "HeadOutput", "HeadType", "StageHead",
-           "info_nce", "needs_of", "parse_objectives", "pool", "register_head"]
+           "StagePlan", "info_nce", "parse_objectives", "pool", "register_head"]

@@ -54,11 +54,17 @@ class StageHead(nn.Module, ABC):
 
 @dataclass(frozen=True)
 class HeadType:
-    """A registry entry: the head's needs and how to build it for a stage of width `dim`.
-    `build` is None for `mim`, whose decoder the model family builds (it depends on the family's grid)."""
+    """A registry entry: the head's needs and how to build it for a stage of width `dim`. A head that needs
+    the reconstruction target (`mim`) is a decoder at the family's grid, which the family builds: its
+    `build` is None."""
 
     needs: frozenset[str]
     build: Callable[[ModelConfig, int], StageHead] | None
+
+    @property
+    def reconstructs(self) -> bool:
+        """Predicts the reconstruction target with the family's decoder (kept as `stage.decoder`)."""
+        return "target" in self.needs
 
 
 HEADS: dict[str, HeadType] = {}
@@ -69,6 +75,9 @@ def register_head(name: str, needs: frozenset[str], build: Callable[[ModelConfig
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"head {name!r} needs {sorted(unknown)}, which no runner provides; valid needs: {NEEDS}")
+    if ("target" in needs) != (build is None):
+        raise ValueError(f"head {name!r}: a head that needs 'target' is the model family's decoder (build=None); "
+                         "any other head needs a build function")
     HEADS[name] = HeadType(frozenset(needs), build)
 
 
@@ -81,23 +90,6 @@ def parse_objectives(spec: str | list, count: int) -> list[str]:
         if item not in HEADS:
             raise ValueError(f"model.objective {item!r} is not a head; valid heads: {', '.join(sorted(HEADS))}")
     return list(items)
-
-
-def needs_of(objectives: list[str]) -> frozenset[str]:
-    """Everything the heads of a model need from the data, together."""
-    return frozenset().union(*(HEADS[name].needs for name in objectives))
-
-
-def config_needs(cfg: ModelConfig) -> tuple[frozenset[str], int]:
-    """What a model config's heads need from the data, and the views per sample (2 with a contrastive head),
-    read without building the model (the data is checked before it is)."""
-    needs = needs_of(parse_objectives(cfg.objective, len(cfg.taps)))
-    return needs, 2 if "views" in needs else 1
-
-
-def heads_needing(cfg: ModelConfig, need: str) -> list[str]:
-    """The names of a config's heads that need `need`, quoted, for error messages."""
-    return sorted({repr(name) for name in parse_objectives(cfg.objective, len(cfg.taps)) if need in HEADS[name].needs})
 
 
 def pool(features: Tensor, prefix: int) -> Tensor:
@@ -125,11 +117,10 @@ def as_labels(labels: Tensor | None, batch: int, views: int) -> Tensor | None:
     return labels.repeat(views)
 
 
-def attach_head(stage: nn.Module, cfg: ModelConfig, k: int, dim: int, decoder: Callable[[], nn.Module]) -> None:
-    """Give stage k (of width `dim`) its head: for `mim` the family's `decoder()` as `stage.decoder` (the
-    keys of every LocalMIM checkpoint), for any other objective the registry's head as `stage.head`."""
-    name = parse_objectives(cfg.objective, len(cfg.taps))[k]
-    if name == "mim":
+def attach_head(stage: nn.Module, head: HeadType, cfg: ModelConfig, dim: int, decoder: Callable[[], nn.Module]) -> None:
+    """Give a stage of width `dim` its head: a reconstructing head (`mim`) is the family's `decoder()`, kept
+    as `stage.decoder` (the keys of every checkpoint); any other is the registry's head, `stage.head`."""
+    if head.reconstructs:
         stage.decoder = decoder()
     else:
-        stage.head = HEADS[name].build(cfg, dim)
+        stage.head = head.build(cfg, dim)

@@ -2,7 +2,7 @@
 
 Written by isolocal runs:
 - single file (`<run>/last.pt`, `<run>/epoch_NNNN.pt`) from the single-process / data-parallel
-  trainer: `{"model": LocalMIM state dict, "config": RunConfig dict, ...the run's position}`.
+  trainer: `{"model": StagewiseEncoder state dict, "config": RunConfig dict, ...the run's position}`.
   Written atomically: a temporary file in the target directory, flushed to disk, then renamed over
   the final name (`os.replace` is atomic on POSIX), so a crash mid-write leaves the previous
   checkpoint intact and never a half-written file under a checkpoint name.
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from isolocal.config import RunConfig, from_dict, to_dict
 from isolocal.errors import CheckpointError, CheckpointWriteError
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 
 LAST = "last.pt"
 PIPELINE_DIR = "pipeline"  # where the pipeline runner keeps a run's checkpoints: <run>/pipeline/<tag>/
@@ -220,7 +220,7 @@ def pipeline_client_state(path: str | os.PathLike, tag: str | None = None) -> di
 
 
 def pipeline_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict[str, Tensor]:
-    """A LocalMIM state dict (`stages.<k>.` keys) from a pipeline checkpoint's layer files."""
+    """A StagewiseEncoder state dict (`stages.<k>.` keys) from a pipeline checkpoint's layer files."""
     tag_dir = pipeline_tag_dir(path, tag)
     state: dict[str, Tensor] = {}
     layers = []
@@ -252,7 +252,7 @@ def convert_pipeline_checkpoint(path: str | os.PathLike, out: str | os.PathLike,
 def _pipeline_model_state(path: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, dict[str, Tensor]]:
     """Layer files hold only the stages; anything else in the model's state is rebuilt from the config."""
     cfg = from_dict(RunConfig, pipeline_client_state(path, tag)["config"])
-    full = LocalMIM(cfg.model).state_dict()
+    full = StagewiseEncoder(cfg.model).state_dict()
     stages = pipeline_state_dict(path, tag)
     if not stages.keys() <= full.keys():
         raise ValueError(f"{pipeline_tag_dir(path, tag)}: layer keys {sorted(stages.keys() - full.keys())[:3]} "
@@ -293,7 +293,7 @@ def _checked_state(state: Any, path: Path) -> tuple[RunConfig, dict[str, Tensor]
 
 
 def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tensor]]:
-    """(the run's resolved config, a LocalMIM state dict) from any isolocal checkpoint or run directory."""
+    """(the run's resolved config, a StagewiseEncoder state dict) from any isolocal checkpoint or run directory."""
     kind, path = _locate(path)
     if kind == "pipeline":
         cfg, state = _pipeline_model_state(path)
@@ -302,16 +302,16 @@ def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tens
     return _checked_state(load_state(path), path)
 
 
-def _model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -> LocalMIM:
+def _model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -> StagewiseEncoder:
     if cfg.model is None:
         raise ValueError(f"{path}: its config has no resolved model section")
-    model = LocalMIM(cfg.model)
+    model = StagewiseEncoder(cfg.model)
     check_fits(model, state_dict, path)
     model.load_state_dict(state_dict)
     return model.eval()
 
 
-def load_checkpoint(path: str | os.PathLike) -> LocalMIM:
+def load_checkpoint(path: str | os.PathLike) -> StagewiseEncoder:
     """The model a checkpoint holds, rebuilt from its saved config, weights loaded strictly, in eval mode."""
     return _model(*load_model_state(path), Path(path))
 
@@ -426,8 +426,8 @@ def _build_timm(sd: dict[str, Tensor], arch_hint: Mapping[str, Any] | None, path
 
 
 def load_encoder(path: str | os.PathLike, arch_hint: Mapping[str, Any] | None = None) -> nn.Module:
-    """The encoder any supported checkpoint holds, in eval mode: a `LocalMIM` for isolocal checkpoints
-    and run directories (ViT or Swin), a timm ViT for timm, MAE and published LocalMIM files.
+    """The encoder any supported checkpoint holds, in eval mode: a `StagewiseEncoder` for isolocal checkpoints
+    and run directories (any family), a timm ViT for timm, MAE and published LocalMIM files.
 
     `arch_hint` holds `timm.create_model` overrides for timm-named formats, chiefly
     `{"num_heads": N}` for non-standard widths; isolocal checkpoints carry their own config and ignore it.

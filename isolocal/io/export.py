@@ -15,20 +15,20 @@ import timm
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from isolocal.models.encoder import LocalMIM
+    from isolocal.models.encoder import StagewiseEncoder
 
 
-def export_timm(model: LocalMIM) -> tuple[str, dict[str, Tensor]]:
+def export_timm(model: StagewiseEncoder) -> tuple[str, dict[str, Tensor]]:
     """(timm model name, encoder state dict). Non-standard sizes also need `timm_kwargs(model)`."""
     return model.family.timm_name_and_kwargs(model)[0], model.family.timm_state_dict(model)
 
 
-def timm_kwargs(model: LocalMIM) -> dict[str, Any]:
+def timm_kwargs(model: StagewiseEncoder) -> dict[str, Any]:
     """Overrides for `timm.create_model` when the config is not a registered timm size ({} if it is)."""
     return model.family.timm_name_and_kwargs(model)[1]
 
 
-def create_timm_model(model: LocalMIM, **kwargs: Any) -> nn.Module:
+def create_timm_model(model: StagewiseEncoder, **kwargs: Any) -> nn.Module:
     """A timm encoder (no classifier unless `num_classes` is given) loaded strictly with the export."""
     name, sd = export_timm(model)
     timm_model = timm.create_model(name, pretrained=False, **{"num_classes": 0, **timm_kwargs(model), **kwargs})

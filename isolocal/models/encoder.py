@@ -1,14 +1,17 @@
-"""The MIM model: stages + local heads + targets + boundaries; forward(images, mask) -> per-stage losses.
+"""The stage-wise encoder: stages + local heads + targets + boundaries; forward(images, mask) -> per-stage losses.
 
-LocalMIM, MAE, MaskFeat and SimMIM-style baselines are configs of this one model. The forward is
-written so that every runner (single process global or isolated, data parallel, pipeline) runs the
-same per-stage step, `stage_step`, and so computes the same numbers.
+Any family (ViT, Swin, ResNet) split into stages, each trained by its own local head: LocalMIM, MAE,
+MaskFeat and SimMIM-style baselines, and supervised or contrastive local learning, are configs of this
+one model. Every runner (single process global or isolated, data parallel, pipeline) runs the same
+stage loop (`stages_of`, over `isolocal.core.stages.iter_stages`) of the same per-stage step,
+`stage_step`, and so computes the same numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,19 +20,25 @@ import torch
 from torch import Tensor, nn
 
 from isolocal.config import Boundary, ModelConfig
-from isolocal.heads import HEADS, HeadInputs, needs_of, parse_objectives
-from isolocal.heads.base import as_labels, config_needs
 from isolocal.core.masking import random_mask, regrid, to_device, visible_count
-from isolocal.models.family import Family
+from isolocal.core.stages import StageResult, iter_stages
 from isolocal.core.targets import TargetBank
+from isolocal.heads import HEADS, HeadInputs, StagePlan
+from isolocal.heads.base import as_labels
+from isolocal.models.family import Family, Tap
 
 
 @dataclass
-class MIMOutput:
+class StageOutput:
+    """What a forward returns: every stage's local loss, and the mask it ran under."""
+
     loss: Tensor  # sum of the per-stage losses
     losses: list[Tensor]  # one per stage
     mask: Tensor  # (B, L) bool, True = masked
     preds: list[Tensor] | None = None  # (B, cells_k, dim_k) per stage, on request
+
+
+MIMOutput = StageOutput  # the former name, kept for existing code
 
 
 @dataclass
@@ -41,46 +50,6 @@ class Batch:
     weights: list[Tensor | None]  # the mask at each tap's output grid (1 = masked, fractional when pooled)
     labels: Tensor | None  # (B,) class indices, repeated over views, when a head needs them (else None)
     views: int  # images per sample, stacked along the batch as [view 1; view 2]
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward, gradient times alpha backward (the scaled boundary)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, alpha: float) -> Tensor:
-        ctx.alpha = alpha
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.alpha, None
-
-
-def cross_boundary(x: Tensor, alpha: float) -> Tensor:
-    """Pass the residual stream into the next stage: alpha 1 = global, 0 = isolated (detached)."""
-    if alpha == 1.0:
-        return x
-    if alpha == 0.0:
-        return x.detach()
-    return _GradScale.apply(x, alpha)
-
-
-def parse_boundaries(spec: Boundary, count: int) -> list[float]:
-    """'global' | 'isolated' | alpha | a list of those, one per boundary -> list of alphas."""
-    items = spec if isinstance(spec, list) else [spec] * count
-    if len(items) != count:
-        raise ValueError(f"boundary list must have one entry per boundary ({count}), got {len(items)}: {spec}")
-    alphas = []
-    for item in items:
-        if item == "global":
-            alphas.append(1.0)
-        elif item == "isolated":
-            alphas.append(0.0)
-        elif isinstance(item, (int, float)) and not isinstance(item, bool) and 0.0 <= item <= 1.0:
-            alphas.append(float(item))
-        else:
-            raise ValueError(f"boundary {item!r} is not valid; use 'global', 'isolated' or an alpha in [0, 1]")
-    return alphas
 
 
 def masked_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
@@ -125,20 +94,31 @@ def _family(arch: str) -> Family:
     return getattr(importlib.import_module(module), name)
 
 
-class LocalMIM(nn.Module):
-    """An encoder split into stages, each with its own local head's loss (`model.objective`,
-    `isolocal.heads`): LocalMIM's decoder (`mim`) or another registered head."""
+def _resolve(cfg: ModelConfig) -> tuple[Family, list[Tap], StagePlan]:
+    """A config's family, taps and stage plan, checked together (geometry, boundaries, heads) before
+    any weights exist."""
+    family = _family(cfg.arch)
+    taps = family.taps(cfg)
+    plan = StagePlan.from_config(cfg)
+    if not family.decoders and plan.target_stages:
+        names = " / ".join(sorted({repr(plan.objectives[k]) for k in plan.target_stages}))
+        valid = " or ".join(repr(name) for name, head in sorted(HEADS.items()) if not head.reconstructs)
+        raise ValueError(f"model.objective {names} (stages {plan.target_stages}) needs a token grid and a decoder, "
+                         f"which a {cfg.arch} stage does not have; use {valid}")
+    return family, taps, plan
+
+
+class StagewiseEncoder(nn.Module):
+    """An encoder (ViT, Swin or ResNet) split into stages, each with its own local head's loss
+    (`model.objective`, `isolocal.heads`): LocalMIM's decoder (`mim`) or another registered head, with a
+    boundary between stages (`model.boundary`) that lets all, some or none of the gradient through."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.family = _family(cfg.arch)
-        self.taps = self.family.taps(cfg)
+        self.family, self.taps, self.plan = _resolve(cfg)
         self.mask_grid = self.family.mask_grid(cfg)
-        self.alphas = parse_boundaries(cfg.boundary, len(self.taps) - 1)
-        self.objectives = parse_objectives(cfg.objective, len(self.taps))
-        self.needs = needs_of(self.objectives)  # what the heads need from the data, together
-        self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps))
+        self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps, self.plan))
         self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.hog_nbins, cfg.hog_bias,
                                       cfg.hog_bias_seed)
         self.apply(_init_weights)
@@ -154,10 +134,8 @@ class LocalMIM(nn.Module):
 
     @staticmethod
     def check_config(cfg: ModelConfig) -> None:
-        """Validate a config's geometry and boundaries without allocating any weights."""
-        family = _family(cfg.arch)
-        parse_boundaries(cfg.boundary, len(family.taps(cfg)) - 1)
-        parse_objectives(cfg.objective, len(cfg.taps))
+        """Validate a config's geometry, boundaries and heads without allocating any weights."""
+        _resolve(cfg)
 
     @staticmethod
     def check_masking(cfg: ModelConfig) -> None:
@@ -175,20 +153,35 @@ class LocalMIM(nn.Module):
 
     def set_boundary(self, spec: Boundary) -> None:
         """Switch the gradient policy between stages (weights unchanged)."""
-        self.alphas = parse_boundaries(spec, self.num_stages - 1)
+        self.plan = self.plan.with_boundary(spec)
         self.cfg.boundary = spec
+
+    @property
+    def alphas(self) -> list[float]:
+        """The gradient scale of each boundary: 1 global, 0 isolated (`model.boundary`)."""
+        return list(self.plan.alphas)
+
+    @property
+    def objectives(self) -> list[str]:
+        """Each stage's head name (`model.objective`)."""
+        return list(self.plan.objectives)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What the heads need from the data, together."""
+        return self.plan.needs
 
     @property
     def views(self) -> int:
         """Images per sample the heads train on: 2 (stacked [view 1; view 2]) when a head contrasts views."""
-        return config_needs(self.cfg)[1]
+        return self.plan.views
 
     def target_stages(self, stages: Sequence[int] | None) -> Sequence[int] | None:
-        """Which of `stages` (None: all) need a reconstruction target: all of them when every head is `mim`."""
-        if all(name == "mim" for name in self.objectives):
+        """Which of `stages` (None: all) need a reconstruction target: all of them when every head reconstructs."""
+        targets = self.plan.target_stages
+        if len(targets) == self.num_stages:
             return stages
-        return [k for k in (range(self.num_stages) if stages is None else stages)
-                if "target" in HEADS[self.objectives[k]].needs]
+        return [k for k in (range(self.num_stages) if stages is None else stages) if k in targets]
 
     @property
     def grad_checkpoint(self) -> bool:
@@ -204,7 +197,7 @@ class LocalMIM(nn.Module):
     @property
     def isolated(self) -> bool:
         """True when no gradient crosses any boundary (stage-wise training is then exact)."""
-        return all(a == 0.0 for a in self.alphas)
+        return self.plan.isolated
 
     def random_mask(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """A (B, L) bool mask (True = masked) from the config's ratio, unit and per-batch mode."""
@@ -242,8 +235,8 @@ class LocalMIM(nn.Module):
     def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None,
                 labels: Tensor | None = None) -> Batch:
         """Targets and loss weights for every stage (or only for `stages`, None for the others: what a
-        pipeline rank owns), and the token selection for the encoder. Only `mim` stages get targets;
-        when no head needs the mask the encoder sees every token. `labels` (one per sample, i.e. per
+        pipeline rank owns), and the token selection for the encoder. Only reconstructing (`mim`) stages
+        get targets; when no head needs the mask the encoder sees every token. `labels` (one per sample, i.e. per
         B / views images) are required when a head needs them.
 
         Made for the hot loop: no host sync. A host mask reaches the device with a non-blocking copy
@@ -266,27 +259,34 @@ class LocalMIM(nn.Module):
         return Batch(self.family.context(self.cfg, mask, host), targets, weights, labels, self.views)
 
     def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Run stage k on its input: (output tokens, local loss, prediction). A `mim` stage's head is its
-        decoder (`predict`, compiled with the stage); any other reads the stage's normalized output."""
+        """Run stage k on its input: (output tokens, local loss, prediction). A reconstructing (`mim`)
+        stage's head is its decoder (`predict`, compiled with the stage); any other reads the stage's
+        normalized output."""
         stage = self.stages[k]
         x = stage(x, batch.ctx)
-        if self.objectives[k] != "mim":
+        if not self.plan.reconstructs(k):
             out = stage.head.loss(stage.features(x), HeadInputs(int(self.family.has_cls), batch.labels, batch.views))
             return x, out.loss, out.pred
         pred = stage.predict(x, batch.ctx)
         return x, masked_mse(pred, batch.targets[k], batch.weights[k]), pred
 
+    def stages_of(self, x: Tensor, batch: Batch, stages: Sequence[int] | None = None, received: bool = False,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                  ) -> Iterator[StageResult]:
+        """The stage loop (`iter_stages`) over `stages` (None: all) from their first one's input `x`, each
+        `stage_step` run under `autocast()`; `received`: that input came from another pipeline rank."""
+        def run(k: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            with autocast():
+                return self.stage_step(k, x, batch)
+
+        return iter_stages(run, x, self.plan.alphas, range(self.num_stages) if stages is None else stages, received)
+
     def forward(self, images: Tensor, mask: Tensor, return_pred: bool = False,
-                labels: Tensor | None = None) -> MIMOutput:
-        batch = self.prepare(images, mask, labels=labels)
-        x, losses, preds = images, [], []
-        for k in range(self.num_stages):
-            if k > 0:
-                x = cross_boundary(x, self.alphas[k - 1])
-            x, loss, pred = self.stage_step(k, x, batch)
-            losses.append(loss)
-            preds.append(pred)
-        return MIMOutput(torch.stack(losses).sum(), losses, mask, preds if return_pred else None)
+                labels: Tensor | None = None) -> StageOutput:
+        results = list(self.stages_of(images, self.prepare(images, mask, labels=labels)))
+        losses = [r.loss for r in results]
+        preds = [r.pred for r in results] if return_pred else None
+        return StageOutput(torch.stack(losses).sum(), losses, mask, preds)
 
     def encode(self, images: Tensor) -> list[Tensor]:
         """Full unmasked images -> each stage's normalized output tokens."""
@@ -325,3 +325,6 @@ class LocalMIM(nn.Module):
     def stage_of(self, param_name: str) -> int:
         """Index of the stage owning a parameter (names start with `stages.<k>.`)."""
         return int(param_name.split(".")[1])
+
+
+LocalMIM = StagewiseEncoder  # the former name (isolocal.LocalMIM), kept for existing code

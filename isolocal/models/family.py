@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from isolocal.config import ModelConfig
+from isolocal.heads.plan import StagePlan
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,10 @@ class Tap:
 
 @dataclass(frozen=True)
 class Family:
-    """What a model family (columnar ViT, pyramidal Swin, ResNet) supplies to the shared MIM model."""
+    """What a model family (columnar ViT, pyramidal Swin, ResNet) supplies to the stage-wise encoder."""
 
     taps: Callable[[ModelConfig], list[Tap]]
-    build_stages: Callable[[ModelConfig, list[Tap]], list[Any]]
+    build_stages: Callable[[ModelConfig, list[Tap], StagePlan], list[Any]]  # one stage per tap, with its head
     mask_grid: Callable[[ModelConfig], int]  # side of the grid masks are drawn on
     # (cfg, mask on the model's device or None, the same mask on the host or None) -> what the stages need
     context: Callable[[ModelConfig, Any, Any], Any]
@@ -41,6 +42,7 @@ class Family:
     timm_name_and_kwargs: Callable[[Any], tuple[str, dict[str, Any]]]
     timm_state_dict: Callable[[Any], dict[str, Any]]
     has_attention: bool = True  # False: no attention to analyse (NMI, attention distance, attention maps)
+    decoders: bool = True  # False: stages have no token grid, so no head may reconstruct (`mim`)
 
 
 def require(ok: bool, message: str) -> None:

@@ -23,7 +23,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, make_blocks
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
-from isolocal.heads.base import attach_head, parse_objectives
+from isolocal.heads.base import HeadType, attach_head
+from isolocal.heads.plan import StagePlan
 from isolocal.models.family import Family, Tap, require
 from isolocal.models.recompute import run_blocks
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
@@ -79,9 +80,6 @@ def _check_resnet(cfg: ModelConfig) -> None:
             f"the last tap must be the last block ({blocks - 1}), got {cfg.taps[-1]}; blocks after it would never train")
     stride = block_geometry(cfg)[1][-1]
     require(cfg.img_size % stride == 0, f"img_size {cfg.img_size} must be divisible by the ResNet's stride {stride}")
-    mim = [k for k, name in enumerate(parse_objectives(cfg.objective, len(cfg.taps))) if name == "mim"]
-    require(not mim, f"model.objective 'mim' (stages {mim}) needs a token grid and a decoder, which a ResNet stage "
-                     "does not have; use 'classify' or 'contrastive'")
 
 
 def resnet_taps(cfg: ModelConfig) -> list[Tap]:
@@ -96,7 +94,7 @@ def resnet_taps(cfg: ModelConfig) -> list[Tap]:
 class ResNetStage(nn.Module):
     """A run of residual blocks (stage 0: after the stem) and the local head reading its map."""
 
-    def __init__(self, cfg: ModelConfig, k: int, blocks: list[tuple[str, nn.Module]], tap: Tap):
+    def __init__(self, cfg: ModelConfig, k: int, blocks: list[tuple[str, nn.Module]], tap: Tap, head: HeadType):
         super().__init__()
         self.timm_names = [name for name, _ in blocks]  # timm's `layer{s}.{i}` of each block
         self.has_stem = k == 0
@@ -106,7 +104,7 @@ class ResNetStage(nn.Module):
             self.bn1 = nn.BatchNorm2d(width)
             self.act1 = nn.ReLU(inplace=True)
         self.blocks = nn.Sequential(*[block for _, block in blocks])
-        attach_head(self, cfg, k, tap.dim, _no_decoder)
+        attach_head(self, head, cfg, tap.dim, _no_decoder)
 
     def forward(self, x: Tensor, ctx: None = None) -> Tensor:
         """Images (first stage) or the previous stage's map -> this stage's map."""
@@ -120,10 +118,10 @@ class ResNetStage(nn.Module):
 
 
 def _no_decoder() -> nn.Module:
-    raise ValueError("a ResNet stage has no MIM decoder")  # unreachable: `_check_resnet` rejects 'mim' first
+    raise ValueError("a ResNet stage has no MIM decoder")  # unreachable: the model refuses 'mim' first (`decoders`)
 
 
-def build_resnet_stages(cfg: ModelConfig, taps: list[Tap]) -> list[ResNetStage]:
+def build_resnet_stages(cfg: ModelConfig, taps: list[Tap], plan: StagePlan) -> list[ResNetStage]:
     """timm's blocks (made once, in timm's order), dealt to the stages; timm's init (He normal convs,
     zero last BatchNorm of every residual branch)."""
     stages, _ = make_blocks(tuple(BLOCKS[cfg.block] for _ in cfg.depths), tuple(cfg.channels), tuple(cfg.depths),
@@ -131,7 +129,7 @@ def build_resnet_stages(cfg: ModelConfig, taps: list[Tap]) -> list[ResNetStage]:
                             act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d)
     blocks = [(f"{name}.{i}", block) for name, layer in stages for i, block in enumerate(layer)]
     starts = [0] + [t.index + 1 for t in taps[:-1]]
-    built = [ResNetStage(cfg, k, blocks[s:t.index + 1], t) for k, (s, t) in enumerate(zip(starts, taps))]
+    built = [ResNetStage(cfg, k, blocks[s:t.index + 1], t, plan.heads[k]) for k, (s, t) in enumerate(zip(starts, taps))]
     for stage in built:
         for m in stage.modules():
             if isinstance(m, nn.Conv2d):
@@ -202,4 +200,4 @@ def resnet_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
 RESNET = Family(taps=resnet_taps, build_stages=build_resnet_stages, mask_grid=resnet_mask_grid,
                 context=lambda cfg, mask, host_mask: None, has_cls=False,
                 timm_name_and_kwargs=resnet_timm_name_and_kwargs, timm_state_dict=resnet_state_dict,
-                has_attention=False)
+                has_attention=False, decoders=False)

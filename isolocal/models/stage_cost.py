@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from isolocal.config import RunConfig
 from isolocal.core.device import resolve_device
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 
 
 def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
@@ -21,7 +21,7 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = resolve_device(cfg.train.device)
-    model = LocalMIM(cfg.model).to(device).eval()
+    model = StagewiseEncoder(cfg.model).to(device).eval()
     m = cfg.model
     views = model.views  # a contrastive head compares two views: one image is then a pair
     images = torch.randn(views, m.in_chans, m.img_size, m.img_size, device=device)

@@ -24,7 +24,8 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
-from isolocal.heads.base import attach_head
+from isolocal.heads.base import HeadType, attach_head
+from isolocal.heads.plan import StagePlan
 from isolocal.models.decoder import LocalDecoder
 from isolocal.models.family import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.recompute import run_blocks
@@ -159,7 +160,7 @@ class SwinStage(nn.Module):
     """Swin stages up to a tap (with their patch mergings) and the local head reading the tap (`decoder`
     for `mim`, else `head`)."""
 
-    def __init__(self, cfg: ModelConfig, k: int, first: int, tap: Tap, drop_path: list[list[float]]):
+    def __init__(self, cfg: ModelConfig, k: int, first: int, tap: Tap, drop_path: list[list[float]], head: HeadType):
         super().__init__()
         levels, n = swin_levels(cfg), len(cfg.depths)
         self.first, self.dense = first, cfg.dense_encoder
@@ -172,7 +173,7 @@ class SwinStage(nn.Module):
         self.layers = nn.ModuleList([SwinLayer(cfg, s, levels[s], drop_path[s], merge=s < n - 1)
                                      for s in range(first, tap.index + 1)])
         self.norm = swin_norm(cfg)(tap.dim)
-        attach_head(self, cfg, k, tap.dim, lambda: LocalDecoder(
+        attach_head(self, head, cfg, tap.dim, lambda: LocalDecoder(
             tap.dim, per_tap(cfg.decoder_dim, k), cfg.decoder_depth, per_tap(cfg.decoder_heads, k),
             cfg.decoder_mlp_ratio, tap.grid, tap.scale, target_dim(cfg.target, tap.cell, cfg.in_chans, cfg.hog_nbins),
             has_cls=False,
@@ -202,10 +203,10 @@ class SwinStage(nn.Module):
         return self.decoder(self.norm(x), restore)
 
 
-def build_swin_stages(cfg: ModelConfig, taps: list[Tap]) -> list[SwinStage]:
+def build_swin_stages(cfg: ModelConfig, taps: list[Tap], plan: StagePlan) -> list[SwinStage]:
     drop_path = calculate_drop_path_rates(cfg.drop_path_rate, cfg.depths, stagewise=True)
     starts = [0] + [t.index + 1 for t in taps[:-1]]
-    return [SwinStage(cfg, k, s, t, drop_path) for k, (s, t) in enumerate(zip(starts, taps))]
+    return [SwinStage(cfg, k, s, t, drop_path, plan.heads[k]) for k, (s, t) in enumerate(zip(starts, taps))]
 
 
 # ---- export to timm's SwinTransformer -------------------------------------------------------------

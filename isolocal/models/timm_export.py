@@ -1,8 +1,9 @@
-"""What both families' exports to timm share: stage keys renamed to timm's names, constructor overrides.
+"""What every family's export to timm shares: stage keys renamed to timm's names, constructor overrides.
 
-Stages keep timm's parameter names, so an export is a renaming. Each family (`vit.py`, `swin.py`)
-says how its stage keys map to timm's; the last tap's LayerNorm is timm's final `norm`, while the
-other tap norms and every decoder are pre-training heads and are not exported.
+Stages keep timm's parameter names, so an export is a renaming. Each family (`vit.py`, `swin.py`,
+`resnet.py`) says how its stage keys map to timm's; the last tap's LayerNorm (ViT, Swin) is timm's
+final `norm`, while the other tap norms and every local head (decoders included) are pre-training
+heads and are not exported.
 """
 from __future__ import annotations
 

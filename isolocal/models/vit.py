@@ -15,7 +15,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
-from isolocal.heads.base import attach_head
+from isolocal.heads.base import HeadType, attach_head
+from isolocal.heads.plan import StagePlan
 from isolocal.core.masking import visible_count, visible_indices
 from isolocal.models.decoder import LayerNorm, LocalDecoder
 from isolocal.models.family import Family, Tap, check_common, make_tap, per_tap, require
@@ -36,7 +37,7 @@ class ViTContext:
 class ViTStage(nn.Module):
     """A run of encoder blocks and the local head reading its output (`decoder` for `mim`, else `head`)."""
 
-    def __init__(self, cfg: ModelConfig, k: int, first_block: int, tap: Tap, drop_path: list[float]):
+    def __init__(self, cfg: ModelConfig, k: int, first_block: int, tap: Tap, drop_path: list[float], head: HeadType):
         super().__init__()
         dim, grid = cfg.embed_dim, cfg.img_size // cfg.patch_size
         self.first_block = first_block
@@ -49,7 +50,7 @@ class ViTStage(nn.Module):
             for i in range(first_block, tap.index + 1)
         ])
         self.norm = LayerNorm(dim)
-        attach_head(self, cfg, k, dim, lambda: LocalDecoder(
+        attach_head(self, head, cfg, dim, lambda: LocalDecoder(
             dim, per_tap(cfg.decoder_dim, k), cfg.decoder_depth, per_tap(cfg.decoder_heads, k),
             cfg.decoder_mlp_ratio, grid, tap.scale, target_dim(cfg.target, tap.cell, cfg.in_chans, cfg.hog_nbins),
         ))
@@ -87,10 +88,10 @@ def vit_taps(cfg: ModelConfig) -> list[Tap]:
     return [make_tap(cfg, k, t, cfg.embed_dim, grid, cfg.patch_size) for k, t in enumerate(cfg.taps)]
 
 
-def build_vit_stages(cfg: ModelConfig, taps: list[Tap]) -> list[ViTStage]:
+def build_vit_stages(cfg: ModelConfig, taps: list[Tap], plan: StagePlan) -> list[ViTStage]:
     drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
     starts = [0] + [t.index + 1 for t in taps[:-1]]
-    return [ViTStage(cfg, k, s, t, drop_path) for k, (s, t) in enumerate(zip(starts, taps))]
+    return [ViTStage(cfg, k, s, t, drop_path, plan.heads[k]) for k, (s, t) in enumerate(zip(starts, taps))]
 
 
 def vit_mask_grid(cfg: ModelConfig) -> int:

@@ -168,7 +168,7 @@ def run_figures(spec: dict, model: nn.Module, batch: Any, attn: list, layout: An
                                        run_dir / "attention_maps.png", layout.num_prefix_tokens, batch.mean, batch.std)
     # What each stage reconstructs, on the same image and mask (seed 0) for every run of the study
     # (runs with a mim head: classify / contrastive heads reconstruct nothing).
-    if "mim" in getattr(model, "objectives", ["mim"]):
+    if not hasattr(model, "plan") or model.plan.target_stages:
         one = ImageBatch(batch.images[i:i + 1], batch.names[i:i + 1], batch.mean, batch.std)
         figures += [f for f in write_reconstruction(model, one, run_dir, "run", mask_seed=0) if f.suffix == ".png"]
     return [f.name for f in figures]

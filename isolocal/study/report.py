@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from isolocal.heads import parse_objectives
+from isolocal.heads import StagePlan
 from isolocal.study.job import LOG
 from isolocal.study.plots import plot_depth, plot_losses, plot_online_knn
 from isolocal.study.schema import Run, Study, resolve_run
@@ -91,7 +91,7 @@ def heads_per_stage(study: Study, variant: str) -> str:
     """Which head (`model.objective`) trained which stages of a variant, and across which boundaries."""
     model = resolve_run(study, variant).model
     stages: dict[str, list[int]] = {}
-    for k, name in enumerate(parse_objectives(model.objective, len(model.taps))):
+    for k, name in enumerate(StagePlan.from_config(model).objectives):
         stages.setdefault(name, []).append(k)
     heads = "; ".join(f"{name} (stage{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))})"
                       for name, ks in stages.items())

@@ -240,9 +240,9 @@ def resolve_run(study: Study, variant: str, seed: int | None = None) -> RunConfi
     try:
         cfg = from_dict(RunConfig, {k: v for k, v in data.items() if k != "model"})
         cfg.model = resolve_model_config(cfg.preset, data.get("model", {}))
-        from isolocal.models.encoder import LocalMIM  # geometry is validated without allocating weights
+        from isolocal.models.encoder import StagewiseEncoder  # geometry is validated without allocating weights
 
-        LocalMIM.check_config(cfg.model)
+        StagewiseEncoder.check_config(cfg.model)
         validate_run(cfg)
     except ValueError as err:
         raise ConfigError(f"variant {variant}: {err}") from None

@@ -66,8 +66,8 @@ from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, load_
 from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
 from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
-from isolocal.heads.base import config_needs, heads_needing
-from isolocal.models.encoder import LocalMIM
+from isolocal.heads import StagePlan
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
 from isolocal.train.logs import MetricsLog, PeakMemory, check_tensorboard, write_config
@@ -88,7 +88,7 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
     """The pre-training set (missing files fail here, before any training), cut to `data.train_subset`;
     labels checked when a head needs them, two views per image when a head contrasts them."""
     d, m = cfg.data, cfg.model
-    needs, views = config_needs(m)
+    plan = StagePlan.from_config(m)
     dataset, _, _ = build_dataset(d.name, d.root or None, train=True, img_size=m.img_size, in_chans=m.in_chans,
                                   transform_train=True, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
                                   crop_scale_min=d.crop_scale_min, pad=d.pad)
@@ -97,9 +97,9 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
         if d.train_subset > len(dataset):
             raise ConfigError(f"data.train_subset ({d.train_subset}) exceeds the {len(dataset)} training images")
         dataset = Subset(dataset, range(d.train_subset))
-    if "labels" in needs:
-        check_labels(base, d.name, m.num_classes, f"model.objective {' / '.join(heads_needing(m, 'labels'))}")
-    return MultiView(dataset, views) if views > 1 else dataset
+    if "labels" in plan.needs:
+        check_labels(base, d.name, m.num_classes, f"model.objective {' / '.join(plan.heads_needing('labels'))}")
+    return MultiView(dataset, plan.views) if plan.views > 1 else dataset
 
 
 def model_inputs(batch: list[Tensor], needs: frozenset[str]) -> tuple[Tensor, ...]:
@@ -128,11 +128,11 @@ def step_counts(t: TrainConfig, images: int, replicas: int, micro_batch: int, mi
     return per_epoch, min(total, t.max_steps) if t.max_steps else total
 
 
-def build_model(cfg: RunConfig, init: str | None = None) -> LocalMIM:
+def build_model(cfg: RunConfig, init: str | None = None) -> StagewiseEncoder:
     """The run's model at its seeded init (the same weights in every process and mode), or with `init`
     the weights of that checkpoint (any isolocal checkpoint or run directory)."""
     torch.manual_seed(cfg.train.seed)
-    model = LocalMIM(cfg.model)
+    model = StagewiseEncoder(cfg.model)
     if init is not None:
         model.load_state_dict(load_model_state(init)[1])
     model.grad_checkpoint = cfg.train.grad_checkpoint
@@ -185,7 +185,7 @@ class PretrainLoop(ABC):
     cfg: RunConfig
     dist: DistInfo
     device: torch.device
-    model: LocalMIM
+    model: StagewiseEncoder
     optimizers: list[torch.optim.Optimizer]
     resume_path: Path  # what `--resume` reads: the trainer's last.pt, the pipeline's checkpoint directory
 
@@ -195,8 +195,8 @@ class PretrainLoop(ABC):
         """Refuse to overwrite a run; with `resume`, the saved run state, checked against this run.
         Also checks the model's geometry and removes temp files of a killed save, before any work."""
         self.out_dir = Path(self.cfg.out_dir)
-        LocalMIM.check_config(self.cfg.model)
-        LocalMIM.check_masking(self.cfg.model)
+        StagewiseEncoder.check_config(self.cfg.model)
+        StagewiseEncoder.check_masking(self.cfg.model)
         if self.cfg.train.tensorboard:
             check_tensorboard()
         for tmp in remove_stale_temps(self.out_dir):

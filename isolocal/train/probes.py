@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 
 from isolocal.config import RunConfig
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 
 PROBE_IMAGES = 8
 
 
 class Probes:
-    def __init__(self, cfg: RunConfig, model: LocalMIM):
+    def __init__(self, cfg: RunConfig, model: StagewiseEncoder):
         from analysis.tracking import AttentionTracker
         from isolocal.eval.features import eval_datasets
 
@@ -22,12 +22,12 @@ class Probes:
         images = torch.stack([self.test_ds[i][0] for i in range(min(PROBE_IMAGES, len(self.test_ds)))])
         self.tracker = AttentionTracker(images, cfg.train.analysis_every)
 
-    def after_step(self, step: int, model: LocalMIM) -> dict | None:
+    def after_step(self, step: int, model: StagewiseEncoder) -> dict | None:
         """{"kind": "analysis", ...} every `analysis_every` steps, else None."""
         metrics = self.tracker.maybe_log(step, model)
         return None if metrics is None else {"kind": "analysis", "step": step, **metrics}
 
-    def after_epoch(self, epoch: int, model: LocalMIM) -> dict | None:
+    def after_epoch(self, epoch: int, model: StagewiseEncoder) -> dict | None:
         """{"kind": "knn", ...} every `knn_every_epochs` epochs, else None."""
         every = self.cfg.train.knn_every_epochs
         if not every or epoch % every:

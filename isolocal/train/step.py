@@ -2,9 +2,10 @@
 clipping: the step pieces every runner shares.
 
 Global (some boundary lets gradient through): one forward of the whole model, one backward of the
-summed loss. Isolated (every boundary detached, several stages): stage by stage, forward, backward of
-that stage's loss, then the detached output feeds the next stage, so each stage's graph is freed
-before the next one is built and peak activation memory is about one stage's.
+summed loss. Isolated (every boundary detached, several stages): the model's stage loop
+(`StagewiseEncoder.stages_of`) with each stage's loss back-propagated as soon as the stage has run;
+its detached output then feeds the next stage, so each stage's graph is freed before the next one is
+built and peak activation memory is about one stage's.
 """
 from __future__ import annotations
 
@@ -14,24 +15,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 
 Scale = Callable[[Tensor], Tensor]
 
 
-def is_stagewise(model: LocalMIM) -> bool:
+def is_stagewise(model: StagewiseEncoder) -> bool:
     """Stage-wise backward is exact only when no gradient crosses any boundary."""
     return model.isolated and model.num_stages > 1
 
 
-def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = lambda x: x, accum: int = 1,
+def backward_step(model: StagewiseEncoder, images: Tensor, mask: Tensor, scale: Scale = lambda x: x, accum: int = 1,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                   stage_done: Callable[[int], None] | None = None, labels: Tensor | None = None) -> Tensor:
     """Accumulate gradients of one micro-batch (losses divided by `accum`, then `scale`d, e.g. by a
     GradScaler); returns the detached per-stage losses divided by `accum`. Stage-wise, `stage_done(k)`
     runs right after stage k's backward, when its gradients are final for this micro-batch (the
     trainer launches that stage's data-parallel all-reduce there, overlapping the later stages).
-    `labels`: one per sample, for heads that need them (`LocalMIM.prepare`)."""
+    `labels`: one per sample, for heads that need them (`StagewiseEncoder.prepare`)."""
     if not is_stagewise(model):
         with autocast():
             out = model(images, mask, labels=labels)
@@ -39,15 +40,12 @@ def backward_step(model: LocalMIM, images: Tensor, mask: Tensor, scale: Scale = 
         return torch.stack(out.losses).detach().float() / accum
     with autocast():
         batch = model.prepare(images, mask, labels=labels)
-    x, losses = images, []
-    for k in range(model.num_stages):
-        with autocast():
-            x, loss, _ = model.stage_step(k, x, batch)
-        scale(loss / accum).backward()  # frees stage k's graph before stage k+1 runs
+    losses = []
+    for stage in model.stages_of(images, batch, autocast=autocast):
+        scale(stage.loss / accum).backward()  # frees this stage's graph before the next one runs
         if stage_done is not None:
-            stage_done(k)
-        x = x.detach()
-        losses.append(loss.detach().float())
+            stage_done(stage.index)
+        losses.append(stage.loss.detach().float())
     return torch.stack(losses) / accum
 
 
@@ -62,8 +60,3 @@ def clip_stage_gradients(stage_params: Sequence[Sequence[torch.nn.Parameter]], m
         norms.append(norm)
     return torch.stack(norms)
 
-
-def compile_stages(model: LocalMIM, backend: str | Callable = "inductor") -> None:
-    """`torch.compile` every stage's training forward and head in place (`LocalMIM.compile_stages`: one
-    static graph per stage, eval runs eager, Swin warns and stays eager); state-dict keys stay the same."""
-    model.compile_stages(backend)

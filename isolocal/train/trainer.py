@@ -26,7 +26,7 @@ from isolocal.train import distributed
 from isolocal.train.loop import MicroBatches, PretrainLoop, StageValues, build_model, micro_batch_size
 from isolocal.train.optim import build_optimizers, build_scheduler
 from isolocal.train.probes import Probes
-from isolocal.train.step import backward_step, clip_stage_gradients, compile_stages, is_stagewise
+from isolocal.train.step import backward_step, clip_stage_gradients, is_stagewise
 
 BatchHook = Callable[[Tensor, Tensor], None]  # (images, mask) of every micro-batch, before its forward
 
@@ -60,7 +60,7 @@ class Trainer(PretrainLoop):
 
         self.model = build_model(cfg, init).to(self.device).train()
         if t.compile:
-            compile_stages(self.model)
+            self.model.compile_stages()
         if world > 1:
             distributed.broadcast_parameters(self.model)
         self.stage_params = [[p for p in s.parameters() if p.requires_grad] for s in self.model.stages]

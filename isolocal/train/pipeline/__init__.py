@@ -1,6 +1,6 @@
-"""DeepSpeed pipeline parallelism over a LocalMIM's stages, global or gradient-isolated.
+"""DeepSpeed pipeline parallelism over a stage-wise encoder's stages, global or gradient-isolated.
 
-- `module`: `MIMPipe`, the `PipelineModule` whose layers are the model's stages;
+- `module`: `StagePipe`, the `PipelineModule` whose layers are the model's stages;
 - `engine`: DeepSpeed's default schedule with one fused backward, and the isolated schedule;
 - `runner`: `pretrain_pipeline(cfg)`, run in every process of a torchrun/deepspeed launch;
 - `costmodel`, `partition`, `profile`, `plan`: predicted step time and bubble, the "count" / "cost"

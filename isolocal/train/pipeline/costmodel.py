@@ -6,7 +6,7 @@ blocks, local head and loss), its backward time and the bytes it hands to the ne
 optimizer step per optimizer step. A rank runs a contiguous range of stages (`parts`, as in
 `isolocal.train.pipeline.module`).
 
-The model is a list schedule simulated event by event:
+The model is a list schedule simulated event by event, for each of `isolocal.config.schedule.SCHEDULES`:
 - "isolated" (`IsolatedScheduleEngine`): per micro-batch each rank receives (or, the first, loads),
   runs its stages forward, sends, back-propagates its local losses; then the optimizer step. Nothing
   goes back upstream.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("isolated", "1f1b")
+from isolocal.config.schedule import ISOLATED, ONE_F_ONE_B, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def balance_bound(costs: list[StageCost], parts: list[int], micro_batches: int =
 
 def rank_order(schedule: str, rank: int, ranks: int, micro_batches: int) -> list[tuple[str, int]]:
     """The (kind, micro-batch) work items of one rank in one step, kind "F" or "B"."""
-    if schedule == "isolated":
+    if schedule == ISOLATED:
         return [(kind, m) for m in range(micro_batches) for kind in ("F", "B")]
     warmup = min(ranks - rank - 1, micro_batches)
     order = [("F", m) for m in range(warmup)]
@@ -131,11 +131,17 @@ def _ready(kind: str, r: int, m: int, ranks: int, schedule: str, done: dict, hop
         source = ("F", r - 1, m) if r > 0 else None
         delay = hop[r - 1] if r > 0 else 0.0
     else:
-        source = ("B", r + 1, m) if schedule == "1f1b" and r < ranks - 1 else ("F", r, m)
+        source = ("B", r + 1, m) if schedule == ONE_F_ONE_B and r < ranks - 1 else ("F", r, m)
         delay = hop[r] if source[1] != r else 0.0
     if source is None:
         return 0.0
     return done[source] + delay if source in done else None
+
+
+def sync_every_of(schedule: str, log_every: int) -> int:
+    """Steps between pipeline-wide syncs in a run: the isolated schedule syncs only at log steps
+    (`train.log_every`); DeepSpeed's 1F1B ends every step with a pipeline-wide loss broadcast."""
+    return log_every if schedule == ISOLATED else 1
 
 
 def predict(costs: list[StageCost], parts: list[int], micro_batches: int, schedule: str, link: Link = Link(),

@@ -1,11 +1,11 @@
-"""Two pipeline engines over one `MIMPipe`: DeepSpeed's default schedule and the isolated schedule.
+"""Two pipeline engines over one `StagePipe`, one per schedule (`isolocal.config.schedule`):
 
-- `DefaultScheduleEngine`: DeepSpeed's 1F1B train schedule (gradients cross rank boundaries), with
-  one fused `torch.autograd.backward(outputs, grads)` per micro-batch instead of DeepSpeed's one
-  backward per float output, which re-traverses the graph the outputs share (same gradients:
-  tests/test_pipeline.py compares them with a single process; docs/pipeline.md).
-- `IsolatedScheduleEngine`: for models whose boundaries are all isolated. Per micro-batch a rank
-  loads or receives, runs its stages forward, sends (asynchronously), and back-propagates its own
+- `DefaultScheduleEngine` ("1f1b"): DeepSpeed's default 1F1B train schedule (gradients cross rank
+  boundaries), with one fused `torch.autograd.backward(outputs, grads)` per micro-batch instead of
+  DeepSpeed's one backward per float output, which re-traverses the graph the outputs share (same
+  gradients: tests/test_pipeline.py compares them with a single process; docs/pipeline.md).
+- `IsolatedScheduleEngine` ("isolated"): for models whose boundaries are all isolated. Per micro-batch
+  a rank loads or receives, runs its stages forward, sends (asynchronously), and back-propagates its own
   local losses at once; no gradient is ever communicated between ranks, only downstream
   dependencies exist (it cannot deadlock), a rank holds the activations of at most two
   micro-batches, and a batch does not end in DeepSpeed's pipeline-wide loss broadcast.
@@ -19,16 +19,17 @@ The engines subclass DeepSpeed's private names (`_INSTRUCTION_MAP`, `_exec_*`), 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch import Tensor
 
-from isolocal.train.pipeline.module import MIMPipe
+from isolocal.config.schedule import ISOLATED, ONE_F_ONE_B, resolve_schedule
+from isolocal.train.pipeline.module import StagePipe
 from isolocal.train.pipeline.timing import RankTimes
 from isolocal.train.step import clip_stage_gradients
 
@@ -36,6 +37,7 @@ from isolocal.train.step import clip_stage_gradients
 class StageNormsEngine(PipelineEngine):
     """Per-stage gradient norms (`grad_norms`, one slot per model stage) and per-stage clipping."""
 
+    schedule_name: ClassVar[str]  # the schedule it runs (`isolocal.config.schedule.SCHEDULES`)
     clip_grad = 0.0
     grad_norms: Tensor | None = None
 
@@ -67,6 +69,8 @@ class StageNormsEngine(PipelineEngine):
 
 class DefaultScheduleEngine(StageNormsEngine):
     """DeepSpeed's train schedule with one fused backward per micro-batch on non-last ranks."""
+
+    schedule_name = ONE_F_ONE_B
 
     def _exec_backward_pass(self, buffer_id: int) -> None:
         if self.is_last_stage():
@@ -109,6 +113,8 @@ class IsolatedSchedule(schedule.PipeSchedule):
 
 class IsolatedScheduleEngine(StageNormsEngine):
     """Gradient-isolated pipeline training: each rank trains its stages on their local losses only."""
+
+    schedule_name = ISOLATED
 
     _in_flight: tuple = ((), ())  # (outputs being sent, their isend handles)
 
@@ -206,18 +212,19 @@ INSTRUCTION_CATEGORY = {
     schedule.ReduceTiedGrads: "optimizer", schedule.OptimizerStep: "optimizer",
 }  # `RankTimes` categories
 
-SCHEDULES = ("auto", "default")
+ENGINES: dict[str, type[StageNormsEngine]] = {engine.schedule_name: engine
+                                             for engine in (IsolatedScheduleEngine, DefaultScheduleEngine)}
 
 
-def build_engine(pipe: MIMPipe, optimizer: torch.optim.Optimizer, micro_batch_size: int, micro_batches: int,
+def build_engine(pipe: StagePipe, optimizer: torch.optim.Optimizer, micro_batch_size: int, micro_batches: int,
                  schedule_name: str = "auto", clip_grad: float = 0.0) -> StageNormsEngine:
-    """A DeepSpeed pipeline engine over `pipe` that steps the given torch optimizer.
+    """A DeepSpeed pipeline engine over `pipe` that steps the given torch optimizer, in a process group
+    DeepSpeed has initialized (`deepspeed.init_distributed`).
 
-    `schedule_name`: "auto" takes the isolated schedule when every boundary of the model is isolated
-    and DeepSpeed's default schedule otherwise; "default" always takes DeepSpeed's.
+    `schedule_name`: a `pipeline.schedule` value ("auto", "isolated", "1f1b" or its synonym "default"),
+    resolved for the model by `isolocal.config.schedule.resolve_schedule`.
     """
-    if schedule_name not in SCHEDULES:
-        raise ValueError(f"pipeline schedule must be one of {', '.join(SCHEDULES)}, got {schedule_name!r}")
+    engine_class = ENGINES[resolve_schedule(schedule_name, pipe.model.isolated)]
     dp = pipe.topology().get_dim("data")
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -227,8 +234,11 @@ def build_engine(pipe: MIMPipe, optimizer: torch.optim.Optimizer, micro_batch_si
         "steps_per_print": 2**62,
         "pipeline": {"activation_checkpoint_interval": 0},
     }
-    engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=config)
-    isolated = schedule_name == "auto" and pipe.model.isolated
-    engine.__class__ = IsolatedScheduleEngine if isolated else DefaultScheduleEngine
+    # What `deepspeed.initialize` does for a `PipelineModule`, with our engine class instead of its
+    # `PipelineEngine` (it has no argument for the class). The rest of `initialize` is left out on purpose:
+    # it serves features these runs never use (zero.Init, tensor-parallel model init, Muon, python-gc control).
+    mpu = pipe.mpu()
+    engine = engine_class(args=None, model=pipe, optimizer=optimizer, mpu=mpu, config=config,
+                          config_class=DeepSpeedConfig(config, mpu))
     engine.clip_grad = clip_grad
     return engine

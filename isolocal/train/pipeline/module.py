@@ -1,4 +1,4 @@
-"""A DeepSpeed `PipelineModule` made of a LocalMIM's own stages: one pipeline layer per stage.
+"""A DeepSpeed `PipelineModule` made of a stage-wise encoder's own stages: one pipeline layer per stage.
 
 The layers are the model's stage modules themselves, so a pipeline run starts from exactly the
 weights a single-process run of the same seed starts from, and a layer's checkpoint keys are the
@@ -29,11 +29,11 @@ from deepspeed.runtime.pipe.topology import ProcessTopology
 from deepspeed.runtime.utils import partition_balanced
 from torch import Tensor
 
-from isolocal.models.encoder import LocalMIM, _GradScale, cross_boundary
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train.pipeline.timing import RankTimes
 
 
-def balanced_parts(model: LocalMIM, ranks: int) -> list[int]:
+def balanced_parts(model: StagewiseEncoder, ranks: int) -> list[int]:
     """Stage boundaries for `ranks` pipeline ranks, balancing parameter counts (contiguous stages)."""
     counts = [sum(p.numel() for p in stage.parameters() if p.requires_grad) for stage in model.stages]
     return partition_balanced(counts, ranks)
@@ -48,26 +48,15 @@ def check_parts(parts: list[int], num_stages: int, ranks: int) -> None:
         )
 
 
-def enter_stage(x: Tensor, alpha: float, received: bool) -> Tensor:
-    """The boundary in front of a stage.
-
-    DeepSpeed's default schedule must send a gradient back for every float tensor a rank received,
-    so there an isolated boundary lets zeros through instead of detaching.
-    """
-    if received and alpha == 0.0 and x.requires_grad:
-        return _GradScale.apply(x, 0.0)
-    return cross_boundary(x, alpha)
-
-
 def total_loss(outputs: tuple[Tensor, ...], labels: object) -> Tensor:
     """DeepSpeed's loss on the last rank: the sum of every stage's local loss."""
     return outputs[1].sum()
 
 
-class MIMPipe(PipelineModule):
-    """The pipeline form of a LocalMIM; this rank holds stages `self.stage_ids`."""
+class StagePipe(PipelineModule):
+    """The pipeline form of a stage-wise encoder; this rank holds stages `self.stage_ids`."""
 
-    def __init__(self, model: LocalMIM, topology: ProcessTopology, parts: list[int] | None = None,
+    def __init__(self, model: StagewiseEncoder, topology: ProcessTopology, parts: list[int] | None = None,
                  amp_dtype: torch.dtype | None = None):
         ranks = topology.get_dim("pipe")
         if not 1 <= ranks <= model.num_stages:
@@ -98,7 +87,8 @@ class MIMPipe(PipelineModule):
 
     def forward(self, carry: tuple[Tensor, ...], backward: Callable[[Tensor], None] | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Run this rank's stages on one micro-batch.
+        """Run this rank's stages on one micro-batch: the model's stage loop (`StagewiseEncoder.stages_of`),
+        its first stage's input received from the previous rank (see `isolocal.core.stages.cross_boundary`).
 
         With `backward` (the isolated schedule) every stage but the last one here is back-propagated
         right after its forward, freeing its graph; the last one's loss is left in `pending_loss`
@@ -115,17 +105,15 @@ class MIMPipe(PipelineModule):
             known = mask
         with self.times.span("targets") if self.times is not None else contextlib.nullcontext():
             batch = self.model.prepare(images, known.bool(), self.stage_ids, labels=labels[0] if labels else None)
-        for k in self.stage_ids:
-            if k > 0:
-                x = enter_stage(x, self.model.alphas[k - 1], received=k == self._local_start)
-            with self._autocast(images.device.type):
-                x, loss, _ = self.model.stage_step(k, x, batch)
-            self.loss_sums[k] += loss.detach()
-            losses = losses.index_add(0, self.stage_index[k:k + 1], loss.reshape(1))
+        for stage in self.model.stages_of(x, batch, self.stage_ids, received=True,
+                                          autocast=lambda: self._autocast(images.device.type)):
+            k = stage.index
+            self.loss_sums[k] += stage.loss.detach()
+            losses = losses.index_add(0, self.stage_index[k:k + 1], stage.loss.reshape(1))
             if backward is not None and k != self.stage_ids[-1]:
-                backward(loss)
-        self.pending_loss = loss
-        return x, losses, _bits(images), mask, *labels
+                backward(stage.loss)
+        self.pending_loss = stage.loss
+        return stage.output, losses, _bits(images), mask, *labels
 
     def batches(self, micro: Iterable[tuple[Tensor, Tensor]], label: Tensor) -> Iterator[tuple]:
         """The first rank's `train_batch` / `eval_batch` input, ((images, uint8 mask), label) per

@@ -1,34 +1,35 @@
 """A pipeline plan for any preset from one device's measurement (`isolocal info --pipeline-stages S`).
 
-Measures the stages once (`profile.measure_stage_costs`), then predicts, for both partitions and
-both schedules, the step time, bubble and speed-up over one worker with `costmodel`. Times are this
-device's; the bubble, balance and speed-up carry over to devices where every stage speeds up alike.
+Measures the stages once (`timing.measure_stage_costs`), then predicts, for both partitions and
+every schedule (`isolocal.config.schedule.SCHEDULES`), the step time, bubble and speed-up over one
+worker with `costmodel`. Times are this device's; the bubble, balance and speed-up carry over to
+devices where every stage speeds up alike.
 """
 from __future__ import annotations
 
 import pandas as pd
 
 from isolocal.config import RunConfig
+from isolocal.config.schedule import SCHEDULES
 from isolocal.core.device import resolve_device
-from isolocal.models.encoder import LocalMIM
-from isolocal.train.pipeline.costmodel import Link, StageCost, predict
+from isolocal.models.encoder import StagewiseEncoder
+from isolocal.train.pipeline.costmodel import Link, StageCost, predict, sync_every_of
 from isolocal.train.pipeline.partition import cost_parts
 from isolocal.train.pipeline.timing import measure_stage_costs
 
 
-def plan_table(model: LocalMIM, costs: list[StageCost], ranks: int, micro_batches: int, micro_batch: int,
+def plan_table(model: StagewiseEncoder, costs: list[StageCost], ranks: int, micro_batches: int, micro_batch: int,
                link: Link = Link(), log_every: int = 1) -> pd.DataFrame:
     """One row per (partition, schedule): the ranks' stage ranges, balance bound, predicted step time,
-    bubble, images/s and speed-up over one worker. The isolated schedule syncs only at log steps
-    (`log_every`); DeepSpeed's 1F1B ends every step with a pipeline-wide loss broadcast."""
+    bubble, images/s and speed-up over one worker; syncs as in a run of `log_every` (`sync_every_of`)."""
     from isolocal.train.pipeline.module import balanced_parts  # DeepSpeed's partitioner, as the runner uses it
 
     partitions = {"count": [int(b) for b in balanced_parts(model, ranks)],
                   "cost": cost_parts(costs, ranks, micro_batches)}
     rows = []
     for name, parts in partitions.items():
-        for schedule, sync_every in (("isolated", log_every), ("1f1b", 1)):
-            guess = predict(costs, parts, micro_batches, schedule, link, sync_every=sync_every)
+        for schedule in SCHEDULES:
+            guess = predict(costs, parts, micro_batches, schedule, link, sync_every=sync_every_of(schedule, log_every))
             rows.append({"partition": name, "schedule": schedule,
                          "stages_per_rank": " | ".join(f"{a}-{b - 1}" for a, b in zip(parts, parts[1:])),
                          "bound": guess.bound, "step_ms": 1e3 * guess.step_s, "bubble": guess.bubble,
@@ -52,7 +53,7 @@ def plan_run(cfg: RunConfig, ranks: int, micro_batches: int, micro_batch: int | 
     if not bandwidth_gbs > 0:
         raise ValueError(f"--bandwidth-gbs must be > 0, got {bandwidth_gbs}")
     device = resolve_device(cfg.train.device)
-    model = LocalMIM(cfg.model).to(device).train()
+    model = StagewiseEncoder(cfg.model).to(device).train()
     costs = measure_stage_costs(model, micro_batch, repeats)
     table = plan_table(model, costs, ranks, micro_batches, micro_batch, Link(bytes_per_s=bandwidth_gbs * 1e9),
                        cfg.train.log_every)

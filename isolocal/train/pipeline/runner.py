@@ -37,10 +37,12 @@ from torch import Tensor
 
 from isolocal.io.checkpoint import PIPELINE_DIR, prune_pipeline_tags
 from isolocal.config import ConfigError, RunConfig
+from isolocal.config.schedule import resolve_schedule
 from isolocal.data import MultiView, build_dataset, build_loader
 from isolocal.core.device import resolve_amp, resolve_device
 from isolocal.errors import NonFiniteError, RunInterrupted
-from isolocal.models.encoder import LocalMIM
+from isolocal.heads import StagePlan
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train.pipeline.timing import RankTimes, breakdown_table, plot_timeline, write_trace
 from isolocal.train.distributed import DistInfo, gather_objects, shutdown
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
@@ -52,7 +54,8 @@ PROFILE_FROM_STEP = 2  # `pipeline.profile` counts from this step on (the first 
 
 
 def check_launch(cfg: RunConfig) -> tuple[int, int]:
-    """(pipeline ranks, data-parallel replicas) from the launcher's environment, or a clear error."""
+    """(pipeline ranks, data-parallel replicas) from the launcher's environment, or a clear error (also for a
+    `pipeline.schedule` the model cannot run)."""
     p, t = cfg.pipeline, cfg.train
     if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
         raise ConfigError("pipeline training runs one process per rank: launch with `torchrun --nproc-per-node N "
@@ -73,6 +76,7 @@ def check_launch(cfg: RunConfig) -> tuple[int, int]:
     if t.compile:
         raise ConfigError("train.compile = true is not supported by the pipeline runner (its stages run eager); "
                           "set train.compile = false or train with `isolocal pretrain`")
+    resolve_schedule(p.schedule, StagePlan.from_config(cfg.model).isolated)
     return p.stages, dp
 
 
@@ -89,7 +93,7 @@ def init_distributed(device: torch.device, timeout_s: int) -> None:
                                timeout=timedelta(seconds=timeout_s), verbose=False)
 
 
-def eval_batches(cfg: RunConfig, model: LocalMIM, micro_batch: int, count: int) -> list[tuple[Tensor, Tensor]]:
+def eval_batches(cfg: RunConfig, model: StagewiseEncoder, micro_batch: int, count: int) -> list[tuple[Tensor, Tensor]]:
     """`count` fixed held-out micro-batches (images, mask[, labels]): eval transform, masks from the seed;
     with a contrastive head two views of each image (equal: the eval transform does not augment)."""
     d, m = cfg.data, cfg.model
@@ -124,7 +128,7 @@ class PipelineRun(PretrainLoop):
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
         from isolocal.train.pipeline.engine import build_engine
-        from isolocal.train.pipeline.module import MIMPipe
+        from isolocal.train.pipeline.module import StagePipe
 
         init_distributed(self.device, p.timeout_s)
         self.dist = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
@@ -133,8 +137,8 @@ class PipelineRun(PretrainLoop):
         parts = saved.get("pipeline_parts") if saved is not None else None  # a resume keeps its partition
         if parts is None and p.partition == "cost":
             parts = self._cost_parts()
-        self.pipe = MIMPipe(self.model, PipeDataParallelTopology(num_pp=self.stages, num_dp=self.dp), parts=parts,
-                            amp_dtype=resolve_amp(t.amp, self.device))
+        self.pipe = StagePipe(self.model, PipeDataParallelTopology(num_pp=self.stages, num_dp=self.dp), parts=parts,
+                              amp_dtype=resolve_amp(t.amp, self.device))
         grid = self.pipe.mpu()
         self.stage_id, replica = grid.get_stage_id(), grid.get_data_parallel_id()
         self.first, self.last = self.stage_id == 0, self.stage_id == self.stages - 1
@@ -152,8 +156,7 @@ class PipelineRun(PretrainLoop):
 
     @property
     def description(self) -> str:
-        schedule = type(self.engine).__name__.removesuffix("Engine")
-        return f"pipeline {self.stages}x{self.dp} ({self.mode}, {schedule})"
+        return f"pipeline {self.stages}x{self.dp} ({self.mode}, {self.engine.schedule_name})"
 
     def fit(self) -> dict:
         """The loop, then the held-out eval loss; the summary adds `eval_loss`, `rank`, `checkpoint`
@@ -171,7 +174,7 @@ class PipelineRun(PretrainLoop):
         """The "cost" partition: the first rank times every stage on one micro-batch (a short pass that
         leaves weights and RNG streams as they were) and every rank takes its choice, printed with the
         predicted balance."""
-        from isolocal.train.pipeline.costmodel import predict
+        from isolocal.train.pipeline.costmodel import predict, sync_every_of
         from isolocal.train.pipeline.partition import cost_parts, describe
         from isolocal.train.pipeline.timing import measure_stage_costs
 
@@ -183,9 +186,8 @@ class PipelineRun(PretrainLoop):
         dist.broadcast_object_list(chosen, src=0)
         parts, costs = chosen
         if self.dist.main:
-            schedule = "isolated" if self.model.isolated and self.cfg.pipeline.schedule == "auto" else "1f1b"
-            sync_every = self.cfg.train.log_every if schedule == "isolated" else 1  # 1F1B: a loss broadcast per step
-            guess = predict(costs, parts, m, schedule, sync_every=sync_every)
+            schedule = resolve_schedule(self.cfg.pipeline.schedule, self.model.isolated)
+            guess = predict(costs, parts, m, schedule, sync_every=sync_every_of(schedule, self.cfg.train.log_every))
             print(f"isolocal pipeline: partition by measured cost: {describe(parts, costs, m)}; predicted "
                   f"{1e3 * guess.step_s:.0f} ms per step ({schedule}, bubble {guess.bubble:.0%})", file=sys.stderr)
         return parts

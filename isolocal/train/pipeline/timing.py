@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train.pipeline.costmodel import StageCost
 
 CATEGORIES = ("data", "targets", "forward", "backward", "optimizer", "send", "recv", "sync")
@@ -39,7 +39,7 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, objec
     return time.perf_counter() - start, out
 
 
-def measure_stage_costs(model: LocalMIM, micro_batch: int, repeats: int = 3, seed: int = 0) -> list[StageCost]:
+def measure_stage_costs(model: StagewiseEncoder, micro_batch: int, repeats: int = 3, seed: int = 0) -> list[StageCost]:
     """Per stage, the median over `repeats` (after one warm-up) of: forward of one micro-batch of
     random images (the stage's targets, blocks, head and loss), its backward (to its input too when
     the boundary in front of it is not isolated), an AdamW step over copies of its parameters, and

@@ -1,0 +1,63 @@
+"""Each stage's local head and the boundary in front of it, resolved once from a ModelConfig.
+
+`model.objective` and `model.boundary` are parsed here and nowhere else: a model keeps its plan
+(`model.plan`), and code that has only a config (the data checks before a run, a study report) builds
+one. Bad values fail here, naming the value and what is valid, before any weights exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from isolocal.config import Boundary, ModelConfig
+from isolocal.core.stages import parse_boundaries
+from isolocal.heads.base import HEADS, HeadType, parse_objectives
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    objectives: tuple[str, ...]  # head name (`model.objective`) per stage
+    alphas: tuple[float, ...]  # gradient scale per boundary (`model.boundary`): 1 global, 0 isolated
+    heads: tuple[HeadType, ...] = field(init=False, repr=False)  # the registry entry per stage
+    needs: frozenset[str] = field(init=False)  # what the heads need from the data, together
+    views: int = field(init=False)  # images per sample: 2 (stacked [view 1; view 2]) when a head contrasts views
+
+    def __post_init__(self) -> None:
+        heads = tuple(HEADS[name] for name in self.objectives)
+        needs = frozenset().union(*(head.needs for head in heads))
+        object.__setattr__(self, "heads", heads)
+        object.__setattr__(self, "needs", needs)
+        object.__setattr__(self, "views", 2 if "views" in needs else 1)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> StagePlan:
+        """One stage per tap; boundaries are checked first, then objectives."""
+        count = len(cfg.taps)
+        alphas = parse_boundaries(cfg.boundary, count - 1)
+        return cls(tuple(parse_objectives(cfg.objective, count)), tuple(alphas))
+
+    def with_boundary(self, spec: Boundary) -> StagePlan:
+        """The same heads behind other boundaries."""
+        return dataclasses.replace(self, alphas=tuple(parse_boundaries(spec, len(self.alphas))))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.objectives)
+
+    @property
+    def isolated(self) -> bool:
+        """True when no gradient crosses any boundary (stage-wise training is then exact)."""
+        return all(a == 0.0 for a in self.alphas)
+
+    def reconstructs(self, k: int) -> bool:
+        """Whether stage k's head predicts a reconstruction target (its decoder, `stage.decoder`)."""
+        return self.heads[k].reconstructs
+
+    @property
+    def target_stages(self) -> list[int]:
+        """The stages whose heads need a reconstruction target."""
+        return [k for k in range(self.num_stages) if self.reconstructs(k)]
+
+    def heads_needing(self, need: str) -> list[str]:
+        """The names of the heads that need `need`, quoted, for error messages."""
+        return sorted({repr(name) for name, head in zip(self.objectives, self.heads) if need in head.needs})
