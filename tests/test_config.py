@@ -49,7 +49,7 @@ def test_file_then_overrides_then_preset(tmp_path):
     ("train.amp=fp8", "train.amp must be one of auto, bf16, fp16, off"),
     ("preset=vit_huge", "unknown preset 'vit_huge'"),
     ("model.arch=vitt", "model.arch must be one of resnet, swin, vit; got 'vitt'"),
-    ("pipeline.schedule=gpipe", "pipeline.schedule must be auto or default, got 'gpipe'"),
+    ("pipeline.schedule=gpipe", "pipeline.schedule must be one of auto, isolated, 1f1b, default, got 'gpipe'"),
     ("eval.feature=max", "eval.feature must be cls or mean, got 'max'"),
 ])
 def test_bad_values_name_the_key(override, message):
