@@ -2,6 +2,7 @@
 
 from analysis.capture import TokenLayout, attention_layouts, capture_attention, token_layout
 from analysis.figures import plot_attention_maps, plot_metric_vs_depth
+from analysis.measure import measure_attention
 from analysis.metrics import attention_distance, layer_table, layout_table, nmi
 from analysis.reconstruction import StageReconstruction, reconstruct
 from analysis.reconstruction_figure import save_reconstruction
@@ -14,6 +15,7 @@ __all__ = [
     "capture_attention",
     "layer_table",
     "layout_table",
+    "measure_attention",
     "nmi",
     "plot_attention_maps",
     "plot_metric_vs_depth",

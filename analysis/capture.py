@@ -26,6 +26,8 @@ from timm.layers import Attention, PatchEmbed
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from torch import Tensor, nn
 
+from isolocal.models.encoder import StagewiseEncoder
+
 Runner = Callable[[nn.Module, Tensor], object]
 
 
@@ -70,6 +72,13 @@ def _swin_blocks(model: nn.Module) -> list[SwinTransformerBlock]:
 def is_windowed(model: nn.Module) -> bool:
     """True for Swin-style encoders, whose attention is captured per window, not over the image."""
     return bool(_swin_blocks(model))
+
+
+def encoder_depth(model: nn.Module) -> int:
+    """Number of encoder blocks, i.e. the layers capture numbers 1..depth."""
+    if is_windowed(model):
+        return len(_swin_blocks(model))
+    return model.cfg.depth if isinstance(model, StagewiseEncoder) else len(model.blocks)
 
 
 def attention_layouts(model: nn.Module, image_size: tuple[int, int], num_layers: int) -> list[TokenLayout]:

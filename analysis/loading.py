@@ -1,13 +1,10 @@
-"""Load encoders and images for attention analysis.
-
-Checkpoints of every format (isolocal files and run directories, pipeline checkpoints, timm ViT
-state dicts, MAE and published LocalMIM files) are read by `isolocal.io.checkpoint.load_encoder`;
-this module adds the token layout analysis needs, and the images to analyse.
+"""What analysis reads besides the model (`isolocal.io.load_model` loads every checkpoint format): the
+images to analyse, the input shape they must have, and one label per checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +12,9 @@ from typing import Any
 import torch
 from PIL import Image
 from timm.layers import PatchEmbed
-from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-import isolocal
-from analysis.capture import TokenLayout, is_windowed, token_layout
-from isolocal.io.checkpoint import load_encoder
 from isolocal.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -30,6 +23,7 @@ from isolocal.data import (
     FashionMNIST,
     build_transform,
 )
+from isolocal.models.encoder import StagewiseEncoder
 
 # Bundled scikit-image photos (no download); gray ones are replicated for RGB models.
 SKIMAGE_PHOTOS = (
@@ -39,39 +33,28 @@ SKIMAGE_PHOTOS = (
 IMAGE_SPEC_HELP = "fmnist:<test indices, e.g. 0,5,17> | skimage:<names, e.g. astronaut,coffee> | <image folder>"
 
 
-def load_for_analysis(path: str | Path, arch_hint: Mapping[str, Any] | None = None) -> tuple[nn.Module, TokenLayout]:
-    """(encoder in eval mode, its input token layout at its own image size) from any supported
-    checkpoint or run directory (see `isolocal.io.checkpoint`).
-
-    Swin encoders (isolocal checkpoints) load too; their per-layer window layouts come from
-    ``analysis.attention_layouts``. ``arch_hint`` holds ``timm.create_model`` overrides for
-    timm-named formats, chiefly ``{"num_heads": N}`` for non-standard widths.
-    """
-    model = load_encoder(path, arch_hint)
-    family = getattr(model, "family", None)
-    if family is not None and not family.has_attention:
-        raise ValueError(f"{path} is a {model.cfg.arch} encoder: it has no attention, so there is nothing for NMI, "
-                         "attention distance or attention maps to measure (they need a vit or swin encoder)")
-    size, _ = input_shape(model)
-    return model, token_layout(model, (size, size))
+def checkpoint_labels(ckpts: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
+    """One unique label per checkpoint (figure legends, file names): ``labels``, default the file stems."""
+    labels = list(labels or [Path(p).stem for p in ckpts])
+    if len(labels) != len(ckpts):
+        raise ValueError(f"got {len(labels)} --label for {len(ckpts)} --ckpt; give one label per checkpoint")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels {labels} are not unique; pass --label per checkpoint")
+    return labels
 
 
 def input_shape(model: nn.Module) -> tuple[int, int]:
-    """(img_size, in_chans) the encoder's patch embedding was built for."""
+    """(img_size, in_chans) the encoder's patch embedding was built for (an isolocal model without
+    one, a ResNet: its config's)."""
     embed = next((m for m in model.modules() if isinstance(m, PatchEmbed)), None)
+    if embed is None and isinstance(model, StagewiseEncoder):
+        return model.cfg.img_size, model.cfg.in_chans
     if embed is None or embed.img_size is None:
         raise ValueError("model has no timm PatchEmbed with a fixed image size")
     h, w = embed.img_size
     if h != w:
         raise ValueError(f"non-square image size {(h, w)} is not supported")
     return h, embed.proj.in_channels
-
-
-def encoder_depth(model: nn.Module) -> int:
-    """Number of encoder blocks, i.e. the layers capture numbers 1..depth."""
-    if is_windowed(model):
-        return sum(isinstance(m, SwinTransformerBlock) for m in model.modules())
-    return model.cfg.depth if isinstance(model, isolocal.StagewiseEncoder) else len(model.blocks)
 
 
 @dataclass(frozen=True)
@@ -104,7 +87,7 @@ def _raw_images(spec: str) -> list[tuple[str, Any]]:
             raise ValueError(f"--images {spec!r}: indices {out_of_range} out of range 0..{len(data) - 1}")
         return [(f"fmnist_{s}", data[int(s)][0]) for s in items]
     if spec.startswith("skimage:"):
-        import skimage.data
+        import skimage.data  # heavy (scipy, imageio): only for skimage photos
 
         items = _parse_list(spec, spec.removeprefix("skimage:"))
         bad = [s for s in items if s not in SKIMAGE_PHOTOS]

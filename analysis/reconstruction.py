@@ -14,14 +14,13 @@ masked cells with the visible cells pasted back) and a CSV of the per-stage mask
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.loading import load_for_analysis
+from analysis.glyphs import CHANNEL_MODES
 from isolocal.core.masking import regrid
 from isolocal.models.encoder import StagewiseEncoder, masked_mse
 
@@ -124,23 +123,12 @@ def pixel_views(rec: StageReconstruction, images: Tensor, masked: Tensor) -> dic
     }
 
 
-# ---- options and checkpoints of `isolocal analyze reconstruct` ------------------------------------
+# ---- options of `isolocal analyze reconstruct` ------------------------------------
 
 def check_options(mask_seed: int, hog_channels: str) -> None:
     """Bad options fail before any checkpoint is read."""
-    from analysis.glyphs import CHANNEL_MODES
-
     if not isinstance(mask_seed, int) or mask_seed < 0:
         raise ValueError(f"mask seed must be an integer >= 0, got {mask_seed!r}")
     if hog_channels not in CHANNEL_MODES:
         raise ValueError(f"hog channels must be one of {', '.join(CHANNEL_MODES)}, got {hog_channels!r}")
 
-
-def load_model(path: str | Path) -> StagewiseEncoder:
-    """An isolocal checkpoint (file, pipeline directory, or run directory holding ``last.pt``) with
-    its local decoders; encoder-only formats (timm, MAE, published LocalMIM) are refused."""
-    model, _ = load_for_analysis(path)
-    if not isinstance(model, StagewiseEncoder):
-        raise ValueError(f"{path} holds an encoder only (timm, MAE or LocalMIM format); reconstruct needs an "
-                         "isolocal checkpoint, whose local decoders it runs")
-    return model

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from analysis.figures import _save, _to_display
 from analysis.glyphs import hog_glyphs
-from analysis.loading import ImageBatch, input_shape, load_images
-from analysis.reconstruction import (StageReconstruction, check_options, error_table, load_model, pixel_mask,
-                                     pixel_views, reconstruct)
+from analysis.loading import ImageBatch, checkpoint_labels, input_shape, load_images
+from analysis.reconstruction import (StageReconstruction, check_options, error_table, pixel_mask, pixel_views,
+                                     reconstruct)
+from isolocal.io.load import load_model
 from isolocal.models.encoder import StagewiseEncoder
 
 MASK_COLOUR = np.array([0.20, 0.25, 0.45])  # masked patches in the masked input, and HOG cell shading
@@ -138,9 +139,11 @@ def save_reconstruction(run: str | Path | StagewiseEncoder, images: str, out_dir
                                 hog_channels)
 
 
-def run_reconstruct(ckpts: list[Path], labels: list[str], images: str, out_dir: Path, mask_seed: int,
-                    pdf: bool, hog_channels: str) -> list[Path]:
-    """``isolocal analyze reconstruct``: every checkpoint and its images loaded and checked first."""
+def run_reconstruct(ckpts: list[Path], labels: list[str] | None, images: str, out_dir: Path, mask_seed: int = 0,
+                    pdf: bool = False, hog_channels: str = "mean") -> list[Path]:
+    """``isolocal analyze reconstruct``: every checkpoint and its images loaded and checked first; the
+    labels default to the checkpoints' stems."""
+    labels = checkpoint_labels(ckpts, labels)
     check_options(mask_seed, hog_channels)
     jobs = []
     for path in ckpts:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from analysis.capture import attention_layouts, capture_attention
-from analysis.metrics import layout_table
+from analysis.measure import measure_attention
 
 
 class AttentionTracker:
@@ -39,10 +38,6 @@ class AttentionTracker:
 
     def measure(self, model: nn.Module) -> dict[str, list[float]]:
         """``{"nmi_layer": [...], "attn_dist_layer": [...]}``, one head-mean value per encoder layer
-        (attention distance in pixels; Swin: within windows, see ``analysis.capture``). DDP /
-        DeepSpeed wrappers are unwrapped via ``.module``."""
-        model = getattr(model, "module", model)
-        images = self.probe_images.to(next(model.parameters()).device)
-        attn = capture_attention(model, images)
-        table = layout_table(attn, attention_layouts(model, tuple(images.shape[-2:]), len(attn)))
+        (``analysis.measure_attention``)."""
+        table = measure_attention(model, self.probe_images)
         return {"nmi_layer": table["nmi"].tolist(), "attn_dist_layer": table["attention_distance"].tolist()}

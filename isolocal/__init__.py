@@ -8,13 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 from isolocal.core import masking, targets
-from isolocal.io.checkpoint import load_checkpoint
 from isolocal.config import Boundary, ConfigError, ModelConfig, from_dict, to_dict
 from isolocal.io.export import create_timm_model, export_timm, timm_kwargs
+from isolocal.io.load import load_model
 from isolocal.models.encoder import LocalMIM, MIMOutput, StageOutput, StagewiseEncoder
 from isolocal.config.presets import list_models, preset_config
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"
+
+load_checkpoint = load_model  # the documented name: the model of any isolocal checkpoint or run directory
 
 
 def create_model(name: str, boundary: Boundary | None = None, **overrides: Any) -> StagewiseEncoder:
@@ -33,5 +35,5 @@ def model_from_config(cfg: ModelConfig) -> StagewiseEncoder:
 __all__ = [
     "StagewiseEncoder", "StageOutput", "LocalMIM", "MIMOutput", "ModelConfig", "ConfigError", "create_model",
     "model_from_config", "list_models", "preset_config", "export_timm", "timm_kwargs", "create_timm_model", "targets",
-    "masking", "load_checkpoint",
+    "masking", "load_checkpoint", "load_model",
 ]

@@ -19,11 +19,12 @@ from timm.models.vision_transformer import VisionTransformer
 import isolocal
 import analysis
 from analysis import capture_attention, layer_table
-from analysis.capture import TokenLayout
-from analysis.loading import load_for_analysis, load_images
+from analysis.capture import TokenLayout, token_layout
+from analysis.loading import input_shape, load_images
 from analysis.tracking import AttentionTracker
 from isolocal.cli import main
 from isolocal.config import RunConfig, to_dict
+from isolocal.io.load import load_model
 from isolocal.data import FASHION_MNIST_MEAN, FASHION_MNIST_ROOT, IMAGENET_MEAN, build_dataset
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist")
@@ -59,6 +60,13 @@ def trained(tmp_path_factory):
     return model, root / "trained.pt", root / "init.pt"
 
 
+def load_encoder(path, arch_hint=None):
+    """(encoder, its token layout at its own image size), any format, as `isolocal analyze` loads it."""
+    model = load_model(path, arch_hint=arch_hint, encoder_only=True)
+    size, _ = input_shape(model)
+    return model, token_layout(model, (size, size))
+
+
 def is_png(path) -> bool:
     with open(path, "rb") as f:
         return f.read(8) == PNG_SIGNATURE and imread(path).ndim == 3
@@ -87,7 +95,7 @@ def test_four_formats_give_the_same_attention(trained, tmp_path):
     images = load_images("fmnist:0,5", 32, 1).images
     reference = capture_attention(model, images)
     for name, path in write_formats(model, tmp_path).items():
-        loaded, layout = load_for_analysis(path, {"num_heads": 2})
+        loaded, layout = load_encoder(path, {"num_heads": 2})
         assert isinstance(loaded, isolocal.StagewiseEncoder if name == "isolocal" else VisionTransformer), name
         assert layout == NANO_LAYOUT and not loaded.training
         got = capture_attention(loaded, images)
@@ -103,7 +111,7 @@ def test_heads_inferred_for_standard_width_else_required(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2).eval()
     torch.save({"state_dict": {f"module.{k}": v for k, v in vit.state_dict().items()}}, tmp_path / "ddp.pth")
-    loaded, layout = load_for_analysis(tmp_path / "ddp.pth")
+    loaded, layout = load_encoder(tmp_path / "ddp.pth")
     assert loaded.blocks[0].attn.num_heads == 3 and layout.grid == (4, 4)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for a, b in zip(capture_attention(loaded, images), capture_attention(vit, images)):
@@ -113,28 +121,28 @@ def test_heads_inferred_for_standard_width_else_required(tmp_path):
                             embed_dim=48, depth=1, num_heads=4)
     torch.save(odd.state_dict(), tmp_path / "odd.pth")
     with pytest.raises(ValueError, match="cannot infer num_heads for embed_dim 48.*--heads"):
-        load_for_analysis(tmp_path / "odd.pth")
-    assert load_for_analysis(tmp_path / "odd.pth", {"num_heads": 4})[0].blocks[0].attn.num_heads == 4
+        load_encoder(tmp_path / "odd.pth")
+    assert load_encoder(tmp_path / "odd.pth", {"num_heads": 4})[0].blocks[0].attn.num_heads == 4
     with pytest.raises(ValueError, match="num_heads 5 must be a positive divisor of embed_dim 48"):
-        load_for_analysis(tmp_path / "odd.pth", {"num_heads": 5})
+        load_encoder(tmp_path / "odd.pth", {"num_heads": 5})
 
 
 def test_bad_files_name_what_is_missing(trained, tmp_path):
     torch.save({"model": {"encoder.weight": torch.zeros(3)}}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError) as err:
-        load_for_analysis(tmp_path / "wrong.pth")
+        load_encoder(tmp_path / "wrong.pth")
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "encoder.weight"):
         assert key in str(err.value)
 
     torch.save({"model": trained[0].state_dict()}, tmp_path / "no_config.pth")
     with pytest.raises(ValueError, match=r"missing keys \['config'\]"):
-        load_for_analysis(tmp_path / "no_config.pth")
+        load_encoder(tmp_path / "no_config.pth")
 
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read .*garbage.pth"):
-        load_for_analysis(tmp_path / "garbage.pth")
+    with pytest.raises(ValueError, match="garbage.pth .*is unreadable"):
+        load_encoder(tmp_path / "garbage.pth")
     with pytest.raises(FileNotFoundError, match="absent.pth"):
-        load_for_analysis(tmp_path / "absent.pth")
+        load_encoder(tmp_path / "absent.pth")
 
 
 def test_image_sources(tmp_path):
@@ -196,6 +204,27 @@ def test_cli_figures_and_csv_from_trained_model(trained, tmp_path, capsys):
     expected = direct_table(model, "skimage:astronaut")["attention_distance"].to_numpy()[[1, 3]]
     np.testing.assert_allclose(dist["trained"], expected, rtol=1e-9)
     assert str(out / "distance.csv") in capsys.readouterr().out
+
+
+def test_analyze_the_study_job_and_the_tracker_report_the_same_attention(trained, tmp_path):
+    """The three callers of `analysis.measure_attention` give its numbers, to the last bit."""
+    from isolocal.study.job import ANALYSIS, analyse
+
+    ckpt, spec = trained[1], "fmnist:0,5,17"
+    model = isolocal.load_checkpoint(ckpt)
+    images = load_images(spec, 32, 1).images
+    expected = analysis.measure_attention(model, images)
+    for what, column in (("nmi", "nmi"), ("distance", "attention_distance")):
+        assert main(["analyze", what, "--ckpt", str(ckpt), "--images", spec, "--out", str(tmp_path / "cli")]) == 0
+        table = pd.read_csv(tmp_path / "cli" / f"{what}.csv")
+        assert table["trained"].tolist() == expected[column].tolist()
+        assert [json.loads(h) for h in table["trained_heads"]] == expected[f"{column}_heads"].tolist()
+    logged = AttentionTracker(images, 1).measure(model)
+    assert logged == {"nmi_layer": expected["nmi"].tolist(), "attn_dist_layer": expected["attention_distance"].tolist()}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    analyse({"images": spec, "attention_image": 0, "query": [[4, 4]]}, model, run_dir)
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / ANALYSIS), expected[["layer", "nmi", "attention_distance"]])
 
 
 def test_cli_rejects_bad_arguments_before_work(trained, tmp_path, capsys):

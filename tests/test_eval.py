@@ -16,6 +16,8 @@ from isolocal.eval import (build_classifier, extract_features, finetune, finetun
                            knn_predict, linear_per_stage, online_knn, split_features, train_linear_probe)
 from isolocal.eval.finetune import finetune_criterion
 from isolocal.eval.linear import cosine_scheduler
+from isolocal.io.load import load_model
+from isolocal.train import Trainer
 
 
 def _clusters(n: int, noise: float = 0.1, seed: int = 0, num_classes: int = 10, dim: int = 32):
@@ -183,6 +185,19 @@ def test_cli_rejects_bad_input_before_work(tmp_path, capsys):
     assert "'sgdd'" in err and "adamw" in err
     assert main(["eval", "finetune", "knn", "--ckpt", "random"]) == 2
     assert "finetune alone" in capsys.readouterr().err
+
+
+def test_random_is_the_init_pre_training_of_the_same_seed_starts_from(tmp_path):
+    """`--ckpt random` (a study's control) evaluates exactly the weights a run of that seed starts from."""
+    sets = ["data.name='synthetic'", "data.synthetic_size=64", "train.batch_size=32"]
+    cfg = load_run_config(None, sets + ["train.seed=7", f"out_dir='{tmp_path / 'run'}'"])
+    start = Trainer(cfg).model.state_dict()
+    random = load_model("random", cfg).state_dict()
+    assert random.keys() == start.keys() and all(torch.equal(v, start[k]) for k, v in random.items())
+    other = load_model("random", load_run_config(None, sets + ["train.seed=8"])).state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in random.items())
+    with pytest.raises(ValueError, match="'random' is a run config's model at its seeded init: pass the config"):
+        load_model("random")
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="Fashion-MNIST is not installed")

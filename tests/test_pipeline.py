@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.io.checkpoint import LAST, convert_pipeline_checkpoint, load_model_state, pipeline_state_dict
+from isolocal.io.checkpoint import LAST, load_model_state, pipeline_state_dict
 from isolocal.config import RunConfig, from_dict, to_dict
 from isolocal.train.pipeline.engine import ENGINES, IsolatedSchedule, LocalBackward, build_engine
 from isolocal.train.pipeline.runner import eval_batches
@@ -273,10 +273,10 @@ def test_four_ranks_and_data_parallel_match_single_process(tmp_path):
     check_modes_differ(results, "4,1,2,global,auto,0,localmim_swin_nano", "4,1,2,isolated,auto,0,localmim_swin_nano")
 
 
-def single_process_eval(run_dir: Path, tmp: Path) -> tuple[float, list[float]]:
-    """Eval loss of the run's checkpoint, converted to a single-process file, on the held-out micro-batches."""
+def single_process_eval(run_dir: Path) -> tuple[float, list[float]]:
+    """Eval loss of the run's checkpoint, loaded as the single-process model, on the held-out micro-batches."""
     cfg, state = load_model_state(run_dir)  # the pipeline directory, read directly
-    model = isolocal.load_checkpoint(convert_pipeline_checkpoint(run_dir, tmp / "converted.pt"))
+    model = isolocal.load_checkpoint(run_dir)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     m = cfg.pipeline.micro_batches
     batches = eval_batches(cfg, model, cfg.train.batch_size // m, m)
@@ -287,7 +287,7 @@ def single_process_eval(run_dir: Path, tmp: Path) -> tuple[float, list[float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["full", "global"])
-def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_launch, run, tmp_path):
+def test_runner_logs_and_loaded_checkpoint_reproduces_eval_loss(two_rank_launch, run):
     out = two_rank_launch[0]
     log = pd.read_json(out / run / "metrics.jsonl", lines=True)
     steps = log[log.kind == "step"]
@@ -299,7 +299,7 @@ def test_runner_logs_and_converted_checkpoint_reproduces_eval_loss(two_rank_laun
     assert steps.loss.iloc[-1] < steps.loss.iloc[0]
     assert (log.kind == "epoch").sum() == (2 if run == "full" else 1)
     (ev,) = log[log.kind == "eval"].itertuples()
-    loss, per_stage = single_process_eval(out / run, tmp_path)
+    loss, per_stage = single_process_eval(out / run)
     assert math.isclose(ev.loss, loss, rel_tol=TOL)
     assert all(math.isclose(a, b, rel_tol=TOL) for a, b in zip(ev.loss_stage, per_stage))
     if run == "full":

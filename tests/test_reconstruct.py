@@ -220,8 +220,11 @@ def test_analyze_reconstruct_command(tmp_path, capsys):
     encoder = tmp_path / "vit.pt"
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
                                  patch_size=4, in_chans=1).state_dict(), encoder)
+    resnet = isolocal.create_model("resnet32_k2")
+    torch.save({"model": resnet.state_dict(), "config": to_dict(RunConfig(model=resnet.cfg))}, tmp_path / "resnet.pt")
     for argv, message in [
         (["--ckpt", str(encoder)], "holds an encoder only"),
+        (["--ckpt", str(tmp_path / "resnet.pt")], "no stage has a mim head"),
         (["--ckpt", str(run_dir), "--mask-seed", "-1"], "mask seed must be an integer >= 0"),
         (["--ckpt", str(run_dir), "--images", "fmnist:x"], "not Fashion-MNIST test indices"),
     ]:

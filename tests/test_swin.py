@@ -13,7 +13,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 import isolocal
 from isolocal.config import RunConfig, to_dict
 from isolocal.core.masking import random_mask
-from isolocal.models.encoder import LocalMIM
+from isolocal.models.encoder import StagewiseEncoder
 from isolocal.models.swin import swin_context
 
 SWIN_PRESETS = [n for n in isolocal.list_models() if "_swin_" in n]
@@ -220,7 +220,7 @@ def norm_kind(name: str) -> str:
 @pytest.mark.parametrize("name", SWIN_PRESETS)
 def test_every_encoder_norm_of_a_swin_preset_has_the_published_eps(name):
     with torch.device("meta"):  # the modules only: no weight memory, no init
-        model = LocalMIM(isolocal.preset_config(name))
+        model = StagewiseEncoder(isolocal.preset_config(name))
     norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     encoder = {n: m.eps for n, m in norms.items() if ".decoder." not in n}
     depths = model.cfg.depths

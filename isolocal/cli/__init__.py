@@ -1,7 +1,8 @@
-"""The `isolocal` command. Each subcommand lives beside the code it drives and registers here.
+"""The `isolocal` command. Each subcommand module registers here.
 
-A subcommand module provides `add_parser(subparsers)` (which sets `func` on its parser) and
-keeps its heavy imports inside the function that runs, so `isolocal --help` stays fast.
+A subcommand module provides `add_parser(subparsers)` (which sets `func` on its parser); the
+function that runs parses, calls the library once and prints. What only some runs need (deepspeed
+for a pipeline) is imported inside that function, so `isolocal --help` does not pay for it.
 Expected errors (bad config, missing data, an unreadable checkpoint, a non-finite loss, a missing or
 untested optional dependency) print one line and exit 2, without a traceback. An interrupted run
 (SIGINT / SIGTERM after its state is saved, or Ctrl-C before training started) prints one line and

@@ -12,7 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-from isolocal.eval.protocols import MODES
+import pandas as pd
+
+from isolocal.config.load import load_run_config
+from isolocal.eval.protocols import MODES, evaluate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,11 +32,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from isolocal.eval.protocols import evaluate
-    from isolocal.config.load import load_run_config
-
     cfg = load_run_config(args.config, args.overrides)
     result = evaluate(args.modes, cfg, args.ckpt)
     print(pd.DataFrame(result["results"]).to_string(index=False, float_format="{:.2f}".format))

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from isolocal.study.report import build_report
+from isolocal.study.runner import StudyRunner
+from isolocal.study.schema import load_study, select_runs
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="run a paired multi-seed study (global vs isolated vs controls) and report",
@@ -22,10 +26,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isolocal.study.report import build_report
-    from isolocal.study.runner import StudyRunner
-    from isolocal.study.schema import load_study, select_runs
-
     study = load_study(args.config, args.overrides)
     runs = select_runs(study, args.only)
     if args.only and args.report_only:

@@ -1,11 +1,19 @@
 """`isolocal pretrain | export | info`: run a recipe, export its encoder to timm, inspect its stages.
 
-Parsing and printing only: the work is `isolocal.train.pretrain`, `isolocal.io.export.write_timm_export`,
-`isolocal.models.stage_cost.stage_table` and `isolocal.train.pipeline.plan.plan_run`.
+Parsing and printing only: the work is `isolocal.train.train` (or, with `pipeline.stages` > 0, the
+DeepSpeed pipeline runner `isolocal.train.pipeline.runner.pretrain_pipeline`, which runs the same
+loop), `isolocal.io.export.write_timm_export`, `isolocal.models.stage_cost.stage_report` and
+`isolocal.train.pipeline.plan.plan_run`.
 """
 from __future__ import annotations
 
 import argparse
+
+from isolocal.config import RunConfig
+from isolocal.config.load import load_run_config
+from isolocal.io.export import timm_load_line, write_timm_export
+from isolocal.models.stage_cost import stage_report
+from isolocal.train import train
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -45,15 +53,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=info)
 
 
-def pretrain(args: argparse.Namespace) -> int:
-    from isolocal.config.load import load_run_config
-    from isolocal.train import pretrain
+def _pretrain(cfg: RunConfig, resume: bool, init: str | None) -> dict:
+    """The trainer, or with `pipeline.stages` > 0 the pipeline runner; every rank of a pipeline gets a
+    summary, with its `rank`."""
+    if resume and init is not None:
+        raise ValueError("--resume continues a run from its own checkpoint; --init starts a new run from "
+                         "another one's weights: pass one of them")
+    if cfg.pipeline.stages > 0:
+        # imports deepspeed (and checks its version): only pipeline runs need it; keeps `isolocal --help` fast
+        from isolocal.train.pipeline.runner import pretrain_pipeline
 
+        return pretrain_pipeline(cfg, resume=resume, init=init)
+    return train(cfg, resume=resume, init=init)
+
+
+def pretrain(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"pipeline.stages={args.pipeline_stages}"] if args.pipeline_stages is not None else [])
     cfg = load_run_config(args.config, overrides)
     if args.out:
         cfg.out_dir = args.out
-    summary = pretrain(cfg, resume=args.resume, init=args.init)
+    summary = _pretrain(cfg, args.resume, args.init)
     if summary.get("rank", 0) == 0 and summary.get("already_finished"):
         print(f"{summary['out_dir']} is already finished: {summary['steps']} steps, {summary['epochs_completed']} "
               f"epochs, final loss {summary['final_loss']:.4f}; nothing to resume (raise train.epochs to go on)")
@@ -65,43 +84,22 @@ def pretrain(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from isolocal.io.export import write_timm_export
-
-    import timm
-
     out, sidecar, name, kwargs = write_timm_export(args.ckpt, args.out)
-    module = timm.models.model_entrypoint(name).__module__  # an entrypoint registered outside timm must be imported
-    imports = "" if module.startswith("timm.") else f"import {module}; "
-    print(f"wrote {out} and {sidecar}; load with {imports}"
-          f"timm.create_model({name!r}, num_classes=0, **{kwargs}).load_state_dict(torch.load({str(out)!r}))")
+    print(f"wrote {out} and {sidecar}; load with {timm_load_line(out, name, kwargs)}")
     return 0
 
 
 def info(args: argparse.Namespace) -> int:
-    from isolocal.core.device import resolve_device
-    from isolocal.models.stage_cost import stage_table
-    from isolocal.config.load import load_run_config
-
     cfg = load_run_config(args.config, args.overrides)
     plan = None
     if args.pipeline_stages is not None:  # first: its bad values fail before anything is measured
+        # imports the pipeline package, which checks the installed deepspeed: only --pipeline-stages needs it
         from isolocal.train.pipeline.plan import plan_run
 
         micro_batches = cfg.pipeline.micro_batches if args.micro_batches is None else args.micro_batches
         plan = plan_run(cfg, args.pipeline_stages, micro_batches, args.micro_batch_size, args.bandwidth_gbs,
                         args.repeats)
-    table = stage_table(cfg, args.repeats)
-    m = cfg.model
-    shape = (f"{m.block} blocks {m.depths}, channels {m.channels}, {m.stem} stem" if m.arch == "resnet" else
-             f"patch {m.patch_size}, {m.embed_dim}-d, depth {m.depth}, target {m.target}")
-    print(f"{cfg.preset}: {m.arch} {m.img_size}px {shape}, boundary {m.boundary}, objective {m.objective}, "
-          f"mask ratio {m.mask_ratio}")
-    print(f"per stage, one masked training image on {resolve_device(cfg.train.device).type} "
-          "(FLOPs counted by torch.utils.flop_counter):")
-    totals = table[["params_encoder", "params_head", "gflops", "fwd_ms"]].sum()
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"total: {int(totals.params_encoder + totals.params_head):,} parameters, "
-          f"{totals.gflops:.4g} GFLOPs, {totals.fwd_ms:.4g} ms")
+    print(stage_report(cfg, args.repeats))
     if plan is not None:
         heading, rows = plan
         print(heading)

@@ -1,7 +1,7 @@
 """Range checks that types cannot express, all before any work, one function per config section.
 
 Every error is a ConfigError naming the key, its value and what would be valid. The model's family
-geometry (taps, grids, mask units) is checked by `LocalMIM.check_config`, which knows the families.
+geometry (taps, grids, mask units) is checked by `StagewiseEncoder.check_config`, which knows the families.
 """
 from __future__ import annotations
 

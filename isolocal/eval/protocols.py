@@ -1,48 +1,23 @@
 """Evaluate an encoder with the protocols of `isolocal eval`: k-NN, per-stage linear probes, the
-model's own classify heads, fine-tuning.
-
-Module-level imports are light (the heavy ones are inside the functions), so the CLI can read
-`MODES` without slowing `isolocal --help`.
-"""
+model's own classify heads, fine-tuning."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from isolocal.config import RunConfig
-    from isolocal.models.encoder import StagewiseEncoder
+from isolocal.config import RunConfig, to_dict
+from isolocal.core.device import resolve_device
+from isolocal.eval.features import check_feature, eval_datasets, split_features
+from isolocal.eval.finetune import finetune
+from isolocal.eval.head_accuracy import head_accuracy
+from isolocal.eval.knn import check_knn, knn_per_stage
+from isolocal.eval.linear import check_optimizer, linear_per_stage
+from isolocal.io.load import load_model
 
 MODES = ("knn", "linear", "head", "finetune")
 
 
-def load_model(ckpt: str, cfg: RunConfig) -> StagewiseEncoder:
-    """The model of any isolocal checkpoint or run directory, or with 'random' the config's model at
-    its seeded init."""
-    from pathlib import Path
-
-    import torch
-
-    from isolocal.io.checkpoint import load_checkpoint
-    from isolocal.models.encoder import StagewiseEncoder
-
-    if ckpt == "random":
-        torch.manual_seed(cfg.train.seed)
-        return StagewiseEncoder(cfg.model)
-    if not Path(ckpt).exists():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass a checkpoint, a run directory or 'random'")
-    return load_checkpoint(ckpt)
-
-
 def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True) -> dict:
-    """Run the protocols on `cfg`'s data; returns {"results": rows, ...} with the settings used."""
-    from isolocal.config import to_dict
-    from isolocal.core.device import resolve_device
-    from isolocal.eval.features import check_feature, eval_datasets, split_features
-    from isolocal.eval.finetune import finetune
-    from isolocal.eval.head_accuracy import head_accuracy
-    from isolocal.eval.knn import check_knn, knn_per_stage
-    from isolocal.eval.linear import check_optimizer, linear_per_stage
-
+    """Run the protocols on `cfg`'s data with the model of `ckpt` (any isolocal checkpoint or run
+    directory, or 'random': the config's model at its seeded init); returns {"results": rows, ...}
+    with the settings used."""
     bad = [m for m in modes if m not in MODES]
     if bad or not modes or "finetune" in modes and len(modes) > 1:
         raise ValueError(f"eval modes must be any of knn, linear, head, or finetune alone; got {modes}")

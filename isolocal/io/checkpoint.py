@@ -1,6 +1,6 @@
-"""Every checkpoint format isolocal writes or reads, in one module.
+"""The checkpoint formats isolocal writes, and their readers (encoders trained elsewhere: `io.foreign`;
+the one model loader over both: `io.load`).
 
-Written by isolocal runs:
 - single file (`<run>/last.pt`, `<run>/epoch_NNNN.pt`) from the single-process / data-parallel
   trainer: `{"model": StagewiseEncoder state dict, "config": RunConfig dict, ...the run's position}`.
   Written atomically: a temporary file in the target directory, flushed to disk, then renamed over
@@ -11,41 +11,29 @@ Written by isolocal runs:
   and the files load under any partition, including one process); `mp_rank_XX_model_states.pt`
   holds pipeline rank XX's optimizer state and the runner's client state (`"config"`, position,
   RNG states). `<run>/pipeline/latest` names the newest tag.
-Read for analysis (encoders trained elsewhere; formats are told apart by keys, not file names):
-- timm ViT state dict: timm parameter names at the top level;
-- MAE: `{"model": timm-named encoder + decoder_* / mask_token}` (decoder ignored);
-- published LocalMIM: `{"model": patch_embed.*, blocks.*, norm.<k>.*, decoder.*, hog_enc.*}`; the
-  last tap's norm becomes timm's final `norm` (other tap norms, decoders and HOG layers are
-  pre-training heads and are ignored).
-timm models are built as `timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
-**overrides)` with the overrides read off the tensor shapes, so nothing is ever downloaded.
 
 Failures are one `CheckpointError` line naming the file: unreadable (empty, truncated, not a torch
 file), weights that do not fit the model its config describes (the first differing key and shapes),
 non-finite weights (the tensor), a failed write (disk full: the old checkpoint stays, the temp goes).
 
 A path may name a checkpoint file, a pipeline checkpoint (root or tag directory) or a run directory
-(its `last.pt`, else its pipeline checkpoint). Readers: `load_model_state` / `load_checkpoint`
-(isolocal formats; eval, export, `pretrain --init`), `run_state` (`pretrain --resume`) and
-`load_encoder` (every format; analyze).
+(its `last.pt`, else its pipeline checkpoint). Readers: `load_model_state` (the config and weights:
+`pretrain --init`, `io.load`) and `run_state` (`pretrain --resume`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
-from isolocal.config import RunConfig, from_dict, to_dict
+from isolocal.config import RunConfig, from_dict
 from isolocal.errors import CheckpointError, CheckpointWriteError
 from isolocal.models.encoder import StagewiseEncoder
 
@@ -54,13 +42,6 @@ PIPELINE_DIR = "pipeline"  # where the pipeline runner keeps a run's checkpoints
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt")
 _TEMP_FILE = re.compile(r"\.(last|epoch_\d+)\.pt\.(\w+\.tmp|link\.tmp)")  # what atomic_save / _atomic_link leave
-
-# num_heads of the standard ViT widths (Ti, S, B, L, H); other widths need an explicit hint.
-STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-# Keys every timm-named ViT encoder has; their absence is what a wrong file is reported by.
-REQUIRED_VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
-# Pre-training heads and classifiers that an encoder does not need (MAE decoder, timm head).
-_IGNORED_PREFIXES = ("decoder_", "mask_token", "head.")
 
 
 # ---------------------------------------------------------------------------------- single files
@@ -147,10 +128,10 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return _torch_load(path, map_location=map_location)
+    return torch_load(path, map_location=map_location)
 
 
-def _torch_load(path: Path, **kwargs: Any) -> Any:
+def torch_load(path: Path, **kwargs: Any) -> Any:
     """torch.load(weights_only) with an unreadable file as one `CheckpointError` line naming it."""
     size = path.stat().st_size
     if size == 0:
@@ -213,7 +194,7 @@ def pipeline_client_state(path: str | os.PathLike, tag: str | None = None) -> di
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir} has no mp_rank_*_model_states.pt (the run's client state)")
-    state = _torch_load(files[0], map_location="cpu")
+    state = torch_load(files[0], map_location="cpu")
     if not isinstance(state, Mapping) or "config" not in state:
         raise ValueError(f"{tag_dir} was not written by isolocal's pipeline runner (no config)")
     return state
@@ -229,7 +210,7 @@ def pipeline_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict
         if match:
             k = int(match.group(1))
             layers.append(k)
-            for key, value in _torch_load(file, map_location="cpu").items():
+            for key, value in torch_load(file, map_location="cpu").items():
                 state[f"stages.{k}.{key}"] = value
     if layers != list(range(len(layers))) or not layers:
         raise ValueError(f"{tag_dir}: layer files {layers} are not one per stage 0..S-1")
@@ -241,12 +222,6 @@ def prune_pipeline_tags(root: str | os.PathLike, keep_last: int) -> None:
     tags = sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in tags[:-keep_last]:
         shutil.rmtree(old)
-
-
-def convert_pipeline_checkpoint(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> Path:
-    """Write a single-process checkpoint file (`{"model", "config"}`) from a pipeline checkpoint."""
-    cfg, state = _pipeline_model_state(path, tag)
-    return atomic_save({"model": state, "config": to_dict(cfg)}, out)
 
 
 def _pipeline_model_state(path: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, dict[str, Tensor]]:
@@ -262,7 +237,7 @@ def _pipeline_model_state(path: str | os.PathLike, tag: str | None = None) -> tu
 
 # ------------------------------------------------------------------------------ isolocal readers
 
-def _locate(path: str | os.PathLike) -> tuple[str, Path]:
+def locate(path: str | os.PathLike) -> tuple[str, Path]:
     """("file", path) or ("pipeline", path) for a checkpoint file, pipeline checkpoint or run directory."""
     path = Path(path)
     if not path.exists():
@@ -281,11 +256,17 @@ def _locate(path: str | os.PathLike) -> tuple[str, Path]:
 def run_state(path: str | os.PathLike) -> dict:
     """What a run saved about itself (config, step, epoch, world size, RNG states; a single file also
     its model and optimizers): what `pretrain --resume` checks and restores."""
-    kind, path = _locate(path)
+    kind, path = locate(path)
     return load_state(path) if kind == "file" else pipeline_client_state(path)
 
 
-def _checked_state(state: Any, path: Path) -> tuple[RunConfig, dict[str, Tensor]]:
+def is_isolocal(obj: Any) -> bool:
+    """Whether a file's object is an isolocal checkpoint: a state dict under 'model' with the run's 'config'."""
+    return isinstance(obj, Mapping) and "config" in obj and isinstance(obj.get("model"), Mapping)
+
+
+def checked_state(state: Any, path: Path) -> tuple[RunConfig, dict[str, Tensor]]:
+    """(config, state dict) of an isolocal checkpoint's object, its weights checked finite."""
     if not isinstance(state, Mapping) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not an isolocal checkpoint (it lacks 'model' or 'config')")
     check_finite_weights(state["model"], path)
@@ -294,148 +275,9 @@ def _checked_state(state: Any, path: Path) -> tuple[RunConfig, dict[str, Tensor]
 
 def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tensor]]:
     """(the run's resolved config, a StagewiseEncoder state dict) from any isolocal checkpoint or run directory."""
-    kind, path = _locate(path)
+    kind, path = locate(path)
     if kind == "pipeline":
         cfg, state = _pipeline_model_state(path)
         check_finite_weights(state, path)
         return cfg, state
-    return _checked_state(load_state(path), path)
-
-
-def _model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -> StagewiseEncoder:
-    if cfg.model is None:
-        raise ValueError(f"{path}: its config has no resolved model section")
-    model = StagewiseEncoder(cfg.model)
-    check_fits(model, state_dict, path)
-    model.load_state_dict(state_dict)
-    return model.eval()
-
-
-def load_checkpoint(path: str | os.PathLike) -> StagewiseEncoder:
-    """The model a checkpoint holds, rebuilt from its saved config, weights loaded strictly, in eval mode."""
-    return _model(*load_model_state(path), Path(path))
-
-
-# ------------------------------------------------------------------- encoders trained elsewhere
-
-def read_file(path: str | os.PathLike) -> Any:
-    """The file's object; pickled argparse Namespaces (MAE/LocalMIM 'args') are allowed, code is not."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:  # mmap (zip-format files): telling formats apart does not read every tensor
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by cause
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {_first_line(err)}") from None
-
-
-def _describe(keys: Any) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
-
-
-def _from_localmim(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Published LocalMIM encoder keys -> timm keys: the last tap norm becomes timm's `norm`."""
-    taps = sorted({int(m.group(1)) for k in sd if (m := re.match(r"norm\.(\d+)\.", k))})
-    last = f"norm.{taps[-1]}."
-    out = {}
-    for key, value in sd.items():
-        if key.startswith(("decoder.", "hog_enc.")) or (key.startswith("norm.") and not key.startswith(last)):
-            continue
-        out[key.replace(last, "norm.", 1) if key.startswith(last) else key] = value
-    return out
-
-
-def timm_vit_kwargs(sd: Mapping[str, Tensor], arch_hint: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`timm.create_model` overrides that rebuild the ViT a timm-named state dict came from.
-
-    Read off the shapes: embed_dim, in_chans and patch size (patch projection), depth (block
-    indices), img_size (position-embedding length minus the CLS row), mlp_ratio, qkv bias, q/k norm,
-    LayerScale, and average pooling with `fc_norm` for fine-tuned MAE encoders. `num_heads` is
-    not in any shape: it comes from `arch_hint` or the standard width table. `arch_hint` entries
-    override anything inferred.
-    """
-    hint = dict(arch_hint or {})
-    dim, in_chans, ph, pw = sd["patch_embed.proj.weight"].shape
-    if ph != pw:
-        raise ValueError(f"non-square patches {(ph, pw)} are not supported")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    class_token = "cls_token" in sd
-    patches = sd["pos_embed"].shape[1] - int(class_token)
-    grid = round(patches**0.5)
-    if grid * grid != patches:
-        raise ValueError(f"pos_embed has {patches} patch positions, not a square grid")
-    if "num_heads" not in hint and dim not in STANDARD_HEADS:
-        raise ValueError(
-            f"cannot infer num_heads for embed_dim {dim}; pass it (--heads N, or arch_hint={{'num_heads': N}}); "
-            f"standard widths: {', '.join(f'{d}->{h}' for d, h in STANDARD_HEADS.items())}"
-        )
-    kwargs: dict[str, Any] = dict(
-        img_size=grid * ph, patch_size=ph, in_chans=in_chans, embed_dim=dim, depth=depth,
-        num_heads=STANDARD_HEADS.get(dim), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd, qk_norm="blocks.0.attn.q_norm.weight" in sd,
-        class_token=class_token,
-    )
-    if "blocks.0.ls1.gamma" in sd:
-        kwargs["init_values"] = 1.0  # any value creates LayerScale; the state dict sets gamma
-    if "norm.weight" not in sd and "fc_norm.weight" in sd:
-        kwargs.update(global_pool="avg", fc_norm=True)
-    if not class_token:
-        kwargs["global_pool"] = "avg"
-    kwargs.update(hint)
-    if not isinstance(kwargs["num_heads"], int) or kwargs["num_heads"] < 1 or dim % kwargs["num_heads"]:
-        raise ValueError(f"num_heads {kwargs['num_heads']!r} must be a positive divisor of embed_dim {dim}")
-    return kwargs
-
-
-def _timm_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
-    """The timm-named encoder state dict inside a timm, MAE or published LocalMIM file."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    inner = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)), obj)
-    sd = {k.removeprefix("module."): v for k, v in inner.items()}  # DDP-saved state dicts prefix 'module.'
-    if any(k.startswith("stages.") for k in sd):
-        raise ValueError(f"{path}: isolocal LocalMIM weights without their run config: missing keys ['config']")
-    if any(re.match(r"norm\.\d+\.", k) for k in sd):
-        sd = _from_localmim(sd)
-    sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_PREFIXES)}
-    missing = [k for k in REQUIRED_VIT_KEYS if k not in sd]
-    if missing:
-        raise ValueError(
-            f"{path} is not a ViT encoder checkpoint: missing keys {missing}. Expected an isolocal "
-            "checkpoint ('model' + 'config'), a timm ViT state dict, an MAE checkpoint ('model' with "
-            "timm names) or a LocalMIM checkpoint ('model' with patch_embed.*, blocks.*, norm.<k>.*); "
-            f"found keys: {_describe(sd)}"
-        )
-    return sd
-
-
-def _build_timm(sd: dict[str, Tensor], arch_hint: Mapping[str, Any] | None, path: Path) -> nn.Module:
-    kwargs = timm_vit_kwargs(sd, arch_hint)
-    check_finite_weights(sd, path)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **kwargs)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit a timm ViT {kwargs}: missing keys {missing}, unexpected keys {unexpected}")
-    return model
-
-
-def load_encoder(path: str | os.PathLike, arch_hint: Mapping[str, Any] | None = None) -> nn.Module:
-    """The encoder any supported checkpoint holds, in eval mode: a `StagewiseEncoder` for isolocal checkpoints
-    and run directories (any family), a timm ViT for timm, MAE and published LocalMIM files.
-
-    `arch_hint` holds `timm.create_model` overrides for timm-named formats, chiefly
-    `{"num_heads": N}` for non-standard widths; isolocal checkpoints carry their own config and ignore it.
-    """
-    kind, path = _locate(path)
-    if kind == "pipeline":
-        return load_checkpoint(path)
-    obj = read_file(path)
-    if isinstance(obj, Mapping) and "config" in obj and isinstance(obj.get("model"), Mapping):
-        return _model(*_checked_state(obj, path), path)
-    return _build_timm(_timm_state_dict(obj, path), arch_hint, path).eval()
+    return checked_state(load_state(path), path)

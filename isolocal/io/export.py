@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import timm
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from isolocal.models.encoder import StagewiseEncoder
+from isolocal.io.checkpoint import atomic_save
+from isolocal.io.load import load_model
+from isolocal.models.encoder import StagewiseEncoder
 
 
 def export_timm(model: StagewiseEncoder) -> tuple[str, dict[str, Tensor]]:
@@ -43,9 +44,7 @@ def write_timm_export(ckpt: str | os.PathLike, out: str | os.PathLike) -> tuple[
     """Export the encoder of any isolocal checkpoint or run directory: the state dict to `out`, the timm
     model name and kwargs to `out` with suffix .json. Returns (out, sidecar, name, kwargs); raises
     before writing unless the export loads strictly into timm."""
-    from isolocal.io.checkpoint import atomic_save, load_checkpoint
-
-    model = load_checkpoint(ckpt)
+    model = load_model(ckpt)
     create_timm_model(model)
     name, state_dict = export_timm(model)
     kwargs = timm_kwargs(model)
@@ -56,3 +55,12 @@ def write_timm_export(ckpt: str | os.PathLike, out: str | os.PathLike) -> tuple[
     sidecar.write_text(json.dumps({"timm_model": name, "kwargs": {"num_classes": 0, **kwargs},
                                    "checkpoint": str(ckpt)}, indent=2) + "\n")
     return out, sidecar, name, kwargs
+
+
+def timm_load_line(out: str | os.PathLike, name: str, kwargs: dict[str, Any]) -> str:
+    """The Python line that loads an export written to `out` (a model registered outside timm needs its
+    module imported first)."""
+    module = timm.models.model_entrypoint(name).__module__
+    imports = "" if module.startswith("timm.") else f"import {module}; "
+    return (f"{imports}timm.create_model({name!r}, num_classes=0, **{kwargs})"
+            f".load_state_dict(torch.load({str(out)!r}))")

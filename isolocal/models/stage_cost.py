@@ -1,4 +1,4 @@
-"""Per-stage cost of a model: blocks, parameters, forward FLOPs and time (`isolocal info`)."""
+"""Per-stage cost of a model: blocks, parameters, forward FLOPs and time, and the report `isolocal info` prints."""
 from __future__ import annotations
 
 import statistics
@@ -50,3 +50,21 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
                          "fwd_ms": 1e3 * statistics.median(times)})
             x = out
     return pd.DataFrame(rows)
+
+
+def stage_report(cfg: RunConfig, repeats: int = 5) -> str:
+    """What `isolocal info` prints about `cfg`'s model: a line on its shape, `stage_table` and the totals."""
+    table = stage_table(cfg, repeats)
+    m = cfg.model
+    shape = (f"{m.block} blocks {m.depths}, channels {m.channels}, {m.stem} stem" if m.arch == "resnet" else
+             f"patch {m.patch_size}, {m.embed_dim}-d, depth {m.depth}, target {m.target}")
+    totals = table[["params_encoder", "params_head", "gflops", "fwd_ms"]].sum()
+    return "\n".join([
+        f"{cfg.preset}: {m.arch} {m.img_size}px {shape}, boundary {m.boundary}, objective {m.objective}, "
+        f"mask ratio {m.mask_ratio}",
+        f"per stage, one masked training image on {resolve_device(cfg.train.device).type} "
+        "(FLOPs counted by torch.utils.flop_counter):",
+        table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        f"total: {int(totals.params_encoder + totals.params_head):,} parameters, "
+        f"{totals.gflops:.4g} GFLOPs, {totals.fwd_ms:.4g} ms",
+    ])

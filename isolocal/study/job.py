@@ -14,7 +14,7 @@ exists and resumes pre-training from `last.pt`:
 Controls (`pretrain = false`) skip pre-training and evaluate the encoder at its seeded init, which
 is the initialisation the pre-trained variants of the same seed start from.
 
-This module is the only one of the package that imports the training and evaluation code.
+This module is the only one of the study package that imports the training, evaluation and analysis code.
 """
 from __future__ import annotations
 
@@ -25,12 +25,21 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from torch import nn
+from torch import nn
 
-    from isolocal.config import RunConfig
+from analysis.capture import capture_attention, encoder_depth, is_windowed, token_layout
+from analysis.figures import plot_attention_maps
+from analysis.loading import ImageBatch, input_shape, load_images
+from analysis.measure import measure_attention
+from analysis.reconstruction_figure import write_reconstruction
+from isolocal.config import RunConfig, from_dict
+from isolocal.eval.protocols import evaluate
+from isolocal.io.checkpoint import LAST, run_state
+from isolocal.io.load import RANDOM, load_model
+from isolocal.train import train
+from isolocal.train.loop import build_train_dataset, step_counts
 
 RUN_SPEC = "run.json"
 PRETRAIN = "pretrain.json"
@@ -58,8 +67,6 @@ def read_json(path: Path) -> Any:
 
 
 def run_config(spec: dict) -> RunConfig:
-    from isolocal.config import RunConfig, from_dict
-
     return from_dict(RunConfig, spec["config"])
 
 
@@ -68,8 +75,6 @@ _IMAGES: dict[str, int] = {}  # pre-training set size by (data, image) config: t
 
 def step_plan(spec: dict) -> tuple[int, int]:
     """(steps per epoch, steps in all) of a run's pre-training, from its config (single process, as studies run)."""
-    from isolocal.train.loop import build_train_dataset, step_counts
-
     cfg = run_config(spec)
     key = json.dumps([spec["config"]["data"], cfg.model.img_size, cfg.model.in_chans], sort_keys=True)
     if key not in _IMAGES:
@@ -93,9 +98,6 @@ def _stamp_knn_steps(metrics: Path, steps_per_epoch: int) -> None:
 
 def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
     """Train (resuming from last.pt when a previous attempt left one); the summary gains the step it resumed from."""
-    from isolocal.io.checkpoint import LAST, run_state
-    from isolocal.train import train
-
     resumed = 0
     if (run_dir / LAST).exists():
         resumed = int(run_state(run_dir / LAST)["step"])
@@ -107,15 +109,11 @@ def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
 
 def encoder_source(spec: dict, run_dir: Path) -> str:
     """What the evaluation loads: the run's last checkpoint, or 'random' for a control."""
-    from isolocal.io.checkpoint import LAST
-
-    return str(run_dir / LAST) if spec["pretrain"] else "random"
+    return str(run_dir / LAST) if spec["pretrain"] else RANDOM
 
 
 def evaluate_run(spec: dict, cfg: RunConfig, ckpt: str, run_dir: Path) -> None:
     """k-NN / linear probes on features extracted once, then fine-tuning: each skipped when saved."""
-    from isolocal.eval.protocols import evaluate
-
     probes = [m for m in spec["evals"] if m != "finetune"]
     if probes and not (run_dir / PROBES).exists():
         write_json(run_dir / PROBES, evaluate(probes, cfg, ckpt, progress=False))
@@ -123,44 +121,25 @@ def evaluate_run(spec: dict, cfg: RunConfig, ckpt: str, run_dir: Path) -> None:
         write_json(run_dir / FINETUNE, evaluate(["finetune"], cfg, ckpt, progress=False))
 
 
-def load_encoder(cfg: RunConfig, ckpt: str) -> nn.Module:
-    from isolocal.eval.protocols import load_model
-
-    return load_model(ckpt, cfg).eval()
-
-
 def analyse(spec: dict, model: nn.Module, run_dir: Path) -> list[str]:
     """Per-layer NMI / attention distance into analysis.csv; returns the run's figures (file names)."""
     if not model.family.has_attention:  # nothing to measure: the phase's file, without rows
         write_text(run_dir / ANALYSIS, "layer,nmi,attention_distance\n")
         return []
-    import torch
-
-    from analysis.capture import attention_layouts, capture_attention, token_layout
-    from analysis.loading import encoder_depth, input_shape, load_images
-    from analysis.metrics import layout_table
-
-    size, chans = input_shape(model)
-    batch = load_images(spec["images"], size, chans)
-    with torch.no_grad():
-        attn = capture_attention(model, batch.images)
-    layouts = attention_layouts(model, tuple(batch.images.shape[-2:]), encoder_depth(model))
-    table = layout_table(attn, layouts)
+    batch = load_images(spec["images"], *input_shape(model))
+    table = measure_attention(model, batch.images)
     table[["layer", "nmi", "attention_distance"]].to_csv(run_dir / ANALYSIS, index=False)
-    return run_figures(spec, model, batch, attn, token_layout(model, (size, size)), run_dir)
+    return run_figures(spec, model, batch, run_dir)
 
 
-def run_figures(spec: dict, model: nn.Module, batch: Any, attn: list, layout: Any, run_dir: Path) -> list[str]:
+def run_figures(spec: dict, model: nn.Module, batch: ImageBatch, run_dir: Path) -> list[str]:
     """The per-run figures the report shows side by side (same image for every run). Add a figure
     here and the report gains a row of it; returns file names relative to the run directory."""
-    from analysis.capture import is_windowed
-    from analysis.figures import plot_attention_maps
-    from analysis.loading import ImageBatch, encoder_depth
-    from analysis.reconstruction_figure import write_reconstruction
-
     figures: list[Path] = []
     i = spec["attention_image"]
     if not is_windowed(model):
+        attn = capture_attention(model, batch.images)
+        layout = token_layout(model, tuple(batch.images.shape[-2:]))
         depth = encoder_depth(model)
         layers = sorted({min(2, depth), min(4, depth), max(depth - 2, 1), depth})  # the same for every variant
         figures += plot_attention_maps(batch.images[i], [a[i:i + 1] for a in attn], layers,
@@ -201,7 +180,7 @@ def run_job(run_dir: Path) -> dict:
         write_json(run_dir / PRETRAIN, pretrain(spec, cfg, run_dir))
     ckpt = encoder_source(spec, run_dir)
     evaluate_run(spec, cfg, ckpt, run_dir)
-    figures = analyse(spec, load_encoder(cfg, ckpt), run_dir)
+    figures = analyse(spec, load_model(ckpt, cfg), run_dir)
     return {"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "headline": headline(run_dir),
             "figures": figures, "job_s": time.perf_counter() - start}
 

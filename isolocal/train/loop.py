@@ -67,6 +67,7 @@ from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to
 from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
 from isolocal.heads import StagePlan
+from isolocal.io.load import seeded_init
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
@@ -131,8 +132,7 @@ def step_counts(t: TrainConfig, images: int, replicas: int, micro_batch: int, mi
 def build_model(cfg: RunConfig, init: str | None = None) -> StagewiseEncoder:
     """The run's model at its seeded init (the same weights in every process and mode), or with `init`
     the weights of that checkpoint (any isolocal checkpoint or run directory)."""
-    torch.manual_seed(cfg.train.seed)
-    model = StagewiseEncoder(cfg.model)
+    model = seeded_init(cfg)
     if init is not None:
         model.load_state_dict(load_model_state(init)[1])
     model.grad_checkpoint = cfg.train.grad_checkpoint

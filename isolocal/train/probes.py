@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from analysis.tracking import AttentionTracker
 from isolocal.config import RunConfig
+from isolocal.eval.features import eval_datasets
+from isolocal.eval.knn import online_knn
 from isolocal.models.encoder import StagewiseEncoder
 
 PROBE_IMAGES = 8
@@ -14,9 +17,6 @@ PROBE_IMAGES = 8
 
 class Probes:
     def __init__(self, cfg: RunConfig, model: StagewiseEncoder):
-        from analysis.tracking import AttentionTracker
-        from isolocal.eval.features import eval_datasets
-
         self.cfg = cfg
         self.train_ds, self.test_ds = eval_datasets(cfg, model.cfg)
         images = torch.stack([self.test_ds[i][0] for i in range(min(PROBE_IMAGES, len(self.test_ds)))])
@@ -32,6 +32,4 @@ class Probes:
         every = self.cfg.train.knn_every_epochs
         if not every or epoch % every:
             return None
-        from isolocal.eval.knn import online_knn
-
         return {"kind": "knn", "epoch": epoch, **online_knn(model, self.train_ds, self.test_ds, self.cfg.eval)}

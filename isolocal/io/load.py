@@ -1,0 +1,96 @@
+"""The one model loader: every caller that needs a model from a checkpoint, a run or a seed goes here.
+
+`load_model(source, cfg)` takes
+- "random": `cfg`'s model at its seeded init (`seeded_init`), which is exactly the init training
+  starts from, so a control evaluated at "random" is the starting point of the pre-trained runs of
+  its seed;
+- an isolocal checkpoint file, run directory or pipeline checkpoint (`io.checkpoint`): the model its
+  saved config describes, weights loaded strictly;
+- with `encoder_only=True` also an encoder trained elsewhere (timm ViT state dict, MAE, published
+  LocalMIM; `io.foreign`), as a timm ViT. Without it such a file is refused: it lacks the stage
+  heads and the config the other callers (eval, export, reconstruct) need.
+Every model comes back in eval mode.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from isolocal.config import RunConfig
+from isolocal.errors import CheckpointError
+from isolocal.io.checkpoint import (check_fits, checked_state, is_isolocal, load_model_state, locate,
+                                    torch_load)
+from isolocal.io.foreign import build_timm_vit, timm_state_dict
+from isolocal.models.encoder import StagewiseEncoder
+
+RANDOM = "random"  # the source that means "the config's model at its seeded init"
+
+
+def seeded_init(cfg: RunConfig) -> StagewiseEncoder:
+    """`cfg`'s model at its seeded init (`train.seed`): the same weights in every process and mode, in
+    training and as the "random" baseline. Leaves the global torch RNG seeded with `train.seed`."""
+    torch.manual_seed(cfg.train.seed)
+    return StagewiseEncoder(cfg.model)
+
+
+def _read(path: Path) -> Any:
+    """A checkpoint file's object: safetensors, or torch (mmap for zip files, so telling formats apart
+    does not read every tensor). Pickled argparse Namespaces (the 'args' of MAE and published StagewiseEncoder
+    files) are allowed, code is not."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # optional: only safetensors files need it
+
+        return load_file(path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
+
+
+def _isolocal_model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -> StagewiseEncoder:
+    if cfg.model is None:
+        raise ValueError(f"{path}: its config has no resolved model section")
+    model = StagewiseEncoder(cfg.model)
+    check_fits(model, state_dict, path)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def _not_isolocal(obj: Any, path: Path) -> CheckpointError:
+    """Why a file that is not an isolocal checkpoint cannot give a full model."""
+    try:
+        timm_state_dict(obj, path)
+    except ValueError:
+        return CheckpointError(f"{path} is not an isolocal checkpoint (it lacks 'model' or 'config')")
+    return CheckpointError(f"{path} holds an encoder only (timm, MAE or LocalMIM format), without the stage heads "
+                           "and config of an isolocal checkpoint ('model' + 'config'), which this needs")
+
+
+def load_model(source: str | os.PathLike, cfg: RunConfig | None = None, *,
+               arch_hint: Mapping[str, Any] | None = None, encoder_only: bool = False) -> nn.Module:
+    """The model `source` names, in eval mode (module docstring): a `StagewiseEncoder`, or with `encoder_only`
+    a timm ViT for encoders trained elsewhere. `cfg` is needed for "random" only (a checkpoint
+    carries its own config); `arch_hint` holds `timm.create_model` overrides for timm-named formats,
+    chiefly `{"num_heads": N}` for non-standard widths."""
+    if isinstance(source, str) and source == RANDOM:
+        if cfg is None:
+            raise ValueError("'random' is a run config's model at its seeded init: pass the config")
+        return seeded_init(cfg).eval()
+    if not Path(source).exists():
+        valid = "a checkpoint, a run directory or 'random'" if cfg is not None else "a checkpoint or a run directory"
+        raise FileNotFoundError(f"checkpoint {source} does not exist; pass {valid}")
+    kind, path = locate(source)
+    if kind == "pipeline":
+        return _isolocal_model(*load_model_state(path), path)
+    obj = _read(path)
+    if is_isolocal(obj):
+        return _isolocal_model(*checked_state(obj, path), path)
+    if not encoder_only:
+        raise _not_isolocal(obj, path)
+    return build_timm_vit(timm_state_dict(obj, path), arch_hint, path).eval()
+
