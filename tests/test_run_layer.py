@@ -1,4 +1,4 @@
-"""The run layer: one loop for both runners, one checkpoint module, no import circles, a pinned DeepSpeed,
+"""The run layer: one loop for both runners, one checkpoint module, a pinned DeepSpeed,
 TensorBoard logs, and pipeline ranks that compute only their own stages' targets.
 
 The pipeline checks share one real 2-rank DeepSpeed launch (gloo, CPU): this file, run as a script,
@@ -6,7 +6,6 @@ is the worker of each rank (`python tests/test_run_layer.py OUT CONFIG_JSON`).
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("isolocal", "analysis")
 TINY = ["data.name=synthetic", "data.synthetic_size=64", "train.batch_size=16", "train.log_every=1",
         "train.warmup_epochs=0.5", "model.boundary=isolated"]  # nano preset: 4 stages, 32 px gray
 
@@ -27,101 +25,7 @@ def _env(**extra: str) -> dict:
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
 
 
-# ------------------------------------------------------------------------------ import structure
-
-def _module_names() -> dict[str, Path]:
-    names = {}
-    for package in PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
-            parts = list(path.relative_to(REPO).with_suffix("").parts)
-            names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return names
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports: at module level, inside functions (lazy imports are
-    still dependencies), and by name (`importlib.import_module("pkg.mod")`, "pkg.mod:attr" tables);
-    imports under `if TYPE_CHECKING:` only serve type checkers and are left out."""
-    modules = _module_names()
-
-    def imported(node: ast.AST, package: list[str]) -> set[str]:
-        found: set[str] = set()
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue
-            if isinstance(child, ast.Import):
-                found.update(alias.name for alias in child.names)
-            elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:
-                    base = ".".join(package[:len(package) - child.level + 1] + ([base] if base else []))
-                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in child.names)
-            elif isinstance(child, ast.Constant) and isinstance(child.value, str) and "." in child.value:
-                found.add(child.value.split(":")[0])
-            found |= imported(child, package)
-        return found
-
-    graph = {}
-    for name, path in modules.items():
-        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-        graph[name] = {m for m in imported(ast.parse(path.read_text()), package) if m in modules and m != name}
-    return graph
-
-
-def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    cycles = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                cycles.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return cycles
-
-
-def test_the_packages_have_no_import_cycle_and_config_imports_no_model():
-    graph = import_graph()
-    assert graph["isolocal.config.presets"] == {"isolocal.config.parse", "isolocal.config.schema"}
-    assert import_cycles(graph) == []
-    config = [m for name, deps in graph.items() if name.startswith("isolocal.config") for m in deps]
-    assert config and not [m for m in config if m.startswith("isolocal.models")]
-    # the checker sees the kind of circle it must catch: presets -> family -> config (-> load) -> presets
-    graph["isolocal.config.presets"].add("isolocal.models.swin")
-    assert ["isolocal.config", "isolocal.config.presets", "isolocal.models.swin"] in \
-        [[m for m in c if m in ("isolocal.config", "isolocal.config.presets", "isolocal.models.swin")]
-         for c in import_cycles(graph)]
-
-
-def test_every_preset_is_listed_without_importing_a_model_family():
-    code = ("import sys; from isolocal.config.presets import list_models, preset_config; names = list_models(); "
-            "[preset_config(n) for n in names]; "
-            "print(len(names), sum(n.startswith(('localmim_swin', 'simmim_swin')) for n in names), "
-            "[m for m in ('isolocal.models.swin', 'isolocal.models.vit', 'isolocal.models.resnet') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split(maxsplit=2) == ["42", "15", "[]\n"]  # 33 ViT / Swin, 9 ResNet
-
+# ------------------------------------------------------------------------------ DeepSpeed range
 
 def test_deepspeed_outside_the_tested_range_is_one_line_naming_the_range(tmp_path):
     """A DeepSpeed 0.15 install (its metadata first on the path) makes the pipeline refuse to load."""

@@ -11,31 +11,20 @@ exits 130. Under a launcher (torchrun), run-wide stops are printed by rank 0 onl
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from isolocal.cli import analyze, eval, study, train
 from isolocal.config import ConfigError
 from isolocal.errors import NonFiniteError, RunInterrupted
 
-SUBCOMMANDS = [
-    "isolocal.cli.train",  # pretrain, export, info
-    "isolocal.cli.eval",  # eval knn|linear|finetune
-    "isolocal.cli.analyze",  # analyze nmi|distance|attention
-    "isolocal.cli.study",  # compare
-]
+SUBCOMMANDS = (train, eval, analyze, study)  # pretrain, export, info | eval | analyze | compare
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isolocal", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
+    for module in SUBCOMMANDS:
         module.add_parser(subparsers)
     return parser
 

@@ -17,7 +17,7 @@ from typing import Any
 def dumps_toml(data: dict[str, Any]) -> str:
     """`data` as TOML text that `tomllib.loads` reads back equal to `data`."""
     try:
-        import tomli_w
+        import tomli_w  # optional: the hand-written writer below is used without it
     except ImportError:
         pass
     else:

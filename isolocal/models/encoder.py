@@ -9,7 +9,6 @@ stage loop (`stages_of`, over `isolocal.core.stages.iter_stages`) of the same pe
 from __future__ import annotations
 
 import contextlib
-import importlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from isolocal.core.stages import StageResult, iter_stages
 from isolocal.core.targets import TargetBank
 from isolocal.heads import HEADS, HeadInputs, StagePlan
 from isolocal.heads.base import as_labels
+from isolocal.models import resnet, swin, vit
 from isolocal.models.family import Family, Tap
 
 
@@ -83,15 +83,13 @@ def _require(ok: Tensor, message: str) -> None:
         raise ValueError(message) from None
 
 
-_FAMILIES = {"vit": "isolocal.models.vit:VIT", "swin": "isolocal.models.swin:SWIN",
-             "resnet": "isolocal.models.resnet:RESNET"}
+FAMILIES: dict[str, Family] = {"vit": vit.VIT, "swin": swin.SWIN, "resnet": resnet.RESNET}  # model.arch -> family
 
 
 def _family(arch: str) -> Family:
-    if arch not in _FAMILIES:
-        raise ValueError(f"arch must be one of {sorted(_FAMILIES)}, got {arch!r}")
-    module, name = _FAMILIES[arch].split(":")
-    return getattr(importlib.import_module(module), name)
+    if arch not in FAMILIES:
+        raise ValueError(f"arch must be one of {sorted(FAMILIES)}, got {arch!r}")
+    return FAMILIES[arch]
 
 
 def _resolve(cfg: ModelConfig) -> tuple[Family, list[Tap], StagePlan]:

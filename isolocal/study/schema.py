@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isolocal.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from isolocal.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict, validate_run
+from isolocal.config.presets import resolve_model_config
+from isolocal.models.encoder import StagewiseEncoder
 
 RANDOM = "random"  # the built-in control variant: the encoder at its seeded init, no pre-training
 EVALS = ("knn", "linear", "head", "finetune")
@@ -227,9 +229,6 @@ def check_claim(name: str, claim: Claim, study: Study) -> None:
 
 def resolve_run(study: Study, variant: str, seed: int | None = None) -> RunConfig:
     """A run's RunConfig: the variant's config at `seed` (the study's first seed when None), in its run dir."""
-    from isolocal.config import validate_run
-    from isolocal.config.presets import resolve_model_config
-
     data = copy.deepcopy(study.variants[variant])
     if study.seeds is not None:
         seed = study.seeds[0] if seed is None else seed
@@ -240,9 +239,7 @@ def resolve_run(study: Study, variant: str, seed: int | None = None) -> RunConfi
     try:
         cfg = from_dict(RunConfig, {k: v for k, v in data.items() if k != "model"})
         cfg.model = resolve_model_config(cfg.preset, data.get("model", {}))
-        from isolocal.models.encoder import StagewiseEncoder  # geometry is validated without allocating weights
-
-        StagewiseEncoder.check_config(cfg.model)
+        StagewiseEncoder.check_config(cfg.model)  # geometry, without allocating weights
         validate_run(cfg)
     except ValueError as err:
         raise ConfigError(f"variant {variant}: {err}") from None

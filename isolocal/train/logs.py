@@ -74,7 +74,7 @@ class PeakMemory:
 def check_tensorboard() -> None:
     """Fail before any work when `train.tensorboard` is on but the optional package is missing."""
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  optional: train.tensorboard only
     except ImportError:
         raise ConfigError("train.tensorboard = true needs the tensorboard package: "
                           "pip install tensorboard (or isolocal[tensorboard])") from None
@@ -99,7 +99,7 @@ class MetricsLog:
         if not self.enabled:
             return
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: train.tensorboard only
 
             self.writer = SummaryWriter(self.path.parent / TENSORBOARD, purge_step=resume_step)
         if resume_step is None or not self.path.exists():

@@ -14,6 +14,7 @@ from isolocal.config.schedule import SCHEDULES
 from isolocal.core.device import resolve_device
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train.pipeline.costmodel import Link, StageCost, predict, sync_every_of
+from isolocal.train.pipeline.module import balanced_parts  # DeepSpeed's partitioner, as the runner uses it
 from isolocal.train.pipeline.partition import cost_parts
 from isolocal.train.pipeline.timing import measure_stage_costs
 
@@ -22,8 +23,6 @@ def plan_table(model: StagewiseEncoder, costs: list[StageCost], ranks: int, micr
                link: Link = Link(), log_every: int = 1) -> pd.DataFrame:
     """One row per (partition, schedule): the ranks' stage ranges, balance bound, predicted step time,
     bubble, images/s and speed-up over one worker; syncs as in a run of `log_every` (`sync_every_of`)."""
-    from isolocal.train.pipeline.module import balanced_parts  # DeepSpeed's partitioner, as the runner uses it
-
     partitions = {"count": [int(b) for b in balanced_parts(model, ranks)],
                   "cost": cost_parts(costs, ranks, micro_batches)}
     rows = []

@@ -31,8 +31,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from deepspeed.utils import logger
 from torch import Tensor
 
 from isolocal.io.checkpoint import PIPELINE_DIR, prune_pipeline_tags
@@ -43,7 +46,12 @@ from isolocal.core.device import resolve_amp, resolve_device
 from isolocal.errors import NonFiniteError, RunInterrupted
 from isolocal.heads import StagePlan
 from isolocal.models.encoder import StagewiseEncoder
-from isolocal.train.pipeline.timing import RankTimes, breakdown_table, plot_timeline, write_trace
+from isolocal.train.pipeline.costmodel import predict, sync_every_of
+from isolocal.train.pipeline.engine import build_engine
+from isolocal.train.pipeline.module import StagePipe
+from isolocal.train.pipeline.partition import cost_parts, describe
+from isolocal.train.pipeline.timing import (RankTimes, breakdown_table, measure_stage_costs, plot_timeline,
+                                           write_trace)
 from isolocal.train.distributed import DistInfo, gather_objects, shutdown
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
                                  micro_batch_size, model_inputs)
@@ -82,9 +90,6 @@ def check_launch(cfg: RunConfig) -> tuple[int, int]:
 
 def init_distributed(device: torch.device, timeout_s: int) -> None:
     """DeepSpeed's process group with a bounded timeout, without JIT-building the unused shm op."""
-    import deepspeed
-    from deepspeed.utils import logger
-
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # the only switch (private); saves ~20 s
     logger.setLevel("WARNING")
     if device.type == "cuda":
@@ -124,11 +129,6 @@ class PipelineRun(PretrainLoop):
         self.ckpt_root = self.resume_path = Path(cfg.out_dir) / PIPELINE_DIR
         saved = self._open(resume, self.stages * self.dp)  # a refused resume fails before DeepSpeed starts
         self._prepare_data(self.dp, p.micro_batches, _SPLIT)
-
-        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-
-        from isolocal.train.pipeline.engine import build_engine
-        from isolocal.train.pipeline.module import StagePipe
 
         init_distributed(self.device, p.timeout_s)
         self.dist = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
@@ -174,10 +174,6 @@ class PipelineRun(PretrainLoop):
         """The "cost" partition: the first rank times every stage on one micro-batch (a short pass that
         leaves weights and RNG streams as they were) and every rank takes its choice, printed with the
         predicted balance."""
-        from isolocal.train.pipeline.costmodel import predict, sync_every_of
-        from isolocal.train.pipeline.partition import cost_parts, describe
-        from isolocal.train.pipeline.timing import measure_stage_costs
-
         m = self.cfg.pipeline.micro_batches
         chosen = [None, None]
         if self.dist.rank == 0:

@@ -153,10 +153,10 @@ def breakdown_table(summaries: list[dict]) -> pd.DataFrame:
 
 def plot_timeline(path: Path, events: list[dict]) -> None:
     """The trace's spans as a figure: one row per rank, one colour per category, time from the first span."""
-    import matplotlib
+    import matplotlib  # heavy: only profiled runs draw a timeline
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     start = min(e["ts"] for e in events)
     ranks = sorted({e["pid"] for e in events})
