@@ -2,7 +2,7 @@
 
 - timm ViT state dict: timm parameter names at the top level (a DDP `module.` prefix is dropped);
 - MAE: `{"model": timm-named encoder + decoder_* / mask_token}` (decoder ignored);
-- published StagewiseEncoder: `{"model": patch_embed.*, blocks.*, norm.<k>.*, decoder.*, hog_enc.*}`; the
+- published LocalMIM: `{"model": patch_embed.*, blocks.*, norm.<k>.*, decoder.*, hog_enc.*}`; the
   last tap's norm becomes timm's final `norm` (other tap norms, decoders and HOG layers are
   pre-training heads and are ignored).
 

@@ -42,7 +42,7 @@ def seeded_init(cfg: RunConfig) -> StagewiseEncoder:
 
 def _read(path: Path) -> Any:
     """A checkpoint file's object: safetensors, or torch (mmap for zip files, so telling formats apart
-    does not read every tensor). Pickled argparse Namespaces (the 'args' of MAE and published StagewiseEncoder
+    does not read every tensor). Pickled argparse Namespaces (the 'args' of MAE and published LocalMIM
     files) are allowed, code is not."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file  # optional: only safetensors files need it
