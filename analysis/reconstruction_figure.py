@@ -23,6 +23,7 @@ from analysis.glyphs import hog_glyphs
 from analysis.loading import ImageBatch, checkpoint_labels, input_shape, load_images
 from analysis.reconstruction import (StageReconstruction, check_options, error_table, pixel_mask, pixel_views,
                                      reconstruct)
+from isolocal.config import RunConfig
 from isolocal.io.load import load_model
 from isolocal.models.encoder import StagewiseEncoder
 
@@ -140,14 +141,15 @@ def save_reconstruction(run: str | Path | StagewiseEncoder, images: str, out_dir
 
 
 def run_reconstruct(ckpts: list[Path], labels: list[str] | None, images: str, out_dir: Path, mask_seed: int = 0,
-                    pdf: bool = False, hog_channels: str = "mean") -> list[Path]:
+                    pdf: bool = False, hog_channels: str = "mean", cfg: RunConfig | None = None) -> list[Path]:
     """``isolocal analyze reconstruct``: every checkpoint and its images loaded and checked first; the
-    labels default to the checkpoints' stems."""
+    labels default to the checkpoints' stems. `cfg` gives the model of published LocalMIM checkpoints
+    (`isolocal.io.load_model`); isolocal checkpoints carry their own."""
     labels = checkpoint_labels(ckpts, labels)
     check_options(mask_seed, hog_channels)
     jobs = []
     for path in ckpts:
-        model = load_model(path)
+        model = load_model(path, cfg)
         jobs.append((model, load_images(images, *input_shape(model))))
     written: list[Path] = []
     for label, (model, batch) in zip(labels, jobs):

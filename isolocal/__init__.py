@@ -16,7 +16,9 @@ from isolocal.config.presets import list_models, preset_config
 
 __version__ = "0.3.0.dev0"
 
-load_checkpoint = load_model  # the documented name: the model of any isolocal checkpoint or run directory
+# The documented name: the model of any isolocal checkpoint or run directory, or of a published LocalMIM
+# checkpoint given its run config (load_checkpoint(path, cfg)).
+load_checkpoint = load_model
 
 
 def create_model(name: str, boundary: Boundary | None = None, **overrides: Any) -> StagewiseEncoder:

@@ -1,9 +1,24 @@
-"""Fixed sin-cos positions against MAE's formula, and a published decoder loaded onto isolocal's layout."""
+"""Fixed sin-cos positions against MAE's formula, a published decoder loaded onto isolocal's layout, and a
+whole published LocalMIM ViT checkpoint (encoder, decoders, HOG layers) loaded into a StagewiseEncoder."""
+import argparse
+import dataclasses
 import math
+import os
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
+import isolocal
+from analysis.loading import load_images
+from isolocal.cli import main
+from isolocal.config import load_run_config
+from isolocal.config.presets import preset_config
+from isolocal.data import FASHION_MNIST_ROOT
+from isolocal.io.foreign import check_published_args
+from isolocal.io.load import load_model
 from isolocal.models.decoder import LocalDecoder, load_published_decoder
 from isolocal.models.posembed import mae_channel_order, sincos_pos_embed
 
@@ -91,3 +106,173 @@ def test_a_published_decoder_of_another_width_is_refused():
     published = LocalDecoder(24, 16, 1, 4, 4.0, 4, 1.0, 5).state_dict()
     with pytest.raises(ValueError, match="mask_token has shape .1, 1, 16.: its axis 2 should be the decoder width 32"):
         load_published_decoder(LocalDecoder(24, 32, 1, 4, 4.0, 4, 1.0, 5), published)
+
+
+# ---- a whole published checkpoint ---------------------------------------------------------------------
+
+NANO = ["preset=localmim_vit_nano"]
+GRADIENT_KERNELS = torch.tensor([[[[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]],
+                                 [[[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]]]])  # the published HOG conv
+
+
+def published_state(model: isolocal.StagewiseEncoder) -> dict[str, torch.Tensor]:
+    """`model` under the published LocalMIM ViT code's names, written from that naming: the encoder flat
+    (patch_embed, cls_token, pos_embed; blocks by global index; norm.<k> per tap), decoder.<k> with the head
+    named pred and every decoder-width axis in MAE's channel order (isolocal's channel j is MAE's
+    channel order[j], so MAE's channel i is isolocal's argsort(order)[i]), one HOG layer per tap with the
+    fixed kernels and, with hog_bias, the tap's offset as the conv bias."""
+    state: dict[str, torch.Tensor] = {}
+    for k, stage in enumerate(model.stages):
+        for name, value in stage.state_dict().items():
+            module, _, rest = name.partition(".")
+            if module == "blocks":
+                index, _, tail = rest.partition(".")
+                state[f"blocks.{stage.first_block + int(index)}.{tail}"] = value.clone()
+            elif module == "norm":
+                state[f"norm.{k}.{rest}"] = value.clone()
+            elif module == "decoder":
+                axes = stage.decoder.width_axes()
+                to_mae = torch.argsort(mae_channel_order(stage.decoder.embed.out_features))
+                published = value.index_select(axes[rest], to_mae) if rest in axes else value.clone()
+                state[f"decoder.{k}.{'pred.' + rest.removeprefix('head.') if rest.startswith('head.') else rest}"] = published
+            else:
+                state[name] = value.clone()
+        state[f"hog_enc.{k}.conv.weight"] = GRADIENT_KERNELS.clone()
+        if model.target_bank.bias is not None:
+            state[f"hog_enc.{k}.conv.bias"] = model.target_bank.bias[k].clone()
+    return state
+
+
+def save_published(encoder: isolocal.StagewiseEncoder, path, **args) -> None:
+    """The file the published pre-training script writes: the model, its training args (`args` replace
+    some), the epoch."""
+    said = dict(model="MIM_vit_nano_patch4", input_size=32, hog_nbins=9, hog_bias=encoder.cfg.hog_bias, mask_ratio=0.75)
+    torch.save({"model": published_state(encoder), "args": argparse.Namespace(**(said | args)), "epoch": 99}, path)
+
+
+def trained_like(**overrides) -> isolocal.StagewiseEncoder:
+    """localmim_vit_nano with every weight moved off its init (LayerNorms too), fixed tables kept."""
+    torch.manual_seed(0)
+    model = isolocal.create_model("localmim_vit_nano", **overrides)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("pos_embed"):
+                param.add_(0.05 * torch.randn_like(param))
+    return model.eval()
+
+
+def fixed_batch(model: isolocal.StagewiseEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 1, 32, 32, generator=g), model.random_mask(4, g)
+
+
+@pytest.mark.parametrize("hog_bias", [False, True])
+def test_a_published_checkpoint_loads_whole_and_computes_the_same_losses(tmp_path, hog_bias):
+    """Read with its model's config, a published file is the model it was written from: every weight equal,
+    and the same losses on the same images and mask. With hog_bias the file's offsets (seed 5 here) are
+    the targets' offsets, not the ones the config would draw (seed 0)."""
+    original = trained_like(hog_bias=hog_bias, hog_bias_seed=5)
+    save_published(original, tmp_path / "checkpoint-99.pth")
+    published = torch.load(tmp_path / "checkpoint-99.pth", weights_only=False)["model"]
+    mae = torch.cat([torch.zeros(1, 64), mae_sincos(64, 8).float()]).unsqueeze(0)
+    torch.testing.assert_close(published["decoder.2.pos_embed"], mae, rtol=0, atol=1e-6)  # MAE's layout in the file
+
+    cfg = load_run_config(None, NANO + ["model.hog_bias=true"] * hog_bias)
+    loaded = load_model(tmp_path / "checkpoint-99.pth", cfg)
+    assert isinstance(loaded, isolocal.StagewiseEncoder) and not loaded.training
+    want = original.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    if hog_bias:
+        assert torch.equal(loaded.target_bank.bias, original.target_bank.bias)
+        assert not torch.equal(loaded.target_bank.bias, isolocal.StagewiseEncoder(cfg.model).target_bank.bias)
+    images, mask = fixed_batch(original)
+    with torch.no_grad():
+        got, expected = loaded(images, mask).losses, original(images, mask).losses
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=0, atol=1e-6)
+
+
+def test_encoder_only_reading_of_a_published_checkpoint_is_a_timm_vit(tmp_path):
+    original = trained_like()
+    save_published(original, tmp_path / "published.pth")
+    images, _ = fixed_batch(original)
+    cfg = load_run_config(None, NANO)
+    for loaded in (load_model(tmp_path / "published.pth", arch_hint={"num_heads": 2}, encoder_only=True),
+                   load_model(tmp_path / "published.pth", cfg, arch_hint={"num_heads": 2}, encoder_only=True)):
+        assert isinstance(loaded, VisionTransformer)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.forward_features(images), original.encode(images)[-1], rtol=0, atol=1e-5)
+
+
+def test_a_published_checkpoint_that_contradicts_the_config_is_refused(tmp_path):
+    original = trained_like()
+    path = tmp_path / "published.pth"
+    save_published(original, path)
+    with pytest.raises(ValueError, match=r"does not fit the model the given config describes \(preset localmim_vit_micro\): "
+                                         r"first difference at stages.0.blocks.0.attn.proj.bias \(the file's "
+                                         r"blocks.0.attn.proj.bias\) \(checkpoint: shape \(64,\), model: shape \(128,\)\)"):
+        load_model(path, load_run_config(None, ["preset=localmim_vit_micro"]))
+    three_taps = NANO + ["model.taps=[0, 1, 3]", "model.scales=[4.0, 2.0, 1.0]"]  # the file has a fourth
+    with pytest.raises(ValueError, match=r"first difference at stages.3.decoder.blocks.0.attn.proj.bias \(the file's "
+                                         r"decoder.3.blocks.0.attn.proj.bias\) \(checkpoint: shape \(64,\), model: missing\)"):
+        load_model(path, load_run_config(None, three_taps))
+    with pytest.raises(ValueError, match="is a published LocalMIM checkpoint: .*pass the config of its model"):
+        load_model(path)
+    with pytest.raises(ValueError, match="published LocalMIM ViT checkpoint; the config's model.arch is 'swin'"):
+        load_model(path, load_run_config(None, ["preset=localmim_swin_nano"]))
+
+    save_published(original, path, model="MIM_vit_base_patch16")  # the nano weights, said to be ViT-B's
+    with pytest.raises(ValueError, match="trained with embed_dim 768 .*model 'MIM_vit_base_patch16'.*embed_dim 64"):
+        load_model(path, load_run_config(None, NANO))
+    save_published(original, path, hog_nbins=18)
+    with pytest.raises(ValueError, match="trained with hog_nbins 18 .*the config's model has hog_nbins 9"):
+        load_model(path, load_run_config(None, NANO))
+
+    state = published_state(original)
+    state["hog_enc.1.conv.weight"] = GRADIENT_KERNELS.transpose(2, 3)  # the kernels swapped: another target
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match="hog_enc.1.conv.weight is not the fixed kernel pair"):
+        load_model(path, load_run_config(None, NANO))
+    state = published_state(original) | {f"hog_enc.{k}.conv.bias": torch.zeros(2) for k in range(4)}
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=r"HOG layers \[0, 1, 2, 3\] of \[0, 1, 2, 3\] carry an offset .*"
+                                         r"model.hog_bias is False"):
+        load_model(path, load_run_config(None, NANO))
+
+
+@pytest.mark.parametrize("size, nbins, bias", [("small", 9, False), ("base", 9, False), ("large", 18, True)])
+def test_the_published_models_and_recipes_are_the_localmim_presets(size, nbins, bias):
+    """The published script's models with its recipes' HOG flags (ViT-L: --hog_nbins 18 --hog_bias) pass
+    the args check against the matching preset; the attention heads, which no weight shape shows, are checked."""
+    args = argparse.Namespace(model=f"MIM_vit_{size}_patch16", input_size=224, hog_nbins=nbins, hog_bias=bias)
+    preset = preset_config(f"localmim_vit_{size}")
+    check_published_args(args, preset, Path("checkpoint.pth"))
+    with pytest.raises(ValueError, match=f"trained with num_heads {preset.num_heads} .*has num_heads 4"):
+        check_published_args(args, dataclasses.replace(preset, num_heads=4), Path("checkpoint.pth"))
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="Fashion-MNIST is not installed")
+def test_commands_take_a_published_checkpoint_with_its_config(tmp_path, capsys):
+    """`analyze reconstruct` and `eval` read a published file given --set preset=...; without it they say so."""
+    original = trained_like()
+    path = tmp_path / "published.pth"
+    save_published(original, path)
+    out = tmp_path / "figs"
+    assert main(["analyze", "reconstruct", "--ckpt", str(path), "--set", "preset=localmim_vit_nano",
+                 "--images", "fmnist:3,4", "--mask-seed", "7", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "reconstruct_published.csv")
+    images = load_images("fmnist:3,4", 32, 1).images
+    with torch.no_grad():
+        losses = original(images, original.random_mask(2, torch.Generator().manual_seed(7))).losses
+    errors = table[table["index"] == -1].sort_values("stage")["masked_cell_error"].to_numpy()
+    torch.testing.assert_close(torch.tensor(errors, dtype=torch.float32), torch.stack(losses), rtol=0, atol=1e-5)
+
+    assert main(["eval", "knn", "--ckpt", str(path), "--set", "data.name='synthetic'", "data.synthetic_size=64",
+                 "eval.knn_k=5", "--out", str(tmp_path / "eval.json")]) == 0
+    capsys.readouterr()
+    for argv, message in [(["analyze", "reconstruct"], "pass the config of its model"),
+                          (["analyze", "nmi", "--set", "preset=localmim_vit_nano"], "`analyze nmi` reads every encoder")]:
+        assert main([*argv, "--ckpt", str(path), "--images", "fmnist:0", "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

@@ -99,18 +99,32 @@ def test_target_bank_offsets_are_not_saved_and_old_saved_ones_are_ignored():
     assert torch.equal(bank.bias, targets.hog_bias(2, 0))
 
 
+SOBEL_K0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+SOBEL = torch.stack([SOBEL_K0, SOBEL_K0.t()]).unsqueeze(1)  # the published HOG layer's conv weight (2, 1, 3, 3)
+
+
+def test_target_bank_takes_given_offsets_of_its_shape_only():
+    bank = targets.TargetBank("hog", [4, 8], 18, bias=True)
+    given = torch.tensor([[0.1, -0.2], [0.3, 0.0]])
+    bank.use_offsets(given)
+    img = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bank(img)[1], targets.hog(img, 8, 18, given[1]))
+    with pytest.raises(ValueError, match=r"HOG offsets must have shape \(2, 2\).*got \(3, 2\)"):
+        bank.use_offsets(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="model.hog_bias is false"):
+        targets.TargetBank("hog", [4, 8], 18).use_offsets(given)
+
+
 def reference_hog(images: torch.Tensor, cell: int, nbins: int, bias: torch.Tensor | None) -> np.ndarray:
     """HOG written out independently: `conv2d` with the two 3x3 Sobel kernels and their bias, one
     (g0, g1) for every channel (as the published code's frozen nn.Conv2d), unsigned orientation in
     degrees binned in 180/nbins steps, a per-cell loop averaging the histograms, then L2 normalization
     per cell and channel."""
     B, C, H, W = images.shape
-    k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
     out = np.zeros((B, (H // cell) * (W // cell), C * nbins))
     for c in range(C):
         x = F.pad(images[:, c:c + 1].double(), (1, 1, 1, 1), mode="reflect")
-        g = F.conv2d(x, torch.stack([k0, k0.t()]).unsqueeze(1),
-                     None if bias is None else bias.double()).numpy()  # (B, 2, H, W)
+        g = F.conv2d(x, SOBEL, None if bias is None else bias.double()).numpy()  # (B, 2, H, W)
         magnitude = np.hypot(g[:, 0], g[:, 1])
         degrees = np.degrees(np.arctan2(g[:, 0], g[:, 1])) % 180.0
         bins = np.minimum((degrees // (180.0 / nbins)).astype(int), nbins - 1)
@@ -133,6 +147,12 @@ def test_hog_matches_a_conv2d_reference_with_bias(nbins, with_bias):
     bias = torch.tensor([0.3, -0.1]) if with_bias else None
     got = targets.hog(img, cell=4, nbins=nbins, bias=bias).numpy()
     np.testing.assert_allclose(got, reference_hog(img, 4, nbins, bias), rtol=1e-4, atol=1e-5)
+
+
+def test_hog_kernels_are_the_reference_conv_weight():
+    """`hog_kernels` is what a published HOG layer must hold for its targets to be isolocal's (the conv
+    weight of `reference_hog`, which `hog` matches); a published checkpoint's layers are checked against it."""
+    assert torch.equal(targets.hog_kernels().double(), SOBEL)
 
 
 def diagonal_image(size: int = 16) -> torch.Tensor:

@@ -6,7 +6,8 @@ checkpoint (labelled by --label, default the file stem), written as ``<what>.png
 attention: per checkpoint and image, ``attention_<label>_<image>.png`` with the image (query patch
 boxed) and that query's head-mean attention over the token grid at each chosen layer, plus
 ``attention_<label>.csv`` (one row per layer; per image and query the attention row, row-major).
-reconstruct (isolocal checkpoints or run directories): per checkpoint ``reconstruct_<label>.png``,
+reconstruct (isolocal checkpoints or run directories; a published LocalMIM checkpoint with -c or --set
+naming its model, e.g. --set preset=localmim_vit_base): per checkpoint ``reconstruct_<label>.png``,
 one row per image: input, masked input (mask drawn from --mask-seed), then per stage its target at
 its own cell size and its decoder's prediction on the masked cells (visible cells pasted back);
 pixel targets also un-normalized with each cell's mean and variance, HOG targets as glyphs. Each
@@ -23,6 +24,7 @@ from pathlib import Path
 from analysis.attention_files import write_attention_files
 from analysis.loading import IMAGE_SPEC_HELP
 from analysis.reconstruction_figure import run_reconstruct
+from isolocal.config.load import load_run_config
 
 
 def _int_list(text: str) -> list[int]:
@@ -60,6 +62,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--query", action="append", type=_point,
                    help="query patch ROW,COL for attention maps; repeatable (default: centre and (g/4, g/4))")
     p.add_argument("--heads", type=int, help="num_heads for timm-format checkpoints of non-standard width")
+    p.add_argument("-c", "--config", default=None,
+                   help="reconstruct: run config TOML whose model is a published LocalMIM checkpoint's "
+                        "(isolocal checkpoints carry their own)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="reconstruct: config overrides naming a published LocalMIM checkpoint's model, "
+                        "e.g. --set preset=localmim_vit_base")
     p.add_argument("--mask-seed", type=int, default=0, help="reconstruct: seed of the model's random mask (default 0)")
     p.add_argument("--hog-channels", choices=("mean", "rgb"), default="mean",
                    help="reconstruct: HOG glyphs averaged over colour channels or one colour per channel")
@@ -67,9 +75,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    given = args.config is not None or bool(args.overrides)
+    if given and args.what != "reconstruct":
+        raise ValueError(f"-c / --set name the model of a published LocalMIM checkpoint for `analyze reconstruct`; "
+                         f"`analyze {args.what}` reads every encoder without them")
     if args.what == "reconstruct":
+        cfg = load_run_config(args.config, args.overrides) if given else None
         written = run_reconstruct(args.ckpt, args.label, args.images, args.out, args.mask_seed, args.pdf,
-                                  args.hog_channels)
+                                  args.hog_channels, cfg)
     else:
         written = write_attention_files(args.what, args.ckpt, args.images, args.out, labels=args.label,
                                         layers=args.layers, queries=args.query, num_heads=args.heads, pdf=args.pdf)

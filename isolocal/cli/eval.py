@@ -4,7 +4,8 @@
 `classify` head. Prints one table row per stage (k-NN, linear, head) or one for the whole encoder (fine-tuning) and writes the same numbers, with the model and
 eval settings that produced them, as JSON. `--ckpt random` evaluates the config's model at its
 seeded random init: the baseline every number is judged against. `--ckpt` takes any isolocal
-checkpoint or run directory (single-process or pipeline). The work is `isolocal.eval.protocols.evaluate`.
+checkpoint or run directory (single-process or pipeline), or a published LocalMIM checkpoint, whose
+model the config names (-c, or --set preset=localmim_vit_base). The work is `isolocal.eval.protocols.evaluate`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("modes", nargs="+", choices=MODES, metavar="{knn,linear,head,finetune}",
                    help="knn, linear (sharing one feature extraction) and/or head, or finetune")
     p.add_argument("-c", "--config", default=None, help="run config TOML (data and [eval] settings)")
-    p.add_argument("--ckpt", required=True, help="isolocal checkpoint or run directory, or 'random' for the config's model at init")
+    p.add_argument("--ckpt", required=True,
+                   help="isolocal checkpoint or run directory, a published LocalMIM checkpoint of the config's model, "
+                        "or 'random' for the config's model at init")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set eval.train_subset=10000 eval.feature=mean")
     p.add_argument("--out", default=None, help="write the results as JSON here")

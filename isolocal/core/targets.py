@@ -30,6 +30,13 @@ def hog_bias(stages: int, seed: int) -> Tensor:
     return (torch.rand(stages, 2, generator=g) * 2 - 1) / 3.0
 
 
+def hog_kernels() -> Tensor:
+    """(2, 1, 3, 3): the g0 and g1 kernels as one convolution's weight (cross-correlation), the form a
+    published HOG layer stores; `hog_histogram` applies the same kernels separably."""
+    k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    return torch.stack([k0, k0.T]).unsqueeze(1)
+
+
 def fp32(images: Tensor) -> torch.autocast:
     """Autocast off on the images' device: targets are computed in fp32 inside a bf16 training step."""
     return torch.autocast(images.device.type, enabled=False)
@@ -128,6 +135,18 @@ class TargetBank(nn.Module):
         offsets = hog_bias(len(self.cells), bias_seed) if bias and kind == "hog" else None
         self.register_buffer("bias", offsets, persistent=False)
         self.register_load_state_dict_pre_hook(_drop_saved_bias)
+
+    @torch.no_grad()
+    def use_offsets(self, offsets: Tensor) -> None:
+        """Replace the seeded offsets with given ones, one (g0, g1) per tap: a published checkpoint's HOG
+        layers hold the offsets its decoders were trained against. Not saved with the weights."""
+        if self.bias is None:
+            raise ValueError("HOG offsets given to a target bank without them (model.hog_bias is false or the "
+                             "target is not 'hog')")
+        if tuple(offsets.shape) != tuple(self.bias.shape):
+            raise ValueError(f"HOG offsets must have shape {tuple(self.bias.shape)} (one (g0, g1) per tap), "
+                             f"got {tuple(offsets.shape)}")
+        self.bias.copy_(offsets)
 
     @torch.no_grad()
     def forward(self, images: Tensor, which: Sequence[int] | None = None) -> list[Tensor | None]:

@@ -16,8 +16,8 @@ MODES = ("knn", "linear", "head", "finetune")
 
 def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True) -> dict:
     """Run the protocols on `cfg`'s data with the model of `ckpt` (any isolocal checkpoint or run
-    directory, or 'random': the config's model at its seeded init); returns {"results": rows, ...}
-    with the settings used."""
+    directory, a published LocalMIM checkpoint of `cfg`'s model, or 'random': the config's model at its
+    seeded init); returns {"results": rows, ...} with the settings used."""
     bad = [m for m in modes if m not in MODES]
     if bad or not modes or "finetune" in modes and len(modes) > 1:
         raise ValueError(f"eval modes must be any of knn, linear, head, or finetune alone; got {modes}")

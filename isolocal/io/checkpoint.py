@@ -151,18 +151,22 @@ def check_finite_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -
                                   "that diverged; use an earlier checkpoint")
 
 
-def check_fits(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+def check_fits(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike,
+               model_source: str = "its config describes", file_keys: Mapping[str, str] | None = None) -> None:
     """Refuse a state dict that does not fit `model`, naming the first differing key and its shapes.
     Buffers the model rebuilds from its config (non-persistent) are not compared: older checkpoints
-    that saved them still fit."""
+    that saved them still fit. `model_source` says where the model came from; `file_keys` maps a key of
+    `state` to the file's own name for it, when the file names its entries otherwise (foreign formats)."""
     expected = model.state_dict()
     rebuilt = {name for name, _ in model.named_buffers()} - expected.keys()
     for key in sorted((expected.keys() | state.keys()) - rebuilt):
         want, got = expected.get(key), state.get(key)
         if want is None or got is None or tuple(want.shape) != tuple(getattr(got, "shape", ())):
             shape = lambda t: "missing" if t is None else f"shape {tuple(t.shape)}"  # noqa: E731
-            raise CheckpointError(f"checkpoint {path} does not fit the model its config describes: first "
-                                  f"difference at {key} (checkpoint: {shape(got)}, model: {shape(want)})")
+            named = (file_keys or {}).get(key, key)
+            where = key if named == key else f"{key} (the file's {named})"
+            raise CheckpointError(f"checkpoint {path} does not fit the model {model_source}: first "
+                                  f"difference at {where} (checkpoint: {shape(got)}, model: {shape(want)})")
 
 
 # ---------------------------------------------------------------------------- pipeline directories

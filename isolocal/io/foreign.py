@@ -1,25 +1,38 @@
-"""Encoders trained elsewhere, read for analysis; formats are told apart by keys, not file names.
+"""Models trained elsewhere; formats are told apart by keys, not file names.
 
+As encoders (timm ViTs, for analysis):
 - timm ViT state dict: timm parameter names at the top level (a DDP `module.` prefix is dropped);
 - MAE: `{"model": timm-named encoder + decoder_* / mask_token}` (decoder ignored);
-- published LocalMIM: `{"model": patch_embed.*, blocks.*, norm.<k>.*, decoder.*, hog_enc.*}`; the
-  last tap's norm becomes timm's final `norm` (other tap norms, decoders and HOG layers are
-  pre-training heads and are ignored).
+- published LocalMIM ViT: `{"model": patch_embed.*, cls_token, pos_embed, blocks.*, norm.<k>.*, decoder.<k>.*,
+  hog_enc.<k>.*, "args": Namespace}`; the last tap's norm becomes timm's final `norm` (other tap norms,
+  decoders and HOG layers are pre-training heads and are ignored).
+
+Whole, decoders included: a published LocalMIM ViT file as a `StagewiseEncoder` of a given config
+(`published_model`; docs/method.md §9): encoder entries renamed into stages, each decoder permuted to
+isolocal's position-table layout (`load_published_decoder`), the HOG layers checked and their offsets
+kept (`hog_bias`).
 
 timm models are built as `timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
 **overrides)` with the overrides read off the tensor shapes, so nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import Tensor, nn
 
-from isolocal.io.checkpoint import check_finite_weights
+from isolocal.config import ModelConfig
+from isolocal.core.targets import hog_kernels
+from isolocal.io.checkpoint import check_finite_weights, check_fits
+from isolocal.models.decoder import load_published_decoder, published_decoder_key
+from isolocal.models.encoder import StagewiseEncoder
+from isolocal.models.family import per_tap
 
 # num_heads of the standard ViT widths (Ti, S, B, L, H); other widths need an explicit hint.
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -27,6 +40,29 @@ STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 REQUIRED_VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
 # Pre-training heads and classifiers that an encoder does not need (MAE decoder, timm head).
 _IGNORED_PREFIXES = ("decoder_", "mask_token", "head.")
+# Entries of a published LocalMIM ViT file: a tap's LayerNorm, one of its decoders, a HOG layer, an encoder block.
+_TAP_NORM = re.compile(r"norm\.(\d+)\.(.+)")
+_DECODER = re.compile(r"decoder\.(\d+)\.(.+)")
+_HOG_LAYER = re.compile(r"hog_enc\.(\d+)\.conv\.(weight|bias)")
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def _published_vit(dim: int, depth: int, heads: int, patch: int) -> dict[str, Any]:
+    """What the published code fixes for every ViT besides the weights' shapes: taps after blocks 2, 4,
+    depth-2 and depth, and 8 heads in every decoder."""
+    return {"embed_dim": dim, "depth": depth, "num_heads": heads, "patch_size": patch,
+            "taps": [1, 3, depth - 3, depth - 1], "decoder_heads": [8] * 4}
+
+
+# The published pre-training models (`--model`), as the ModelConfig fields no weight shape shows (attention
+# heads, taps) and the ones beside them. MIM_vit_huge_patch14 is left out: its x4 tap has no whole-pixel cell.
+PUBLISHED_VITS = {
+    "MIM_vit_small_patch16": _published_vit(384, 12, 6, 16),
+    "MIM_vit_base_patch16": _published_vit(768, 12, 12, 16),
+    "MIM_vit_large_patch16": _published_vit(1024, 24, 16, 16),
+}
+# Training arguments of the published script -> the ModelConfig field each one sets.
+_PUBLISHED_ARGS = {"input_size": "img_size", "hog_nbins": "hog_nbins", "hog_bias": "hog_bias"}
 
 
 def _describe(keys: Any) -> str:
@@ -36,7 +72,7 @@ def _describe(keys: Any) -> str:
 
 def _from_localmim(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Published LocalMIM encoder keys -> timm keys: the last tap norm becomes timm's `norm`."""
-    taps = sorted({int(m.group(1)) for k in sd if (m := re.match(r"norm\.(\d+)\.", k))})
+    taps = sorted({int(m.group(1)) for k in sd if (m := _TAP_NORM.fullmatch(k))})
     last = f"norm.{taps[-1]}."
     out = {}
     for key, value in sd.items():
@@ -88,15 +124,34 @@ def timm_vit_kwargs(sd: Mapping[str, Tensor], arch_hint: Mapping[str, Any] | Non
     return kwargs
 
 
-def timm_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
-    """The timm-named encoder state dict inside a timm, MAE or published LocalMIM file's object."""
+def _unwrap(obj: Mapping) -> dict[str, Tensor]:
+    """The state dict a file's dict holds (under 'model' or 'state_dict', or at the top level)."""
+    inner = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)), obj)
+    return {k.removeprefix("module."): v for k, v in inner.items()}  # DDP-saved state dicts prefix 'module.'
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """`_unwrap`, refusing a file that holds no dict."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    inner = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)), obj)
-    sd = {k.removeprefix("module."): v for k, v in inner.items()}  # DDP-saved state dicts prefix 'module.'
+    return _unwrap(obj)
+
+
+def _has_tap_norms(sd: Mapping[str, Tensor]) -> bool:
+    return any(_TAP_NORM.fullmatch(k) for k in sd)
+
+
+def is_published_localmim(obj: Any) -> bool:
+    """Whether a file's object is a published LocalMIM ViT checkpoint: it has one LayerNorm per tap, `norm.<k>`."""
+    return isinstance(obj, Mapping) and _has_tap_norms(_unwrap(obj))
+
+
+def timm_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """The timm-named encoder state dict inside a timm, MAE or published LocalMIM file's object."""
+    sd = _state_dict(obj, path)
     if any(k.startswith("stages.") for k in sd):
         raise ValueError(f"{path}: isolocal StagewiseEncoder weights without their run config: missing keys ['config']")
-    if any(re.match(r"norm\.\d+\.", k) for k in sd):
+    if _has_tap_norms(sd):
         sd = _from_localmim(sd)
     sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_PREFIXES)}
     missing = [k for k in REQUIRED_VIT_KEYS if k not in sd]
@@ -118,4 +173,102 @@ def build_timm_vit(sd: dict[str, Tensor], arch_hint: Mapping[str, Any] | None, p
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit a timm ViT {kwargs}: missing keys {missing}, unexpected keys {unexpected}")
+    return model
+
+
+# ---- a published LocalMIM ViT, decoders included ------------------------------------------------------
+
+def _stagewise_key(key: str, starts: list[int]) -> str:
+    """The `StagewiseEncoder` name of a published entry, given each stage's first block; an entry it has
+    no name for keeps its own, so the fit check reports it."""
+    if m := _BLOCK.fullmatch(key):
+        i = int(m[1])
+        k = max(k for k, first in enumerate(starts) if first <= i)
+        return f"stages.{k}.blocks.{i - starts[k]}.{m[2]}"
+    if m := _TAP_NORM.fullmatch(key):
+        return f"stages.{m[1]}.norm.{m[2]}"
+    if m := _DECODER.fullmatch(key):
+        return f"stages.{m[1]}.decoder.{published_decoder_key(m[2])}"
+    if key.partition(".")[0] in ("patch_embed", "cls_token", "pos_embed"):
+        return f"stages.0.{key}"
+    return key
+
+
+def check_published_args(args: Any, cfg: ModelConfig, path: Path) -> None:
+    """Refuse a config that contradicts a published file's training arguments: the geometry of the model
+    it names (`PUBLISHED_VITS`: chiefly the attention heads and taps, which no weight shape shows), the
+    input size and the HOG settings. A model name the published code does not define is not checked."""
+    said = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
+    expected = dict(PUBLISHED_VITS.get(said.get("model"), {}))
+    expected |= {field: said[arg] for arg, field in _PUBLISHED_ARGS.items() if arg in said}
+    for field, value in expected.items():
+        ours = getattr(cfg, field)
+        if field == "decoder_heads":
+            ours = [per_tap(ours, k) for k in range(len(cfg.taps))]
+        if ours != value:
+            raise ValueError(f"{path} was trained with {field} {value!r} (its args: model {said.get('model')!r}), "
+                             f"but the config's model has {field} {ours!r}: pass the config of the model it holds")
+
+
+def _published_hog_offsets(sd: Mapping[str, Tensor], cfg: ModelConfig, path: Path) -> Tensor | None:
+    """The per-tap (g0, g1) offsets of a published file's HOG layers, (taps, 2), or None when they carry
+    none, after checking that the layers compute isolocal's HOG targets for the config: one layer per
+    tap, each the fixed gradient kernel pair, offsets exactly when the config has `hog_bias`."""
+    layers: dict[int, dict[str, Tensor]] = {}
+    for key, value in sd.items():
+        if key.startswith("hog_enc."):
+            m = _HOG_LAYER.fullmatch(key)
+            if m is None:
+                raise ValueError(f"{path}: unknown HOG-layer entry {key}; a published HOG layer holds conv.weight "
+                                 "and, with hog_bias, conv.bias")
+            layers.setdefault(int(m[1]), {})[m[2]] = value
+    if not layers:
+        return None
+    if cfg.target != "hog":
+        raise ValueError(f"{path} was trained on HOG targets (hog_enc.*), but the config's model.target is "
+                         f"{cfg.target!r}: set model.target = 'hog'")
+    if sorted(layers) != list(range(len(cfg.taps))):
+        raise ValueError(f"{path} has HOG layers {sorted(layers)}, but the config's model has {len(cfg.taps)} taps "
+                         "(one HOG layer each)")
+    for k, layer in sorted(layers.items()):
+        weight = layer.get("weight")
+        if weight is None or tuple(weight.shape) != (2, 1, 3, 3) or not torch.equal(weight.float(), hog_kernels()):
+            raise ValueError(f"{path}: hog_enc.{k}.conv.weight is not the fixed kernel pair [[1,0,-1],[2,0,-2],"
+                             "[1,0,-1]] and its transpose that isolocal's HOG target computes")
+    with_offsets = [k for k, layer in sorted(layers.items()) if "bias" in layer]
+    if (with_offsets and len(with_offsets) < len(layers)) or bool(with_offsets) != cfg.hog_bias:
+        raise ValueError(f"{path}: HOG layers {with_offsets} of {sorted(layers)} carry an offset (conv.bias), but "
+                         f"the config's model.hog_bias is {cfg.hog_bias}: every layer has one exactly when "
+                         "hog_bias is true")
+    return torch.stack([layers[k]["bias"].float() for k in with_offsets]) if with_offsets else None
+
+
+def published_model(obj: Any, cfg: ModelConfig, path: Path, model_source: str) -> StagewiseEncoder:
+    """The `StagewiseEncoder` of `cfg` holding a published LocalMIM ViT file's weights, decoders included.
+
+    Encoder entries go to their stages (stage 0 takes the patch embedding, CLS token and position
+    table; blocks split at the taps; `norm.<k>` is stage k's norm); each `decoder.<k>` is permuted to
+    isolocal's position-table layout by `load_published_decoder`; the HOG layers are checked and their
+    offsets, if any, replace the seeded ones (the targets the decoders were trained against). Refused
+    with one ValueError: a config that is not a ViT, weights that do not fit it (the first differing
+    key and shapes; `model_source` says whose model), or training arguments and HOG layers that
+    contradict it."""
+    if cfg.arch != "vit":
+        raise ValueError(f"{path} is a published LocalMIM ViT checkpoint; the config's model.arch is {cfg.arch!r}")
+    sd = _state_dict(obj, path)
+    model = StagewiseEncoder(cfg)
+    starts = [stage.first_block for stage in model.stages]
+    file_keys = {_stagewise_key(key, starts): key for key in sd if not key.startswith("hog_enc.")}
+    state = {key: sd[file_key] for key, file_key in file_keys.items()}
+    check_fits(model, state, path, model_source, file_keys)
+    check_published_args(obj.get("args"), cfg, path)
+    offsets = _published_hog_offsets(sd, cfg, path)
+    check_finite_weights(sd, path)
+    # The fit check compared every key, so what this leaves missing is exactly the decoders, loaded next.
+    model.load_state_dict({key: v for key, v in state.items() if ".decoder." not in key}, strict=False)
+    for k, stage in enumerate(model.stages):
+        load_published_decoder(stage.decoder, {m[2]: v for key, v in sd.items()
+                                               if (m := _DECODER.fullmatch(key)) and int(m[1]) == k})
+    if offsets is not None:
+        model.target_bank.use_offsets(offsets)
     return model

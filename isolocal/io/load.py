@@ -6,9 +6,13 @@
   its seed;
 - an isolocal checkpoint file, run directory or pipeline checkpoint (`io.checkpoint`): the model its
   saved config describes, weights loaded strictly;
+- a published LocalMIM ViT checkpoint with `cfg` (a run config whose model is the file's, e.g. preset
+  `localmim_vit_base`; the file's own `args` only name the model): the whole `StagewiseEncoder`, decoders
+  included (`io.foreign.published_model`, docs/method.md §9);
 - with `encoder_only=True` also an encoder trained elsewhere (timm ViT state dict, MAE, published
-  LocalMIM; `io.foreign`), as a timm ViT. Without it such a file is refused: it lacks the stage
-  heads and the config the other callers (eval, export, reconstruct) need.
+  LocalMIM; `io.foreign`), as a timm ViT. Without it (and without a config for a published LocalMIM
+  file) such a file is refused: it lacks the stage heads or the config the other callers (eval,
+  export, reconstruct) need.
 Every model comes back in eval mode.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ from isolocal.config import RunConfig
 from isolocal.errors import CheckpointError
 from isolocal.io.checkpoint import (check_fits, checked_state, is_isolocal, load_model_state, locate,
                                     torch_load)
-from isolocal.io.foreign import build_timm_vit, timm_state_dict
+from isolocal.io.foreign import build_timm_vit, is_published_localmim, published_model, timm_state_dict
 from isolocal.models.encoder import StagewiseEncoder
 
 RANDOM = "random"  # the source that means "the config's model at its seeded init"
@@ -61,8 +65,20 @@ def _isolocal_model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -
     return model.eval()
 
 
+def _published(obj: Any, cfg: RunConfig, path: Path) -> StagewiseEncoder:
+    if cfg.model is None:
+        raise ValueError(f"{path} is a published LocalMIM checkpoint: the config given for it has no resolved model "
+                         "section (load it with isolocal.config.load_run_config)")
+    return published_model(obj, cfg.model, path, f"the given config describes (preset {cfg.preset})").eval()
+
+
 def _not_isolocal(obj: Any, path: Path) -> CheckpointError:
     """Why a file that is not an isolocal checkpoint cannot give a full model."""
+    if is_published_localmim(obj):
+        return CheckpointError(f"{path} is a published LocalMIM checkpoint: it holds the encoder and decoders but no "
+                               "isolocal config; pass the config of its model (load_model(path, cfg); on the command "
+                               "line -c run.toml or --set preset=localmim_vit_base), or encoder_only=True for the "
+                               "encoder as a timm ViT")
     try:
         timm_state_dict(obj, path)
     except ValueError:
@@ -74,9 +90,9 @@ def _not_isolocal(obj: Any, path: Path) -> CheckpointError:
 def load_model(source: str | os.PathLike, cfg: RunConfig | None = None, *,
                arch_hint: Mapping[str, Any] | None = None, encoder_only: bool = False) -> nn.Module:
     """The model `source` names, in eval mode (module docstring): a `StagewiseEncoder`, or with `encoder_only`
-    a timm ViT for encoders trained elsewhere. `cfg` is needed for "random" only (a checkpoint
-    carries its own config); `arch_hint` holds `timm.create_model` overrides for timm-named formats,
-    chiefly `{"num_heads": N}` for non-standard widths."""
+    a timm ViT for encoders trained elsewhere. `cfg` is read for "random" and for a published LocalMIM
+    checkpoint (its model); an isolocal checkpoint carries its own config. `arch_hint` holds
+    `timm.create_model` overrides for timm-named formats, chiefly `{"num_heads": N}` for non-standard widths."""
     if isinstance(source, str) and source == RANDOM:
         if cfg is None:
             raise ValueError("'random' is a run config's model at its seeded init: pass the config")
@@ -90,6 +106,8 @@ def load_model(source: str | os.PathLike, cfg: RunConfig | None = None, *,
     obj = _read(path)
     if is_isolocal(obj):
         return _isolocal_model(*checked_state(obj, path), path)
+    if cfg is not None and not encoder_only and is_published_localmim(obj):
+        return _published(obj, cfg, path)
     if not encoder_only:
         raise _not_isolocal(obj, path)
     return build_timm_vit(timm_state_dict(obj, path), arch_hint, path).eval()

@@ -86,6 +86,11 @@ class LocalDecoder(nn.Module):
         return axes
 
 
+def published_decoder_key(key: str) -> str:
+    """A published decoder entry's name in `LocalDecoder`: its rescale head is `pred`, isolocal's `head`."""
+    return "head." + key.removeprefix("pred.") if key.startswith("pred.") else key
+
+
 def load_published_decoder(decoder: LocalDecoder, state: Mapping[str, Tensor]) -> None:
     """Load one decoder of a published LocalMIM checkpoint (its `decoder.<k>.` entries without that
     prefix: embed, mask_token, pos_embed, blocks, norm, pred) into `decoder`, strictly. The published
@@ -94,7 +99,7 @@ def load_published_decoder(decoder: LocalDecoder, state: Mapping[str, Tensor]) -
     and its table is isolocal's own."""
     order = mae_channel_order(decoder.embed.out_features)
     axes = decoder.width_axes()
-    renamed = {"head." + k.removeprefix("pred.") if k.startswith("pred.") else k: v for k, v in state.items()}
+    renamed = {published_decoder_key(k): v for k, v in state.items()}
     for key, value in renamed.items():
         if key in axes and value.shape[axes[key]] != len(order):
             raise ValueError(f"published decoder entry {key} has shape {tuple(value.shape)}: its axis {axes[key]} "
