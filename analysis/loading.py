@@ -15,6 +15,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from isolocal.config.schema import IMAGE_SPEC_HELP
 from isolocal.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -30,7 +31,6 @@ SKIMAGE_PHOTOS = (
     "astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
     "hubble_deep_field", "immunohistochemistry", "moon", "rocket",
 )
-IMAGE_SPEC_HELP = "fmnist:<test indices, e.g. 0,5,17> | skimage:<names, e.g. astronaut,coffee> | <image folder>"
 
 
 def checkpoint_labels(ckpts: Sequence[Path], labels: Sequence[str] | None) -> list[str]:

@@ -1,41 +1,63 @@
 """isolocal: gradient-isolated local learning for masked image modeling (LocalMIM).
 
 The model is `StagewiseEncoder` (its forward returns a `StageOutput`); `LocalMIM` and `MIMOutput` are
-their former names, kept as aliases.
+their former names, kept as aliases. `load_checkpoint` is `load_model`: the model of any isolocal
+checkpoint or run directory, or of a published LocalMIM checkpoint given its run config.
+
+The names below are imported on first use (PEP 562), so that `isolocal --help` and a config error do
+not pay for torch: `import isolocal` alone imports nothing heavy.
 """
 from __future__ import annotations
 
-from typing import Any
-
-from isolocal.core import masking, targets
-from isolocal.config import Boundary, ConfigError, ModelConfig, from_dict, to_dict
-from isolocal.io.export import create_timm_model, export_timm, timm_kwargs
-from isolocal.io.load import load_model
-from isolocal.models.encoder import LocalMIM, MIMOutput, StageOutput, StagewiseEncoder
-from isolocal.config.presets import list_models, preset_config
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.3.0.dev0"
 
-# The documented name: the model of any isolocal checkpoint or run directory, or of a published LocalMIM
-# checkpoint given its run config (load_checkpoint(path, cfg)).
-load_checkpoint = load_model
+# public name -> (module, attribute in it; None: the module itself)
+_EXPORTS: dict[str, tuple[str, str | None]] = {
+    "StagewiseEncoder": ("isolocal.models.encoder", "StagewiseEncoder"),
+    "StageOutput": ("isolocal.models.encoder", "StageOutput"),
+    "LocalMIM": ("isolocal.models.encoder", "LocalMIM"),
+    "MIMOutput": ("isolocal.models.encoder", "MIMOutput"),
+    "create_model": ("isolocal.models.encoder", "create_model"),
+    "model_from_config": ("isolocal.models.encoder", "StagewiseEncoder"),
+    "ModelConfig": ("isolocal.config", "ModelConfig"),
+    "ConfigError": ("isolocal.errors", "ConfigError"),
+    "list_models": ("isolocal.config.presets", "list_models"),
+    "preset_config": ("isolocal.config.presets", "preset_config"),
+    "export_timm": ("isolocal.io.export", "export_timm"),
+    "timm_kwargs": ("isolocal.io.export", "timm_kwargs"),
+    "create_timm_model": ("isolocal.io.export", "create_timm_model"),
+    "load_model": ("isolocal.io.load", "load_model"),
+    "load_checkpoint": ("isolocal.io.load", "load_model"),
+    "targets": ("isolocal.core.targets", None),
+    "masking": ("isolocal.core.masking", None),
+}
+__all__ = sorted(_EXPORTS)
 
 
-def create_model(name: str, boundary: Boundary | None = None, **overrides: Any) -> StagewiseEncoder:
-    """Build a preset, with any ModelConfig field overridden (unknown fields are errors)."""
-    cfg = to_dict(preset_config(name))
-    cfg.update(overrides)
-    if boundary is not None:
-        cfg["boundary"] = boundary
-    return StagewiseEncoder(from_dict(ModelConfig, cfg))
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'isolocal' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
 
 
-def model_from_config(cfg: ModelConfig) -> StagewiseEncoder:
-    return StagewiseEncoder(cfg)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = [
-    "StagewiseEncoder", "StageOutput", "LocalMIM", "MIMOutput", "ModelConfig", "ConfigError", "create_model",
-    "model_from_config", "list_models", "preset_config", "export_timm", "timm_kwargs", "create_timm_model", "targets",
-    "masking", "load_checkpoint", "load_model",
-]
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from isolocal.config import ModelConfig
+    from isolocal.config.presets import list_models, preset_config
+    from isolocal.core import masking, targets
+    from isolocal.errors import ConfigError
+    from isolocal.io.export import create_timm_model, export_timm, timm_kwargs
+    from isolocal.io.load import load_model
+    from isolocal.io.load import load_model as load_checkpoint
+    from isolocal.models.encoder import LocalMIM, MIMOutput, StageOutput, StagewiseEncoder, create_model
+    from isolocal.models.encoder import StagewiseEncoder as model_from_config

@@ -82,3 +82,17 @@ def test_bad_config_from_the_shell_has_no_traceback(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "isolocal pretrain: error: train.batch_size must be >= 1, got -4"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--set", "train.batch_size=-4"],
+                                  ["eval", "knn", "--ckpt", "random", "--set", "eval.knn_k=0"],
+                                  ["info", "--set", "model.depth=0"]])
+def test_help_and_config_errors_do_not_import_torch(argv):
+    """`isolocal --help` and a bad `--set` answer without importing torch (or timm, matplotlib, pandas)."""
+    code = ("import sys\nfrom isolocal.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nheavy = [m for m in ('torch', 'timm', 'matplotlib', 'pandas') if m in sys.modules]\n"
+            "print('EXIT', code, 'HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines()[-1] == f"EXIT {0 if argv == ['--help'] else 2} HEAVY []", out.stdout + out.stderr
+    if argv != ["--help"]:
+        assert out.stderr.count("\n") == 1 and "error:" in out.stderr

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analysis.attention_files import write_attention_files
-from analysis.loading import IMAGE_SPEC_HELP
-from analysis.reconstruction_figure import run_reconstruct
 from isolocal.config.load import load_run_config
+from isolocal.config.schema import IMAGE_SPEC_HELP
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,9 +79,13 @@ def run(args: argparse.Namespace) -> int:
                          f"`analyze {args.what}` reads every encoder without them")
     if args.what == "reconstruct":
         cfg = load_run_config(args.config, args.overrides) if given else None
+        from analysis.reconstruction_figure import run_reconstruct  # deferred: --help runs without torch
+
         written = run_reconstruct(args.ckpt, args.label, args.images, args.out, args.mask_seed, args.pdf,
                                   args.hog_channels, cfg)
     else:
+        from analysis.attention_files import write_attention_files  # deferred: --help runs without torch
+
         written = write_attention_files(args.what, args.ckpt, args.images, args.out, labels=args.label,
                                         layers=args.layers, queries=args.query, num_heads=args.heads, pdf=args.pdf)
     for path in written:

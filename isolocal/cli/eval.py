@@ -13,16 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from isolocal.config.load import load_run_config
-from isolocal.eval.protocols import MODES, evaluate
+from isolocal.config.schema import EVAL_MODES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate an encoder: k-NN, per-stage linear probes, fine-tuning",
                               description=__doc__.splitlines()[0])
-    p.add_argument("modes", nargs="+", choices=MODES, metavar="{knn,linear,head,finetune}",
+    p.add_argument("modes", nargs="+", choices=EVAL_MODES, metavar="{knn,linear,head,finetune}",
                    help="knn, linear (sharing one feature extraction) and/or head, or finetune")
     p.add_argument("-c", "--config", default=None, help="run config TOML (data and [eval] settings)")
     p.add_argument("--ckpt", required=True,
@@ -36,6 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    import pandas as pd  # deferred: --help runs without torch
+
+    from isolocal.eval.protocols import evaluate  # deferred: --help runs without torch
+
     result = evaluate(args.modes, cfg, args.ckpt)
     print(pd.DataFrame(result["results"]).to_string(index=False, float_format="{:.2f}".format))
     if args.out:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from isolocal.study.report import build_report
-from isolocal.study.runner import StudyRunner
-from isolocal.study.schema import load_study, select_runs
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from isolocal.study.report import build_report  # deferred: --help runs without torch
+    from isolocal.study.runner import StudyRunner  # deferred: --help runs without torch
+    from isolocal.study.schema import load_study, select_runs  # deferred: --help runs without torch
+
     study = load_study(args.config, args.overrides)
     runs = select_runs(study, args.only)
     if args.only and args.report_only:

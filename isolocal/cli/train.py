@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from isolocal.config import RunConfig
+from typing import TYPE_CHECKING
+
 from isolocal.config.load import load_run_config
-from isolocal.io.export import timm_load_line, write_timm_export
-from isolocal.models.stage_cost import stage_report
-from isolocal.train import train
+
+if TYPE_CHECKING:
+    from isolocal.config import RunConfig
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,8 @@ def _pretrain(cfg: RunConfig, resume: bool, init: str | None) -> dict:
         from isolocal.train.pipeline.runner import pretrain_pipeline
 
         return pretrain_pipeline(cfg, resume=resume, init=init)
+    from isolocal.train import train  # deferred: --help runs without torch
+
     return train(cfg, resume=resume, init=init)
 
 
@@ -84,6 +87,8 @@ def pretrain(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
+    from isolocal.io.export import timm_load_line, write_timm_export  # deferred: --help runs without torch
+
     out, sidecar, name, kwargs = write_timm_export(args.ckpt, args.out)
     print(f"wrote {out} and {sidecar}; load with {timm_load_line(out, name, kwargs)}")
     return 0
@@ -91,6 +96,8 @@ def export(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    from isolocal.models.stage_cost import stage_report  # deferred: --help runs without torch
+
     plan = None
     if args.pipeline_stages is not None:  # first: its bad values fail before anything is measured
         # imports the pipeline package, which checks the installed deepspeed: only --pipeline-stages needs it

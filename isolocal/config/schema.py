@@ -145,6 +145,12 @@ class PipelineConfig:
     profile: bool = False  # per-rank time breakdown and a Chrome trace in out_dir (pipeline_profile.*)
 
 
+# `isolocal eval` protocols (`isolocal.eval.protocols.evaluate`) and the image sources analysis reads
+# (`isolocal analyze --images`, a study's `images`): here, so the command line knows them without the library.
+EVAL_MODES = ("knn", "linear", "head", "finetune")
+IMAGE_SPEC_HELP = "fmnist:<test indices, e.g. 0,5,17> | skimage:<names, e.g. astronaut,coffee> | <image folder>"
+
+
 @dataclass
 class EvalConfig:
     """Evaluation protocols: k-NN, linear probe and fine-tuning (`isolocal.eval`)."""

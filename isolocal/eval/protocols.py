@@ -3,6 +3,7 @@ model's own classify heads, fine-tuning."""
 from __future__ import annotations
 
 from isolocal.config import RunConfig, to_dict
+from isolocal.config.schema import EVAL_MODES
 from isolocal.core.device import resolve_device
 from isolocal.eval.features import check_feature, eval_datasets, split_features
 from isolocal.eval.finetune import finetune
@@ -11,14 +12,13 @@ from isolocal.eval.knn import check_knn, knn_per_stage
 from isolocal.eval.linear import check_optimizer, linear_per_stage
 from isolocal.io.load import load_model
 
-MODES = ("knn", "linear", "head", "finetune")
 
 
 def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True) -> dict:
     """Run the protocols on `cfg`'s data with the model of `ckpt` (any isolocal checkpoint or run
     directory, a published LocalMIM checkpoint of `cfg`'s model, or 'random': the config's model at its
     seeded init); returns {"results": rows, ...} with the settings used."""
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in EVAL_MODES]
     if bad or not modes or "finetune" in modes and len(modes) > 1:
         raise ValueError(f"eval modes must be any of knn, linear, head, or finetune alone; got {modes}")
     e, workers, finetuning = cfg.eval, cfg.data.num_workers, modes == ["finetune"]

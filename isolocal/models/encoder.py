@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from isolocal.config import Boundary, ModelConfig
+from isolocal.config import Boundary, ModelConfig, from_dict, to_dict
+from isolocal.config.presets import preset_config
 from isolocal.core.masking import random_mask, regrid, to_device, visible_count
 from isolocal.core.stages import StageResult, iter_stages
 from isolocal.core.targets import TargetBank
@@ -326,3 +327,13 @@ class StagewiseEncoder(nn.Module):
 
 
 LocalMIM = StagewiseEncoder  # the former name (isolocal.LocalMIM), kept for existing code
+
+
+def create_model(name: str, boundary: Boundary | None = None, **overrides: Any) -> StagewiseEncoder:
+    """Build preset `name` (`isolocal.list_models()`), any ModelConfig field overridden (unknown fields are
+    errors); `boundary`: "global", "isolated", an alpha in [0, 1], or one of those per boundary."""
+    cfg = to_dict(preset_config(name))
+    cfg.update(overrides)
+    if boundary is not None:
+        cfg["boundary"] = boundary
+    return StagewiseEncoder(from_dict(ModelConfig, cfg))
