@@ -209,7 +209,6 @@ def build_swin_stages(cfg: ModelConfig, taps: list[Tap], plan: StagePlan) -> lis
     return [SwinStage(cfg, k, s, t, drop_path, plan.heads[k]) for k, (s, t) in enumerate(zip(starts, taps))]
 
 
-
 # ---- the published LocalMIM-Swin's patch merging ------------------------------------------------------
 
 # The published code concatenates a 2 x 2 neighbourhood's tokens as (row, col) (0, 0), (0, 1), (1, 0), (1, 1);
@@ -227,6 +226,7 @@ def merge_weight_from_published(name: str, value: Tensor) -> Tensor:
     axis = _MERGE_AXES[name]
     blocks = value.unflatten(axis, (4, -1))
     return blocks.index_select(axis, torch.tensor(_PUBLISHED_NEIGHBOURS)).flatten(axis, axis + 1)
+
 
 # ---- export to timm's SwinTransformer -------------------------------------------------------------
 
