@@ -1,5 +1,5 @@
 """Fixed sin-cos positions against MAE's formula, a published decoder loaded onto isolocal's layout, and a
-whole published LocalMIM ViT checkpoint (encoder, decoders, HOG layers) loaded into a StagewiseEncoder."""
+whole published LocalMIM ViT or Swin checkpoint (encoder, decoders, HOG layers) loaded into a StagewiseEncoder."""
 import argparse
 import dataclasses
 import math
@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 import isolocal
 from analysis.loading import load_images
@@ -17,10 +19,12 @@ from isolocal.cli import main
 from isolocal.config import load_run_config
 from isolocal.config.presets import preset_config
 from isolocal.data import FASHION_MNIST_ROOT
+from isolocal.errors import CheckpointError
 from isolocal.io.foreign import check_published_args
 from isolocal.io.load import load_model
 from isolocal.models.decoder import LocalDecoder, load_published_decoder
 from isolocal.models.posembed import mae_channel_order, sincos_pos_embed
+from isolocal.models.swin import merge_weight_from_published
 
 
 def mae_sincos(dim: int, grid: int) -> torch.Tensor:
@@ -115,14 +119,34 @@ GRADIENT_KERNELS = torch.tensor([[[[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0
                                  [[[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]]]])  # the published HOG conv
 
 
+def mae_ordered_decoder(decoder: LocalDecoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A decoder as the published code saves it, its names under `prefix`: the head named pred and every
+    decoder-width axis in MAE's channel order (isolocal's channel j is MAE's channel order[j], so MAE's
+    channel i is isolocal's argsort(order)[i])."""
+    axes = decoder.width_axes()
+    to_mae = torch.argsort(mae_channel_order(decoder.embed.out_features))
+    return {prefix + ("pred." + name.removeprefix("head.") if name.startswith("head.") else name):
+            value.index_select(axes[name], to_mae) if name in axes else value.clone()
+            for name, value in decoder.state_dict().items()}
+
+
+def hog_layers(model: isolocal.StagewiseEncoder) -> dict[str, torch.Tensor]:
+    """One published HOG layer per tap: the fixed kernels and, with hog_bias, the tap's offset as the conv bias."""
+    state = {}
+    for k in range(model.num_stages):
+        state[f"hog_enc.{k}.conv.weight"] = GRADIENT_KERNELS.clone()
+        if model.target_bank.bias is not None:
+            state[f"hog_enc.{k}.conv.bias"] = model.target_bank.bias[k].clone()
+    return state
+
+
 def published_state(model: isolocal.StagewiseEncoder) -> dict[str, torch.Tensor]:
     """`model` under the published LocalMIM ViT code's names, written from that naming: the encoder flat
-    (patch_embed, cls_token, pos_embed; blocks by global index; norm.<k> per tap), decoder.<k> with the head
-    named pred and every decoder-width axis in MAE's channel order (isolocal's channel j is MAE's
-    channel order[j], so MAE's channel i is isolocal's argsort(order)[i]), one HOG layer per tap with the
-    fixed kernels and, with hog_bias, the tap's offset as the conv bias."""
-    state: dict[str, torch.Tensor] = {}
+    (patch_embed, cls_token, pos_embed; blocks by global index; norm.<k> per tap), decoder.<k> in MAE's
+    channel order, the HOG layers."""
+    state = hog_layers(model)
     for k, stage in enumerate(model.stages):
+        state |= mae_ordered_decoder(stage.decoder, f"decoder.{k}.")
         for name, value in stage.state_dict().items():
             module, _, rest = name.partition(".")
             if module == "blocks":
@@ -130,30 +154,82 @@ def published_state(model: isolocal.StagewiseEncoder) -> dict[str, torch.Tensor]
                 state[f"blocks.{stage.first_block + int(index)}.{tail}"] = value.clone()
             elif module == "norm":
                 state[f"norm.{k}.{rest}"] = value.clone()
-            elif module == "decoder":
-                axes = stage.decoder.width_axes()
-                to_mae = torch.argsort(mae_channel_order(stage.decoder.embed.out_features))
-                published = value.index_select(axes[rest], to_mae) if rest in axes else value.clone()
-                state[f"decoder.{k}.{'pred.' + rest.removeprefix('head.') if rest.startswith('head.') else rest}"] = published
-            else:
+            elif module != "decoder":
                 state[name] = value.clone()
-        state[f"hog_enc.{k}.conv.weight"] = GRADIENT_KERNELS.clone()
-        if model.target_bank.bias is not None:
-            state[f"hog_enc.{k}.conv.bias"] = model.target_bank.bias[k].clone()
     return state
+
+
+# The offsets (row, col) of a 2 x 2 neighbourhood in the order each code concatenates them for patch merging:
+# standard Swin's x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]; the published code's
+# view(..., r/2, 2, r/2, 2, C).permute(0, 1, 2, 4, 3, 5, 6), which puts the column offset last.
+STANDARD_NEIGHBOURS = [(0, 0), (1, 0), (0, 1), (1, 1)]
+PUBLISHED_NEIGHBOURS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def published_neighbour_order(value: torch.Tensor, axis: int) -> torch.Tensor:
+    """A patch-merging weight's 4C axis from standard Swin's neighbour order to the published one."""
+    source = torch.tensor([STANDARD_NEIGHBOURS.index(offset) for offset in PUBLISHED_NEIGHBOURS])
+    return value.unflatten(axis, (4, -1)).index_select(axis, source).flatten(axis, axis + 1)
+
+
+def swin_relative_index(window: int) -> torch.Tensor:
+    """Swin's relative position index from its definition: query p, key q of a window read bias-table row
+    (row_p - row_q + w - 1) * (2w - 1) + (col_p - col_q + w - 1)."""
+    rows, cols = torch.arange(window).repeat_interleave(window), torch.arange(window).repeat(window)
+    return (rows[:, None] - rows[None] + window - 1) * (2 * window - 1) + cols[:, None] - cols[None] + window - 1
+
+
+def published_swin_state(model: isolocal.StagewiseEncoder) -> dict[str, torch.Tensor]:
+    """`model` under the published LocalMIM Swin code's names, written from that naming: the encoder under
+    `encoder.` (patch_embed; layers.<s> by Swin stage, each block with its relative position index, the
+    patch merging after Swin stage s in the published neighbour order; norm.<k> per tap), decoder.<k> in
+    MAE's channel order with a Linear pred, the HOG layers (none for pixel targets)."""
+    state = hog_layers(model) if model.cfg.target == "hog" else {}
+    for k, stage in enumerate(model.stages):
+        decoder = mae_ordered_decoder(stage.decoder, f"decoder.{k}.")
+        decoder[f"decoder.{k}.pred.weight"] = decoder.pop(f"decoder.{k}.pred.0.weight")[:, :, 0, 0]
+        decoder[f"decoder.{k}.pred.bias"] = decoder.pop(f"decoder.{k}.pred.0.bias")
+        state |= decoder
+        for name, value in stage.state_dict().items():
+            module, _, rest = name.partition(".")
+            if module == "layers":
+                index, _, tail = rest.partition(".")
+                s = stage.first + int(index)
+                if tail.startswith("downsample."):
+                    part = tail.removeprefix("downsample.")
+                    value = published_neighbour_order(value, 1 if part == "reduction.weight" else 0)
+                state[f"encoder.layers.{s}.{tail}"] = value.clone()
+            elif module == "norm":
+                state[f"encoder.norm.{k}.{rest}"] = value.clone()
+            elif module == "patch_embed":
+                state[f"encoder.{name}"] = value.clone()
+        for i, layer in enumerate(stage.layers):
+            for j, block in enumerate(layer.blocks):
+                index = swin_relative_index(block.window_size[0])
+                state[f"encoder.layers.{stage.first + i}.blocks.{j}.attn.relative_position_index"] = index
+    return state
+
+
+# What the published scripts' `args` say for the test models (no published model has these names).
+PUBLISHED_ARGS = {"vit": {"model": "MIM_vit_nano_patch4", "input_size": 32, "hog_nbins": 9, "mask_ratio": 0.75},
+                  "swin": {"model": "mim_swin_nano_patch1_win4", "input_size": 32, "target": "HOG", "hog_nbins": 18,
+                           "norm_pix_loss": False, "mask_ratio": 0.75}}
 
 
 def save_published(encoder: isolocal.StagewiseEncoder, path, **args) -> None:
     """The file the published pre-training script writes: the model, its training args (`args` replace
     some), the epoch."""
-    said = dict(model="MIM_vit_nano_patch4", input_size=32, hog_nbins=9, hog_bias=encoder.cfg.hog_bias, mask_ratio=0.75)
-    torch.save({"model": published_state(encoder), "args": argparse.Namespace(**(said | args)), "epoch": 99}, path)
+    said = PUBLISHED_ARGS[encoder.cfg.arch] | {"hog_bias": encoder.cfg.hog_bias}
+    if encoder.cfg.target == "pixels":
+        said |= {"target": "Pixel", "norm_pix_loss": True}
+    state = published_state(encoder) if encoder.cfg.arch == "vit" else published_swin_state(encoder)
+    torch.save({"model": state, "args": argparse.Namespace(**(said | args)), "epoch": 99}, path)
 
 
-def trained_like(**overrides) -> isolocal.StagewiseEncoder:
-    """localmim_vit_nano with every weight moved off its init (LayerNorms too), fixed tables kept."""
+def trained_like(preset: str = "localmim_vit_nano", **overrides) -> isolocal.StagewiseEncoder:
+    """A preset's model with every weight moved off its init (LayerNorms too), fixed tables kept."""
     torch.manual_seed(0)
-    model = isolocal.create_model("localmim_vit_nano", **overrides)
+    model = isolocal.create_model(preset, **overrides)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not name.endswith("pos_embed"):
@@ -178,13 +254,19 @@ def test_a_published_checkpoint_loads_whole_and_computes_the_same_losses(tmp_pat
     torch.testing.assert_close(published["decoder.2.pos_embed"], mae, rtol=0, atol=1e-6)  # MAE's layout in the file
 
     cfg = load_run_config(None, NANO + ["model.hog_bias=true"] * hog_bias)
-    loaded = load_model(tmp_path / "checkpoint-99.pth", cfg)
+    assert_loaded_is(original, load_model(tmp_path / "checkpoint-99.pth", cfg), cfg)
+
+
+def assert_loaded_is(original: isolocal.StagewiseEncoder, loaded: nn.Module, cfg) -> None:
+    """`loaded`, read with `cfg` from a published file written from `original`, is `original`: in eval mode,
+    every weight equal, the file's HOG offsets (not the ones `cfg` would draw), the same losses on the
+    same images and mask."""
     assert isinstance(loaded, isolocal.StagewiseEncoder) and not loaded.training
     want = original.state_dict()
     assert loaded.state_dict().keys() == want.keys()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, want[key]), key
-    if hog_bias:
+    if original.target_bank.bias is not None:
         assert torch.equal(loaded.target_bank.bias, original.target_bank.bias)
         assert not torch.equal(loaded.target_bank.bias, isolocal.StagewiseEncoder(cfg.model).target_bank.bias)
     images, mask = fixed_batch(original)
@@ -276,3 +358,109 @@ def test_commands_take_a_published_checkpoint_with_its_config(tmp_path, capsys):
         assert main([*argv, "--ckpt", str(path), "--images", "fmnist:0", "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+# ---- a whole published Swin checkpoint ----------------------------------------------------------------
+
+SWIN_NANO = ["preset=localmim_swin_nano"]
+
+
+def test_a_published_patch_merging_computes_the_same_function_in_standard_order():
+    """The published merge concatenates each 2 x 2 neighbourhood as (0, 0), (0, 1), (1, 0), (1, 1) (its
+    unit-by-unit view and permute, here on one raster grid); its weights regrouped by
+    `merge_weight_from_published` make timm's (standard Swin's) PatchMerging compute the same."""
+    torch.manual_seed(0)
+    C, x = 6, torch.randn(2, 8, 8, 6)
+    published = PatchMerging(C, 2 * C)
+    with torch.no_grad():
+        published.norm.weight.normal_()
+        published.norm.bias.normal_()
+    tokens = torch.cat([x[:, dr::2, dc::2] for dr, dc in PUBLISHED_NEIGHBOURS], -1)
+    expected = published.reduction(published.norm(tokens))
+    standard = PatchMerging(C, 2 * C)
+    standard.load_state_dict({name: merge_weight_from_published(name, value)
+                              for name, value in published.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(standard(x), expected, rtol=1e-5, atol=1e-5)
+        assert (published(x) - expected).abs().max() > 0.1  # the weights as they are mean other neighbours
+
+
+@pytest.mark.parametrize("preset, sets, overrides", [
+    ("localmim_swin_nano", ["model.hog_bias=false"], {"hog_bias": False}),
+    ("localmim_swin_nano", [], {"hog_bias_seed": 5}),  # the preset's hog_bias, the file's offsets
+    ("localmim_swin_nano_pix", [], {}),
+])
+def test_a_published_swin_checkpoint_loads_whole_and_computes_the_same_losses(tmp_path, preset, sets, overrides):
+    """A published Swin file (written from an isolocal model: published names and merge order, MAE's decoder
+    channel order, Linear decoder heads, saved relative position indices) read with its model's config is
+    that model: every weight equal, the same per-stage losses; with hog_bias the file's offsets (seed 5)."""
+    original = trained_like(preset, **overrides)
+    save_published(original, tmp_path / "checkpoint-399.pth")
+    cfg = load_run_config(None, [f"preset={preset}", *sets])
+    assert_loaded_is(original, load_model(tmp_path / "checkpoint-399.pth", cfg), cfg)
+
+
+def test_a_published_swin_checkpoint_that_contradicts_the_config_is_refused(tmp_path):
+    original = trained_like("localmim_swin_nano")
+    path = tmp_path / "published.pth"
+    save_published(original, path)
+    with pytest.raises(CheckpointError, match=r"first difference at stages.0.decoder.embed.weight \(the file's "
+                                              r"decoder.0.embed.weight\) \(checkpoint: shape \(32, 64\), model: shape "
+                                              r"\(32, 32\)\)"):
+        load_model(path, load_run_config(None, SWIN_NANO + ["model.embed_dim=16"]))
+    with pytest.raises(CheckpointError, match=r"first difference at stages.0.layers.0.blocks.0.attn.relative_position_"
+                                              r"bias_table \(the file's encoder.layers.0.blocks.0.attn.relative_"
+                                              r"position_bias_table\) \(checkpoint: shape \(49, 1\), model: shape "
+                                              r"\(9, 1\)\)"):
+        load_model(path, load_run_config(None, SWIN_NANO + ["model.window_size=2"]))
+    with pytest.raises(ValueError, match="published LocalMIM Swin checkpoint; the config's model.arch is 'vit'"):
+        load_model(path, load_run_config(None, NANO))
+    with pytest.raises(ValueError, match="is a published LocalMIM checkpoint: .*pass the config of its model"):
+        load_model(path)
+    with pytest.raises(ValueError, match="published LocalMIM Swin checkpoint: it loads whole"):
+        load_model(path, encoder_only=True)
+
+    save_published(original, path, model="mim_swin_base_patch4_win7")  # the nano weights, said to be Swin-B's
+    with pytest.raises(ValueError, match="trained with embed_dim 128 .*'mim_swin_base_patch4_win7'.*embed_dim 32"):
+        load_model(path, load_run_config(None, SWIN_NANO))
+    save_published(original, path, target="Pixel", norm_pix_loss=True)
+    with pytest.raises(ValueError, match="trained with target 'pixels' .*the config's model has target 'hog'"):
+        load_model(path, load_run_config(None, SWIN_NANO))
+    save_published(original, path, target="Pixel")
+    with pytest.raises(ValueError, match="trained on raw pixels .*normalized per patch"):
+        load_model(path, load_run_config(None, SWIN_NANO))
+
+    state = published_swin_state(original)
+    key = "encoder.layers.1.blocks.1.attn.relative_position_index"
+    state[key] = state[key].t().contiguous()  # offsets key minus query: the table read the other way round
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=f"{key} is not Swin's relative position index"):
+        load_model(path, load_run_config(None, SWIN_NANO))
+    state = {k: v for k, v in published_swin_state(original).items() if not k.startswith("hog_enc.")}
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match="has no HOG layers .*model.target is 'hog'"):
+        load_model(path, load_run_config(None, SWIN_NANO))
+
+
+@pytest.mark.parametrize("model, preset, sets, target", [
+    ("mim_swin_base_patch4_win7", "localmim_swin_base", [], "HOG"),
+    ("mim_swin_base_patch4_win7", "localmim_swin_base_pix", [], "Pixel"),
+    ("mim_swin_base_patch4_win14", "localmim_swin_base", ["model.window_size=14"], "HOG"),
+    ("mim_swin_large_patch4_win14", "localmim_swin_large", ["model.window_size=14"], "HOG"),
+])
+def test_the_published_swin_models_and_recipes_are_the_localmim_swin_presets(model, preset, sets, target):
+    """The published Swin models with the README's recipes (HOG: --hog_nbins 18 --hog_bias; Pixel:
+    --norm_pix_loss) pass the args check against the matching preset, the window-14 ones with
+    model.window_size=14; the window, heads and LayerNorm eps, which the args fix, are checked."""
+    hog = target == "HOG"
+    args = argparse.Namespace(model=model, input_size=224, target=target, hog_nbins=18 if hog else 9, hog_bias=hog,
+                              norm_pix_loss=not hog)
+    cfg = load_run_config(None, [f"preset={preset}", *sets]).model
+    check_published_args(args, cfg, Path("checkpoint.pth"))
+    window, other = (7, 14) if model.endswith("win7") else (14, 7)
+    with pytest.raises(ValueError, match=f"trained with window_size {window} .*has window_size {other}"):
+        check_published_args(args, dataclasses.replace(cfg, window_size=other), Path("checkpoint.pth"))
+    with pytest.raises(ValueError, match=r"trained with swin_norm_eps 1e-06 .*has swin_norm_eps 1e-05"):
+        check_published_args(args, dataclasses.replace(cfg, swin_norm_eps=1e-5), Path("checkpoint.pth"))
+    with pytest.raises(ValueError, match=r"trained with stage_heads \[.*has stage_heads \[1, 2, 4, 8\]"):
+        check_published_args(args, dataclasses.replace(cfg, stage_heads=[1, 2, 4, 8]), Path("checkpoint.pth"))

@@ -6,11 +6,11 @@
   its seed;
 - an isolocal checkpoint file, run directory or pipeline checkpoint (`io.checkpoint`): the model its
   saved config describes, weights loaded strictly;
-- a published LocalMIM ViT checkpoint with `cfg` (a run config whose model is the file's, e.g. preset
-  `localmim_vit_base`; the file's own `args` only name the model): the whole `StagewiseEncoder`, decoders
-  included (`io.foreign.published_model`, docs/method.md §9);
-- with `encoder_only=True` also an encoder trained elsewhere (timm ViT state dict, MAE, published
-  LocalMIM; `io.foreign`), as a timm ViT. Without it (and without a config for a published LocalMIM
+- a published LocalMIM ViT or Swin checkpoint with `cfg` (a run config whose model is the file's, e.g.
+  preset `localmim_vit_base` or `localmim_swin_base`; the file's own `args` only name the model): the whole
+  `StagewiseEncoder`, decoders included (`io.foreign.published_model`, docs/method.md §9);
+- with `encoder_only=True` also a ViT encoder trained elsewhere (timm ViT state dict, MAE, published
+  LocalMIM ViT; `io.foreign`), as a timm ViT. Without it (and without a config for a published LocalMIM
   file) such a file is refused: it lacks the stage heads or the config the other callers (eval,
   export, reconstruct) need.
 Every model comes back in eval mode.
@@ -77,8 +77,8 @@ def _not_isolocal(obj: Any, path: Path) -> CheckpointError:
     if is_published_localmim(obj):
         return CheckpointError(f"{path} is a published LocalMIM checkpoint: it holds the encoder and decoders but no "
                                "isolocal config; pass the config of its model (load_model(path, cfg); on the command "
-                               "line -c run.toml or --set preset=localmim_vit_base), or encoder_only=True for the "
-                               "encoder as a timm ViT")
+                               "line -c run.toml or --set preset=localmim_vit_base / localmim_swin_base), or, for a "
+                               "ViT, encoder_only=True for the encoder as a timm ViT")
     try:
         timm_state_dict(obj, path)
     except ValueError:

@@ -86,9 +86,13 @@ class LocalDecoder(nn.Module):
         return axes
 
 
-def published_decoder_key(key: str) -> str:
-    """A published decoder entry's name in `LocalDecoder`: its rescale head is `pred`, isolocal's `head`."""
-    return "head." + key.removeprefix("pred.") if key.startswith("pred.") else key
+def published_decoder_entry(key: str, value: Tensor) -> tuple[str, Tensor]:
+    """A published decoder entry under its `LocalDecoder` name: the rescale head `pred` is `head`. The
+    published Swin's head is one Linear (`pred.weight`, `pred.bias`: every Swin scale is 1), which is the
+    scale-1 head's 1 x 1 convolution `head.0`, its weight given the two kernel axes."""
+    if key in ("pred.weight", "pred.bias"):
+        return "head.0." + key.removeprefix("pred."), value[..., None, None] if key == "pred.weight" else value
+    return ("head." + key.removeprefix("pred.") if key.startswith("pred.") else key), value
 
 
 def load_published_decoder(decoder: LocalDecoder, state: Mapping[str, Tensor]) -> None:
@@ -99,7 +103,7 @@ def load_published_decoder(decoder: LocalDecoder, state: Mapping[str, Tensor]) -
     and its table is isolocal's own."""
     order = mae_channel_order(decoder.embed.out_features)
     axes = decoder.width_axes()
-    renamed = {published_decoder_key(k): v for k, v in state.items()}
+    renamed = dict(published_decoder_entry(k, v) for k, v in state.items())
     for key, value in renamed.items():
         if key in axes and value.shape[axes[key]] != len(order):
             raise ValueError(f"published decoder entry {key} has shape {tuple(value.shape)}: its axis {axes[key]} "

@@ -209,6 +209,25 @@ def build_swin_stages(cfg: ModelConfig, taps: list[Tap], plan: StagePlan) -> lis
     return [SwinStage(cfg, k, s, t, drop_path, plan.heads[k]) for k, (s, t) in enumerate(zip(starts, taps))]
 
 
+# ---- the published LocalMIM-Swin's patch merging ------------------------------------------------------
+
+# The published code concatenates a 2 x 2 neighbourhood's tokens as (row, col) (0, 0), (0, 1), (1, 0), (1, 1);
+# standard Swin (timm, isolocal) as (0, 0), (1, 0), (0, 1), (1, 1) (docs/method.md §5). Entry b is the
+# published position of standard Swin's b-th neighbour.
+_PUBLISHED_NEIGHBOURS = (0, 2, 1, 3)
+# The axis of each patch-merging weight that runs over the four concatenated neighbours (4C).
+_MERGE_AXES = {"norm.weight": 0, "norm.bias": 0, "reduction.weight": 1}
+
+
+def merge_weight_from_published(name: str, value: Tensor) -> Tensor:
+    """A published patch-merging weight (`norm.weight`, `norm.bias`, `reduction.weight`) in standard
+    Swin's neighbour order: its 4C axis regrouped, so the merge computes the published function on the
+    neighbourhood isolocal concatenates."""
+    axis = _MERGE_AXES[name]
+    blocks = value.unflatten(axis, (4, -1))
+    return blocks.index_select(axis, torch.tensor(_PUBLISHED_NEIGHBOURS)).flatten(axis, axis + 1)
+
+
 # ---- export to timm's SwinTransformer -------------------------------------------------------------
 
 _TIMM_SIZES = {(96, (2, 2, 6, 2), (3, 6, 12, 24)): "tiny", (96, (2, 2, 18, 2), (3, 6, 12, 24)): "small",
