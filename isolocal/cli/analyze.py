@@ -25,6 +25,7 @@ from analysis.attention_files import write_attention_files
 from analysis.loading import IMAGE_SPEC_HELP
 from analysis.reconstruction_figure import run_reconstruct
 from isolocal.config.load import load_run_config
+from isolocal.io.paths import check_writable_dir
 
 
 def _int_list(text: str) -> list[int]:
@@ -79,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if given and args.what != "reconstruct":
         raise ValueError(f"-c / --set name the model of a published LocalMIM checkpoint for `analyze reconstruct`; "
                          f"`analyze {args.what}` reads every encoder without them")
+    cfg = load_run_config(args.config, args.overrides) if given else None
+    check_writable_dir(args.out, "--out directory")
     if args.what == "reconstruct":
-        cfg = load_run_config(args.config, args.overrides) if given else None
         written = run_reconstruct(args.ckpt, args.label, args.images, args.out, args.mask_seed, args.pdf,
                                   args.hog_channels, cfg)
     else:

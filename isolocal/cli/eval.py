@@ -17,6 +17,7 @@ import pandas as pd
 
 from isolocal.config.load import load_run_config
 from isolocal.eval.protocols import MODES, evaluate
+from isolocal.io.paths import check_writable_file
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    if args.out:
+        check_writable_file(args.out, "--out file")
     result = evaluate(args.modes, cfg, args.ckpt)
     print(pd.DataFrame(result["results"]).to_string(index=False, float_format="{:.2f}".format))
     if args.out:
