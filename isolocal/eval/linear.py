@@ -39,6 +39,18 @@ def cosine_scheduler(optimizer: Optimizer, epochs: int, steps_per_epoch: int, wa
                              lr_min=0.0, warmup_lr_init=0.0, t_in_epochs=False)
 
 
+EXPLODED = 10.0  # an epoch's mean loss above this many times chance level (ln num_classes) has diverged
+
+
+def check_probe_loss(epoch_loss: float, epoch: int, num_classes: int, desc: str, lr: float) -> None:
+    """Refuse a probe whose epoch mean loss is non-finite or has exploded past `EXPLODED` x chance level:
+    its accuracy would be a diverged probe's (chance or worse), not the features'."""
+    chance = math.log(num_classes)
+    if not math.isfinite(epoch_loss) or epoch_loss > EXPLODED * chance:
+        raise ValueError(f"{desc} diverged in epoch {epoch}: mean loss {epoch_loss:.4g} (chance level "
+                         f"{chance:.3g}); lower eval.linear_lr ({lr:g})")
+
+
 class LinearProbe(nn.Sequential):
     """BatchNorm1d(affine=False, eps=1e-6) + Linear, as in MAE's linear probing."""
 
@@ -61,9 +73,10 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     sched = cosine_scheduler(opt, cfg.linear_epochs, steps_per_epoch, cfg.warmup_epochs)
     probe.train()
     step = 0
-    with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once, at the end
-        for _ in tqdm(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
+    with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once per epoch
+        for epoch in tqdm(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
             order = torch.randperm(len(train_x), generator=gen).to(train_x.device, non_blocking=True)
+            epoch_loss = torch.zeros((), device=train_x.device)
             for i in range(steps_per_epoch):
                 idx = order[i * batch:(i + 1) * batch]
                 sched.step_update(step)
@@ -71,9 +84,9 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                epoch_loss += loss.detach()
                 step += 1
-    if not math.isfinite(loss.item()):
-        raise ValueError(f"linear probe diverged (loss {loss.item()}); lower eval.linear_lr ({cfg.linear_lr})")
+            check_probe_loss(epoch_loss.item() / steps_per_epoch, epoch, cfg.num_classes, desc, cfg.linear_lr)
     probe.eval()
     with torch.no_grad(), cuda_eval_precision(test_x.device, autocast=False):
         preds = torch.cat([probe(chunk).argmax(1) for chunk in test_x.split(4096)])

@@ -235,7 +235,10 @@ class PretrainLoop(ABC):
 
     def _prepare_data(self, replicas: int, micro_per_step: int, names: tuple[str, str]) -> None:
         """The micro-batch size (see `micro_batch_size`), the training set and the step counts it gives."""
-        micro_batch = micro_batch_size(self.cfg.train, micro_per_step, replicas, names)
+        t = self.cfg.train
+        micro_batch = micro_batch_size(t, micro_per_step, replicas, names)
+        StagePlan.from_config(self.cfg.model).check_micro_batch(
+            micro_batch, f"train.batch_size {t.batch_size} over {names[0]} {micro_per_step} x {names[1]} {replicas}")
         self.replicas, self.micro_batch, self.micro_per_step = replicas, micro_batch, micro_per_step
         self.dataset = build_train_dataset(self.cfg)
         self.steps_per_epoch, self.total_steps = step_counts(self.cfg.train, len(self.dataset), replicas,
