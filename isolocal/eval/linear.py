@@ -42,13 +42,13 @@ def cosine_scheduler(optimizer: Optimizer, epochs: int, steps_per_epoch: int, wa
 EXPLODED = 10.0  # an epoch's mean loss above this many times chance level (ln num_classes) has diverged
 
 
-def check_probe_loss(epoch_loss: float, epoch: int, num_classes: int, desc: str, lr: float) -> None:
-    """Refuse a probe whose epoch mean loss is non-finite or has exploded past `EXPLODED` x chance level:
-    its accuracy would be a diverged probe's (chance or worse), not the features'."""
+def check_probe_loss(loss: float, when: str, num_classes: int, desc: str, lr: float) -> None:
+    """Refuse a probe whose mean loss (`when`: in which epoch, or after the last update) is non-finite or has
+    exploded past `EXPLODED` x chance level: its accuracy would be a diverged probe's, not the features'."""
     chance = math.log(num_classes)
-    if not math.isfinite(epoch_loss) or epoch_loss > EXPLODED * chance:
-        raise ValueError(f"{desc} diverged in epoch {epoch}: mean loss {epoch_loss:.4g} (chance level "
-                         f"{chance:.3g}); lower eval.linear_lr ({lr:g})")
+    if not math.isfinite(loss) or loss > EXPLODED * chance:
+        raise ValueError(f"{desc} diverged {when}: mean loss {loss:.4g} (chance level {chance:.3g}); lower "
+                         f"eval.linear_lr ({lr:g})")
 
 
 class LinearProbe(nn.Sequential):
@@ -86,9 +86,14 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
                 opt.step()
                 epoch_loss += loss.detach()
                 step += 1
-            check_probe_loss(epoch_loss.item() / steps_per_epoch, epoch, cfg.num_classes, desc, cfg.linear_lr)
+            check_probe_loss(epoch_loss.item() / steps_per_epoch, f"in epoch {epoch}", cfg.num_classes, desc,
+                             cfg.linear_lr)
     probe.eval()
     with torch.no_grad(), cuda_eval_precision(test_x.device, autocast=False):
+        # each epoch's loss is read before its updates: the last update is judged by the probe as it is tested
+        final = sum(F.cross_entropy(probe(x), y, reduction="sum") for x, y in zip(train_x.split(4096),
+                                                                                  train_y.split(4096)))
+        check_probe_loss(final.item() / len(train_x), "after its last update", cfg.num_classes, desc, cfg.linear_lr)
         preds = torch.cat([probe(chunk).argmax(1) for chunk in test_x.split(4096)])
     return 100.0 * (preds == test_y).float().mean().item()
 
