@@ -19,6 +19,7 @@ import analysis
 import isolocal
 from isolocal.cli import main
 from isolocal.config import ConfigError
+from isolocal.heads import StagePlan
 from isolocal.io.checkpoint import LAST, atomic_save, load_state
 
 SMALL = [*TINY, "train.epochs=1", "data.synthetic_size=16"]  # 2 steps
@@ -239,6 +240,15 @@ def test_a_head_that_cannot_learn_is_refused_before_training(tmp_path, capsys, o
     assert code == 2
     one_line(lines, message)
     assert not list(out.glob("*.pt"))
+
+
+def test_a_micro_batch_of_two_can_contrast():
+    plan = isolocal.preset_config("localmim_vit_nano")
+    plan.objective = "contrastive"
+    plan = StagePlan.from_config(plan)
+    plan.check_micro_batch(2, "two images")
+    with pytest.raises(ConfigError, match="a micro-batch here holds 1 \\(one image\\)"):
+        plan.check_micro_batch(1, "one image")
 
 
 def test_a_diverging_linear_probe_fails_naming_its_stage_and_lr(tmp_path, capsys, run_dir):
