@@ -1,5 +1,5 @@
 """The files `isolocal analyze nmi|distance|attention` writes (what each holds: `isolocal analyze --help`),
-for encoders of any format `isolocal.io.load_model` reads (isolocal checkpoints and runs, timm ViT,
+for encoders of any format `isolocal.io.load.load_model` reads (isolocal checkpoints and runs, timm ViT,
 MAE, published LocalMIM). Every checkpoint, its images and every option are loaded and checked
 before anything is computed or written.
 """

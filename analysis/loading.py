@@ -1,4 +1,4 @@
-"""What analysis reads besides the model (`isolocal.io.load_model` loads every checkpoint format): the
+"""What analysis reads besides the model (`isolocal.io.load.load_model` loads every checkpoint format): the
 images to analyse, the input shape they must have, and one label per checkpoint.
 """
 

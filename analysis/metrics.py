@@ -22,6 +22,24 @@ def patch_attention(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     return a / a.sum(dim=-1, keepdim=True)
 
 
+def check_attention(attn: Tensor, name: str = "attention") -> None:
+    """Attention maps (B, H, N, N) of non-negative rows that sum to 1 (softmax outputs): a 3-D (H, N, N)
+    map would be read as H images of one head, and anything else gives a number that means nothing."""
+    if not isinstance(attn, Tensor) or attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        shape = tuple(attn.shape) if isinstance(attn, Tensor) else type(attn).__name__
+        raise ValueError(f"{name} must have shape (images, heads, tokens, tokens), got {shape}; add the image "
+                         "axis with attn.unsqueeze(0) for one image")
+    if not attn.is_floating_point():
+        raise ValueError(f"{name} must be floating-point softmax weights, got {attn.dtype}")
+    if bool((attn < 0).any()):
+        raise ValueError(f"{name} must be non-negative (softmax weights), got a minimum of {attn.min().item():.4g}")
+    sums = attn.double().sum(dim=-1)
+    tolerance = 1e-3 if attn.dtype in (torch.float32, torch.float64) else 2e-2  # half-precision rows round
+    worst = (sums - 1).abs().max().item()
+    if worst > tolerance:
+        raise ValueError(f"{name} rows must sum to 1 (softmax weights over the keys), one is off by {worst:.3g}")
+
+
 def nmi(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     """Query/key normalized mutual information per head (H,) of attention (B, H, N, N).
 
@@ -29,6 +47,7 @@ def nmi(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     NMI = MI / sqrt(H(q) H(k)) per image and head, then averaged over images. Near 0 means every
     query attends alike (collapse); near 1 means attention is a function of the query.
     """
+    check_attention(attn)
     a = patch_attention(attn, num_prefix_tokens)
     n = a.shape[-1]
     p_k = a.mean(dim=-2)  # (B, H, N): p(q) = 1/N is uniform
@@ -52,6 +71,7 @@ def attention_distance(
 ) -> Tensor:
     """Mean attention distance in pixels per head (H,): mean over images and queries of
     sum_k A[q,k] * ||centre(q) - centre(k)||, on the renormalized patch-to-patch attention."""
+    check_attention(attn)
     a = patch_attention(attn, num_prefix_tokens)
     if a.shape[-1] != grid[0] * grid[1]:
         raise ValueError(f"{a.shape[-1]} patch tokens do not fill grid {grid}")

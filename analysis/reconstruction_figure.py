@@ -144,7 +144,7 @@ def run_reconstruct(ckpts: list[Path], labels: list[str] | None, images: str, ou
                     pdf: bool = False, hog_channels: str = "mean", cfg: RunConfig | None = None) -> list[Path]:
     """``isolocal analyze reconstruct``: every checkpoint and its images loaded and checked first; the
     labels default to the checkpoints' stems. `cfg` gives the model of published LocalMIM checkpoints
-    (`isolocal.io.load_model`); isolocal checkpoints carry their own."""
+    (`isolocal.io.load.load_model`); isolocal checkpoints carry their own."""
     labels = checkpoint_labels(ckpts, labels)
     check_options(mask_seed, hog_channels)
     jobs = []

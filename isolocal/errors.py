@@ -27,6 +27,11 @@ class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint could not be written (disk full): an OSError too, as the cause was one."""
 
 
+class OutputError(ValueError):
+    """An output directory or file cannot be created or written (read-only, a parent is a file, no
+    permission); the message names the path. Raised before any work, so nothing is half-written."""
+
+
 class NonFiniteError(ValueError):
     """Training produced a NaN or infinite loss or gradient; the message names the step and the stage."""
 

@@ -425,7 +425,7 @@ def test_small_config_exports_through_timm_kwargs():
     ({"taps": [0, 1, 1, 3]}, "increasing"),
     ({"decoder_dim": [64, 64]}, r"decoder_dim must have 1 entry or one per tap \(4\), got \[64, 64\]"),
     ({"decoder_dim": [64, 63, 64, 64]}, r"decoder_dim 63 must be divisible by scales\[1\] = 2.0"),
-    ({"scales": [4.0, 2.0, 1.0, 0.0]}, "power of two"),
+    ({"scales": [4.0, 2.0, 1.0, 0.0]}, r"model.scales entries must be > 0, got \[4.0, 2.0, 1.0, 0.0\]"),
     ({"img_size": 24, "scales": [4.0, 2.0, 1.0, 0.25]}, "non-integer output grid 6 x 0.25 = 1.5"),
     ({"img_size": 24, "patch_size": 6}, "target cell of 1.5 px"),
     ({"target": "sift"}, "target"),
@@ -447,7 +447,7 @@ def test_config_checks_run_without_building():
     with pytest.raises(ValueError, match=r"one entry per boundary \(3\), got 2"):
         StagewiseEncoder.check_config(cfg)
     cfg.boundary, cfg.target = ["isolated", 0.5, "global"], "sift"
-    with pytest.raises(ValueError, match="target must be 'hog' or 'pixels'"):
+    with pytest.raises(ValueError, match="model.target must be hog or pixels, got 'sift'"):
         StagewiseEncoder.check_config(cfg)
 
 

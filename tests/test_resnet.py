@@ -158,7 +158,7 @@ def test_every_presets_stages_cover_each_block_once_split_evenly(name):
     (dict(channels=[4, 8]), r"channels must give one width >= 1 per ResNet stage \(3, from depths\), got \[4, 8\]"),
     (dict(depths=[1, 1, 1, 1, 1], channels=[4] * 5, taps=[4]), r"1 to 4 ResNet stages"),
     (dict(channels=[5, 8, 8]), r"cifar stem needs an even channels\[0\].*got 5"),
-    (dict(block="wide"), r"block must be one of \['basic', 'bottleneck'\], got 'wide'"),
+    (dict(block="wide"), r"model.block must be basic or bottleneck, got 'wide'"),
     (dict(img_size=18), r"img_size 18 must be divisible by the ResNet's stride 4"),
 ])
 def test_bad_resnet_configs_are_refused_before_any_weights(kw, message):

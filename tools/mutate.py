@@ -58,6 +58,7 @@ MODULES: dict[str, list[str]] = {
                                        "non_finite_images_are_refused_in_forward_and_encode",
                                        "images_of_the_wrong_shape_name_the_expected_one",
                                        "integer_images_and_a_mask_of_the_wrong_shape")],
+                                   "tests/test_failures_io.py::test_create_model_refuses_what_the_config_refuses",
                                    *[f"tests/test_heads.py::test_{name}" for name in (
                                        "isolation_holds_under_autograd_for_every_head",
                                        "mim_losses_equal_the_code_before_the_heads",
@@ -66,7 +67,8 @@ MODULES: dict[str, list[str]] = {
                                        "two_views_are_independent_augmentations_stacked_view_first")], "-k", FAST],
     "isolocal/core/stages.py": ["tests/test_model.py", "tests/test_swin.py::test_isolation_on_nano_swin", "-k", FAST],
     "isolocal/heads/base.py": ["tests/test_heads.py", "-m", "not slow"],
-    "isolocal/heads/plan.py": ["tests/test_heads.py", "-m", "not slow"],
+    "isolocal/heads/plan.py": ["tests/test_heads.py", "tests/test_failures_io.py::test_a_micro_batch_of_two_can_contrast",
+                               "-m", "not slow"],
     "isolocal/heads/classify.py": ["tests/test_heads.py", "-m", "not slow"],
     "isolocal/heads/contrastive.py": ["tests/test_heads.py", "-m", "not slow"],
     "isolocal/models/decoder.py": ["tests/test_model.py", "tests/test_swin.py::test_nano_preset_shapes", "-k", FAST],
@@ -90,7 +92,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_pipeline.py::test_build_engine_defaults_to_the_auto_schedule_without_clipping",
         "tests/test_pipeline.py::test_two_ranks_match_single_process_gradients_and_params",
         "tests/test_pipeline.py::test_four_ranks_and_data_parallel_match_single_process"],
-    "analysis/metrics.py": ["tests/test_analysis.py"],
+    "analysis/metrics.py": ["tests/test_analysis.py", "tests/test_failures_io.py::test_attention_metrics_refuse_a_map_"
+                            "without_its_image_axis_or_not_a_softmax"],
     "analysis/capture.py": ["tests/test_analysis.py",
                             "tests/test_analysis_cli.py::test_swin_window_attention_capture_layouts_and_cli"],
 }

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from isolocal.config.load import load_run_config
 from isolocal.config.schema import IMAGE_SPEC_HELP
+from isolocal.io.paths import check_writable_dir
 
 
 def _int_list(text: str) -> list[int]:
@@ -77,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if given and args.what != "reconstruct":
         raise ValueError(f"-c / --set name the model of a published LocalMIM checkpoint for `analyze reconstruct`; "
                          f"`analyze {args.what}` reads every encoder without them")
+    cfg = load_run_config(args.config, args.overrides) if given else None
+    check_writable_dir(args.out, "--out directory")
     if args.what == "reconstruct":
-        cfg = load_run_config(args.config, args.overrides) if given else None
         from analysis.reconstruction_figure import run_reconstruct  # deferred: --help runs without torch
 
         written = run_reconstruct(args.ckpt, args.label, args.images, args.out, args.mask_seed, args.pdf,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from isolocal.config.load import load_run_config
 from isolocal.config.schema import EVAL_MODES
+from isolocal.io.paths import check_writable_file
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    if args.out:
+        check_writable_file(args.out, "--out file")
     import pandas as pd  # deferred: --help runs without torch
 
     from isolocal.eval.protocols import evaluate  # deferred: --help runs without torch

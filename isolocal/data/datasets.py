@@ -200,8 +200,8 @@ def build_dataset(
 
     - ``fashion_mnist``: ``root`` defaults to the Debian install. With ``in_chans=3`` the gray channel
       is replicated, so 3-channel models (e.g. timm exports) run on it unchanged.
-    - ``folder``: ImageFolder layout; uses ``root/train`` or ``root/val`` when that exists, else
-      ``root`` itself for both splits (handy for small demo folders). ImageNet statistics; their
+    - ``folder``: ImageFolder layout; uses ``root/train`` and ``root/val``, or when neither exists
+      ``root`` itself for both splits (handy for small demo folders); one without the other is refused. ImageNet statistics; their
       channel average for ``in_chans=1``.
     - ``synthetic``: ``SyntheticImages`` of ``synthetic_size`` items keyed by ``seed``; already
       standardized, so (mean, std) is (0, 1), and never augmented.
@@ -226,7 +226,12 @@ def build_dataset(
         mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
     else:
         mean, std = per_channel(IMAGENET_MEAN, in_chans, "mean"), per_channel(IMAGENET_STD, in_chans, "std")
-    split_dir = os.path.join(root, "train" if train else "val")
+    split, other = ("train", "val") if train else ("val", "train")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir) and os.path.isdir(os.path.join(root, other)):
+        raise DatasetError(f"image folder {root} has {other}/ but no {split}/: the {split} split is missing (it "
+                           f"would be read from {root} itself, as one class {other!r}); add {split_dir} or put "
+                           "the class folders directly in the root to use the same images for both splits")
     tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0), pad=pad)
     return ImageFolderDataset(split_dir if os.path.isdir(split_dir) else root, tf), mean, std
 

@@ -39,6 +39,18 @@ def cosine_scheduler(optimizer: Optimizer, epochs: int, steps_per_epoch: int, wa
                              lr_min=0.0, warmup_lr_init=0.0, t_in_epochs=False)
 
 
+EXPLODED = 10.0  # an epoch's mean loss above this many times chance level (ln num_classes) has diverged
+
+
+def check_probe_loss(loss: float, when: str, num_classes: int, desc: str, lr: float) -> None:
+    """Refuse a probe whose mean loss (`when`: in which epoch, or after the last update) is non-finite or has
+    exploded past `EXPLODED` x chance level: its accuracy would be a diverged probe's, not the features'."""
+    chance = math.log(num_classes)
+    if not math.isfinite(loss) or loss > EXPLODED * chance:
+        raise ValueError(f"{desc} diverged {when}: mean loss {loss:.4g} (chance level {chance:.3g}); lower "
+                         f"eval.linear_lr ({lr:g})")
+
+
 class LinearProbe(nn.Sequential):
     """BatchNorm1d(affine=False, eps=1e-6) + Linear, as in MAE's linear probing."""
 
@@ -61,9 +73,10 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     sched = cosine_scheduler(opt, cfg.linear_epochs, steps_per_epoch, cfg.warmup_epochs)
     probe.train()
     step = 0
-    with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once, at the end
-        for _ in tqdm(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
+    with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once per epoch
+        for epoch in tqdm(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
             order = torch.randperm(len(train_x), generator=gen).to(train_x.device, non_blocking=True)
+            epoch_loss = torch.zeros((), device=train_x.device)
             for i in range(steps_per_epoch):
                 idx = order[i * batch:(i + 1) * batch]
                 sched.step_update(step)
@@ -71,11 +84,16 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                epoch_loss += loss.detach()
                 step += 1
-    if not math.isfinite(loss.item()):
-        raise ValueError(f"linear probe diverged (loss {loss.item()}); lower eval.linear_lr ({cfg.linear_lr})")
+            check_probe_loss(epoch_loss.item() / steps_per_epoch, f"in epoch {epoch}", cfg.num_classes, desc,
+                             cfg.linear_lr)
     probe.eval()
     with torch.no_grad(), cuda_eval_precision(test_x.device, autocast=False):
+        # each epoch's loss is read before its updates: the last update is judged by the probe as it is tested
+        final = sum(F.cross_entropy(probe(x), y, reduction="sum") for x, y in zip(train_x.split(4096),
+                                                                                  train_y.split(4096)))
+        check_probe_loss(final.item() / len(train_x), "after its last update", cfg.num_classes, desc, cfg.linear_lr)
         preds = torch.cat([probe(chunk).argmax(1) for chunk in test_x.split(4096)])
     return 100.0 * (preds == test_y).float().mean().item()
 

@@ -7,7 +7,7 @@ from isolocal.config.schema import EVAL_MODES
 from isolocal.core.device import resolve_device
 from isolocal.eval.features import check_feature, eval_datasets, split_features
 from isolocal.eval.finetune import finetune
-from isolocal.eval.head_accuracy import head_accuracy
+from isolocal.eval.head_accuracy import classify_stages, head_accuracy
 from isolocal.eval.knn import check_knn, knn_per_stage
 from isolocal.eval.linear import check_optimizer, linear_per_stage
 from isolocal.io.load import load_model
@@ -25,6 +25,10 @@ def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True)
     if "linear" in modes:
         check_optimizer(e.linear_optimizer)
     model = load_model(ckpt, cfg).to(resolve_device(cfg.train.device))
+    if "head" in modes and not classify_stages(model):
+        raise ValueError(f"eval head reads the model's own classify heads, and the model of {ckpt} has none (its "
+                         f"stages' objectives: {', '.join(model.objectives)}); use knn or linear, or a model "
+                         "trained with model.objective = 'classify' on some stage")
     train_ds, test_ds = eval_datasets(cfg, model.cfg, augment_train=finetuning)
     extra: dict = {}
     if finetuning:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from isolocal.config import Boundary, ModelConfig
+from isolocal.config import Boundary, ConfigError, ModelConfig
 from isolocal.core.stages import parse_boundaries
 from isolocal.heads.base import HEADS, HeadType, parse_objectives
 
@@ -57,6 +57,15 @@ class StagePlan:
     def target_stages(self) -> list[int]:
         """The stages whose heads need a reconstruction target."""
         return [k for k in range(self.num_stages) if self.reconstructs(k)]
+
+    def check_micro_batch(self, samples: int, split: str) -> None:
+        """Refuse a micro-batch of one sample when a head contrasts views: its negatives are the other samples
+        of the micro-batch, so with none it has nothing to contrast and its loss is exactly 0. `split` says
+        how the micro-batch size came about, for the message."""
+        if "views" in self.needs and samples < 2:
+            raise ConfigError(f"model.objective {' / '.join(self.heads_needing('views'))} takes each image's "
+                              f"negatives from the other images of its micro-batch, and a micro-batch here holds "
+                              f"{samples} ({split}); raise train.batch_size so that it holds at least 2")
 
     def heads_needing(self, need: str) -> list[str]:
         """The names of the heads that need `need`, quoted, for error messages."""

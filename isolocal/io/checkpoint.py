@@ -18,7 +18,8 @@ non-finite weights (the tensor), a failed write (disk full: the old checkpoint s
 
 A path may name a checkpoint file, a pipeline checkpoint (root or tag directory) or a run directory
 (its `last.pt`, else its pipeline checkpoint). Readers: `load_model_state` (the config and weights:
-`pretrain --init`, `io.load`) and `run_state` (`pretrain --resume`).
+`io.load`), `init_state` (weights checked against the new run's model: `pretrain --init`) and
+`run_state` (`pretrain --resume`).
 """
 from __future__ import annotations
 
@@ -257,11 +258,31 @@ def locate(path: str | os.PathLike) -> tuple[str, Path]:
                             f"{PIPELINE_DIR}/), a pipeline checkpoint directory or a checkpoint file")
 
 
+def holds(obj: Any) -> str:
+    """What a checkpoint file's object is, in a few words, for errors about a file that is not what was expected."""
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}"
+    keys = sorted(map(str, obj))
+    tensors = sum(isinstance(v, Tensor) for v in obj.values())
+    if tensors == len(obj) and obj:
+        return f"a bare state dict of {tensors} tensors (first key {keys[0]!r})"
+    shown = ", ".join(repr(k) for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return f"a dict with keys {shown}"
+
+
 def run_state(path: str | os.PathLike) -> dict:
     """What a run saved about itself (config, step, epoch, world size, RNG states; a single file also
-    its model and optimizers): what `pretrain --resume` checks and restores."""
+    its model and optimizers): what `pretrain --resume` checks and restores. A file without a run's
+    config (an export, a foreign or hand-made checkpoint) is refused in one line saying what it holds."""
     kind, path = locate(path)
-    return load_state(path) if kind == "file" else pipeline_client_state(path)
+    if kind == "pipeline":
+        return pipeline_client_state(path)
+    state = load_state(path)
+    if not isinstance(state, Mapping) or "config" not in state:
+        raise CheckpointError(f"{path} holds {holds(state)}, not the state of an isolocal run (its 'config', "
+                              "'model' and position): --resume continues a run from the checkpoint its "
+                              "`isolocal pretrain` wrote")
+    return state
 
 
 def is_isolocal(obj: Any) -> bool:
@@ -275,6 +296,18 @@ def checked_state(state: Any, path: Path) -> tuple[RunConfig, dict[str, Tensor]]
         raise CheckpointError(f"{path} is not an isolocal checkpoint (it lacks 'model' or 'config')")
     check_finite_weights(state["model"], path)
     return from_dict(RunConfig, state["config"]), state["model"]
+
+
+def init_state(path: str | os.PathLike, model: StagewiseEncoder) -> dict[str, Tensor]:
+    """The weights of the checkpoint at `path` for `model` (`pretrain --init`), refused in one line when
+    the file's model is of another family, or of the same family but another size (the first differing key)."""
+    cfg, state = load_model_state(path)
+    if cfg.model is not None and cfg.model.arch != model.cfg.arch:
+        raise CheckpointError(f"checkpoint {path} holds a {cfg.model.arch} model (preset {cfg.preset}) and this "
+                              f"run's config describes a {model.cfg.arch} model: --init needs a checkpoint of "
+                              "the same model")
+    check_fits(model, state, path, "this run's config describes")
+    return state
 
 
 def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tensor]]:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from isolocal.io.checkpoint import atomic_save
 from isolocal.io.load import load_model
+from isolocal.io.paths import check_writable_file
 from isolocal.models.encoder import StagewiseEncoder
 
 
@@ -43,7 +44,8 @@ def create_timm_model(model: StagewiseEncoder, **kwargs: Any) -> nn.Module:
 def write_timm_export(ckpt: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path, str, dict[str, Any]]:
     """Export the encoder of any isolocal checkpoint or run directory: the state dict to `out`, the timm
     model name and kwargs to `out` with suffix .json. Returns (out, sidecar, name, kwargs); raises
-    before writing unless the export loads strictly into timm."""
+    before any work when `out` cannot be written, and before writing unless the export loads strictly into timm."""
+    check_writable_file(out, "export (--out)")
     model = load_model(ckpt)
     create_timm_model(model)
     name, state_dict = export_timm(model)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from isolocal.config import Boundary, ModelConfig, from_dict, to_dict
 from isolocal.config.presets import preset_config
+from isolocal.config.validate import validate_model
 from isolocal.core.masking import random_mask, regrid, to_device, visible_count
 from isolocal.core.stages import StageResult, iter_stages
 from isolocal.core.targets import TargetBank
@@ -94,8 +95,10 @@ def _family(arch: str) -> Family:
 
 
 def _resolve(cfg: ModelConfig) -> tuple[Family, list[Tap], StagePlan]:
-    """A config's family, taps and stage plan, checked together (geometry, boundaries, heads) before
-    any weights exist."""
+    """A config's family, taps and stage plan, checked together (the config's own ranges, as a run config
+    checks them; geometry, boundaries, heads) before any weights exist: `create_model` and
+    `StagewiseEncoder(cfg)` refuse what `isolocal pretrain` refuses."""
+    validate_model(cfg)
     family = _family(cfg.arch)
     taps = family.taps(cfg)
     plan = StagePlan.from_config(cfg)

@@ -61,13 +61,14 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, load_model_state, load_state,
+from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, init_state, load_state,
                                  remove_stale_temps, run_state)
 from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
 from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
 from isolocal.heads import StagePlan
 from isolocal.io.load import seeded_init
+from isolocal.io.paths import check_writable_dir
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
@@ -134,7 +135,7 @@ def build_model(cfg: RunConfig, init: str | None = None) -> StagewiseEncoder:
     the weights of that checkpoint (any isolocal checkpoint or run directory)."""
     model = seeded_init(cfg)
     if init is not None:
-        model.load_state_dict(load_model_state(init)[1])
+        model.load_state_dict(init_state(init, model))
     model.grad_checkpoint = cfg.train.grad_checkpoint
     return model
 
@@ -199,6 +200,7 @@ class PretrainLoop(ABC):
         StagewiseEncoder.check_masking(self.cfg.model)
         if self.cfg.train.tensorboard:
             check_tensorboard()
+        check_writable_dir(self.out_dir, "run directory (out_dir)")
         for tmp in remove_stale_temps(self.out_dir):
             print(f"isolocal: removed {tmp.name}, left by a save that was killed", file=sys.stderr)
         if not resume:
@@ -233,7 +235,10 @@ class PretrainLoop(ABC):
 
     def _prepare_data(self, replicas: int, micro_per_step: int, names: tuple[str, str]) -> None:
         """The micro-batch size (see `micro_batch_size`), the training set and the step counts it gives."""
-        micro_batch = micro_batch_size(self.cfg.train, micro_per_step, replicas, names)
+        t = self.cfg.train
+        micro_batch = micro_batch_size(t, micro_per_step, replicas, names)
+        StagePlan.from_config(self.cfg.model).check_micro_batch(
+            micro_batch, f"train.batch_size {t.batch_size} over {names[0]} {micro_per_step} x {names[1]} {replicas}")
         self.replicas, self.micro_batch, self.micro_per_step = replicas, micro_batch, micro_per_step
         self.dataset = build_train_dataset(self.cfg)
         self.steps_per_epoch, self.total_steps = step_counts(self.cfg.train, len(self.dataset), replicas,
