@@ -3,17 +3,20 @@
 Parsing and printing only: the work is `isolocal.train.train` (or, with `pipeline.stages` > 0, the
 DeepSpeed pipeline runner `isolocal.train.pipeline.runner.pretrain_pipeline`, which runs the same
 loop), `isolocal.io.export.write_timm_export`, `isolocal.models.stage_cost.stage_report` and
-`isolocal.train.pipeline.plan.plan_run`.
+`isolocal.train.pipeline.plan.plan_run`. `pretrain --nproc N` checks the launch, then starts N workers
+(`isolocal.train.launch.launch_local`), each running this same command without `--nproc`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 from isolocal.config import RunConfig
 from isolocal.config.load import load_run_config
 from isolocal.io.export import timm_load_line, write_timm_export
 from isolocal.models.stage_cost import stage_report
 from isolocal.train import train
+from isolocal.train.launch import check_launch, check_pipeline, launch_local
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (overrides out_dir)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run directory from its checkpoint")
     p.add_argument("--pipeline-stages", type=int, default=None, metavar="N",
-                   help="DeepSpeed pipeline over N ranks (launch with torchrun or deepspeed); sets pipeline.stages")
+                   help="DeepSpeed pipeline over N ranks (launch with --nproc, torchrun or deepspeed); sets pipeline.stages")
     p.add_argument("--init", default=None,
                    help="start from the weights of this checkpoint or run directory (single-process or pipeline)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="start N worker processes on this machine (instead of torchrun --nproc-per-node N): "
+                        "pipeline ranks with --pipeline-stages, else data-parallel replicas")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.set_defaults(func=pretrain)
 
@@ -60,6 +66,7 @@ def _pretrain(cfg: RunConfig, resume: bool, init: str | None) -> dict:
         raise ValueError("--resume continues a run from its own checkpoint; --init starts a new run from "
                          "another one's weights: pass one of them")
     if cfg.pipeline.stages > 0:
+        check_launch(cfg)  # before deepspeed is imported: a bad launch ends in one line
         # imports deepspeed (and checks its version): only pipeline runs need it; keeps `isolocal --help` fast
         from isolocal.train.pipeline.runner import pretrain_pipeline
 
@@ -67,11 +74,28 @@ def _pretrain(cfg: RunConfig, resume: bool, init: str | None) -> dict:
     return train(cfg, resume=resume, init=init)
 
 
+def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """`--nproc N`: the launch checked here, once, then N workers running this command without `--nproc`."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc starts the workers itself; run it directly, not under torchrun or deepspeed")
+    if cfg.pipeline.stages > 0:
+        check_pipeline(cfg, args.nproc)
+    worker = ["isolocal.cli", "pretrain", *(["-c", args.config] if args.config else []),
+              *(["--set", *args.overrides] if args.overrides else []), *(["--out", args.out] if args.out else []),
+              *(["--pipeline-stages", str(args.pipeline_stages)] if args.pipeline_stages is not None else []),
+              *(["--init", args.init] if args.init else []), *(["--resume"] if args.resume else [])]
+    return launch_local(args.nproc, worker)
+
+
 def pretrain(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"pipeline.stages={args.pipeline_stages}"] if args.pipeline_stages is not None else [])
     cfg = load_run_config(args.config, overrides)
     if args.out:
         cfg.out_dir = args.out
+    if args.nproc is not None:
+        return _launch(args, cfg)
     summary = _pretrain(cfg, args.resume, args.init)
     if summary.get("rank", 0) == 0 and summary.get("already_finished"):
         print(f"{summary['out_dir']} is already finished: {summary['steps']} steps, {summary['epochs_completed']} "
