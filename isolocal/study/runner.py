@@ -9,8 +9,8 @@ passes `job.check_run`, so a bad evaluation or analysis setting fails the study 
 pre-training rather than after each.
 
 Progress comes from the runs' own files, without touching the trainer: the parent follows each
-child's `metrics.jsonl` step records against the step count of its config (tqdm bar with ETA, on
-a terminal) and prints one line when a run starts and one with its headline numbers when it ends.
+child's `metrics.jsonl` step records against the step count of its config (a tqdm bar with ETA on
+a terminal, a plain line every 10 % or minute elsewhere: `isolocal.core.progress`) and prints one line when a run starts and one with its headline numbers when it ends.
 Each child's full output goes to its `run.log`.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from isolocal.core.progress import progress_bar
 from isolocal.config import ConfigError
 from isolocal.study.job import FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, check_run, read_json, step_plan, write_json
 from isolocal.study.schema import Run, Study, run_spec
@@ -67,8 +68,8 @@ class Progress:
         self.run, self.spec = run, spec
         self.metrics = run.dir / "metrics.jsonl"
         self.total = step_plan(spec)[1] if spec["pretrain"] else 0
-        self.bar = tqdm(total=self.total or None, initial=self._last_step(), desc=self._desc(), unit="step",
-                        position=position, leave=False, dynamic_ncols=True, disable=None)
+        self.bar = progress_bar(total=self.total or None, initial=self._last_step(), desc=self._desc(), unit="step",
+                                position=position, leave=False, dynamic_ncols=True)
 
     def _last_step(self) -> int:
         """Steps done according to the metrics log (step records hold the 0-based last step)."""
