@@ -45,9 +45,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .pt; the timm model name and kwargs go to <out>.json")
     p.set_defaults(func=export)
 
-    p = subparsers.add_parser("info", help="per stage: blocks, parameters, forward FLOPs and time")
+    p = subparsers.add_parser("info", help="per stage: blocks, parameters, forward FLOPs (and time, --measure)")
     _config_args(p)
-    p.add_argument("--repeats", type=int, default=5, help="timed forwards per stage (median reported)")
+    p.add_argument("--measure", action="store_true",
+                   help="also time every stage on train.device (minutes for a large model on a CPU); without it the "
+                        "report and the pipeline plan come from counted parameters and FLOPs, at once")
+    p.add_argument("--repeats", type=int, default=5, help="with --measure: timed calls per stage (median reported)")
+    p.add_argument("--tflops", type=float, default=10.0,
+                   help="without --measure: the device throughput (TFLOP/s) the pipeline plan assumes")
     p.add_argument("--pipeline-stages", type=int, default=None, metavar="S",
                    help="also predict a pipeline of S ranks: partitions, step time, bubble, speed-up")
     p.add_argument("--micro-batches", type=int, default=None, metavar="M",
@@ -115,6 +120,9 @@ def export(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    repeats = args.repeats if args.measure else 0  # 0: counted, not timed
     plan = None
     if args.pipeline_stages is not None:  # first: its bad values fail before anything is measured
         # imports the pipeline package, which checks the installed deepspeed: only --pipeline-stages needs it
@@ -122,8 +130,8 @@ def info(args: argparse.Namespace) -> int:
 
         micro_batches = cfg.pipeline.micro_batches if args.micro_batches is None else args.micro_batches
         plan = plan_run(cfg, args.pipeline_stages, micro_batches, args.micro_batch_size, args.bandwidth_gbs,
-                        args.repeats)
-    print(stage_report(cfg, args.repeats))
+                        repeats, args.tflops)
+    print(stage_report(cfg, repeats))
     if plan is not None:
         heading, rows = plan
         print(heading)
