@@ -24,7 +24,11 @@ _EXPORTS: dict[str, str] = {
     "save_reconstruction": "analysis.reconstruction_figure",
     "token_layout": "analysis.capture",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [  # = sorted(_EXPORTS)
+    "StageReconstruction", "TokenLayout", "attention_distance", "attention_layouts", "capture_attention",
+    "layer_table", "layout_table", "measure_attention", "nmi", "plot_attention_maps", "plot_metric_vs_depth",
+    "reconstruct", "save_reconstruction", "token_layout",
+]
 
 
 def __getattr__(name: str) -> Any:

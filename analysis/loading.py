@@ -112,14 +112,27 @@ def _raw_images(spec: str) -> list[tuple[str, Any]]:
     return out
 
 
+def _normalization(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for `in_chans`: Fashion-MNIST's for 1 channel, ImageNet's for 3."""
+    stats = {1: (FASHION_MNIST_MEAN, FASHION_MNIST_STD), 3: (IMAGENET_MEAN, IMAGENET_STD)}
+    if in_chans not in stats:
+        raise ValueError(f"in_chans must be 1 or 3 for analysis images, got {in_chans}")
+    return stats[in_chans]
+
+
+def check_images(spec: str, in_chans: int) -> int:
+    """The number of images of `spec`, or what `load_images(spec, _, in_chans)` would raise (unknown
+    source, bad index or name, unreadable file, channels), without transforming anything: a study checks
+    its images before the first run."""
+    _normalization(in_chans)
+    return len(_raw_images(spec))
+
+
 def load_images(spec: str, img_size: int, in_chans: int) -> ImageBatch:
     """Images for analysis from ``spec`` (see ``IMAGE_SPEC_HELP``), resized and center-cropped to
     ``img_size``, brought to ``in_chans`` and normalized with Fashion-MNIST statistics for
     1-channel models and ImageNet's for 3-channel ones (what those models were trained on)."""
-    stats = {1: (FASHION_MNIST_MEAN, FASHION_MNIST_STD), 3: (IMAGENET_MEAN, IMAGENET_STD)}
-    if in_chans not in stats:
-        raise ValueError(f"in_chans must be 1 or 3 for analysis images, got {in_chans}")
-    mean, std = stats[in_chans]
+    mean, std = _normalization(in_chans)
     transform = build_transform(img_size, in_chans, mean, std, train=False)
     raw = _raw_images(spec)
     return ImageBatch(torch.stack([transform(img) for _, img in raw]), [n for n, _ in raw], mean, std)

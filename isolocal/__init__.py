@@ -34,7 +34,11 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "targets": ("isolocal.core.targets", None),
     "masking": ("isolocal.core.masking", None),
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [  # = sorted(_EXPORTS)
+    "ConfigError", "LocalMIM", "MIMOutput", "ModelConfig", "StageOutput", "StagewiseEncoder", "create_model",
+    "create_timm_model", "export_timm", "list_models", "load_checkpoint", "load_model", "masking",
+    "model_from_config", "preset_config", "targets", "timm_kwargs",
+]
 
 
 def __getattr__(name: str) -> Any:

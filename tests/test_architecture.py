@@ -228,3 +228,11 @@ def test_the_checks_catch_an_upward_import_and_a_circle(edge):
     graph.setdefault(importer, set()).add(target)
     graph.setdefault(target, set()).add(importer)
     assert any(importer in c and target in c for c in cycles(graph))
+
+
+@pytest.mark.parametrize("facade", ["isolocal", "analysis"])
+def test_the_lazy_facades_export_exactly_their_table(facade):
+    """`__all__` lists every name the facade imports on first use, and each resolves."""
+    module = __import__(facade)
+    assert module.__all__ == sorted(module._EXPORTS)
+    assert all(getattr(module, name) is not None for name in module.__all__)

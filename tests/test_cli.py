@@ -37,11 +37,13 @@ def test_pretrain_writes_logs_config_and_checkpoint(tmp_path, capsys):
     assert code == 0 and "3 steps" in out
 
 
-def test_info_prints_one_row_per_stage(capsys):
-    code, out, _ = run_cli(capsys, "info", "--set", "preset=localmim_vit_nano", "--repeats", "1")
+@pytest.mark.parametrize("measure", [[], ["--measure", "--repeats", "1"]], ids=["counted", "measured"])
+def test_info_prints_one_row_per_stage(capsys, measure):
+    code, out, _ = run_cli(capsys, "info", "--set", "preset=localmim_vit_nano", *measure)
     assert code == 0
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["stage", "tap", "blocks"])
+    assert lines[header].split()[-1] == ("fwd_ms" if measure else "out_bytes")  # timed only with --measure
     rows = [line.split() for line in lines[header + 1:header + 5]]
     assert [r[:3] for r in rows] == [["0", "0", "1"], ["1", "1", "1"], ["2", "2", "1"], ["3", "3", "1"]]
     gflops = [float(r[7]) for r in rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,15 @@ TINY = ["data.name=synthetic", "data.synthetic_size=48", "train.batch_size=8", "
         "train.log_every=1", "train.warmup_epochs=0.5"]  # nano preset: 6 steps per epoch
 
 
+PROGRESS_LINE = re.compile(r": \d+/\d+ \S+ \(\d+%\)")  # `isolocal.core.progress` off a terminal
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    """(exit code, stderr lines without progress-bar redraws)."""
+    """(exit code, stderr lines without progress: bar redraws, or the plain lines printed off a terminal)."""
     code = main(list(argv))
     err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip() and "\r" not in line and "step/s" not in line]
+    return code, [line for line in err.splitlines() if line.strip() and "\r" not in line and "step/s" not in line
+                  and not PROGRESS_LINE.search(line)]
 
 
 def one_line(lines: list[str], *needles: str) -> str:

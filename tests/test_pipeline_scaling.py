@@ -153,13 +153,16 @@ def test_rank_times_count_nested_spans_in_their_own_category_over_whole_steps():
     assert [e["name"] for e in times.events] == ["backward", "forward"]  # the first counted step only
 
 
-def test_info_predicts_a_pipeline_for_any_preset(capsys):
+@pytest.mark.parametrize("measure, source", [([], "counted FLOPs at 10 TFLOP/s"),
+                                             (["--measure", "--repeats", "1"], "one cpu measurement per stage")],
+                         ids=["counted", "measured"])
+def test_info_predicts_a_pipeline_for_any_preset(capsys, measure, source):
     from isolocal.cli import main
 
-    assert main(["info", "--set", "preset=localmim_vit_nano", "--repeats", "1", "--pipeline-stages", "2",
+    assert main(["info", "--set", "preset=localmim_vit_nano", *measure, "--pipeline-stages", "2",
                  "--micro-batches", "4", "--micro-batch-size", "4"]) == 0
     out = capsys.readouterr().out
-    assert "pipeline of 2 ranks, 4 micro-batches of 4 images" in out
+    assert "pipeline of 2 ranks, 4 micro-batches of 4 images" in out and source in out
     for partition, schedule in itertools.product(("count", "cost"), ("isolated", "1f1b")):
         assert any(line.split()[:2] == [partition, schedule] for line in out.splitlines()), (partition, schedule)
 

@@ -262,13 +262,15 @@ linear_epochs = 1
 train_subset = 64
 test_subset = 32
 [variants.random]
-[variants.broken]  # fails only when its evaluation starts: more neighbours than training images
-pretrain = false
-eval = {{ knn_k = 1000 }}
+[variants.broken]  # fails only while it trains: its loss is not finite by the third step
+data = {{ train_subset = 64 }}
+train = {{ base_lr = 1e9, batch_size = 16, epochs = 1 }}
 """)
-    assert main(["compare", "-c", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "random seed 0 done" in out and "broken seed 0 FAILED" in out and "knn_k = 1000 exceeds" in out
+    assert main(["compare", "-c", str(path)]) == 1  # a run failed
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "random seed 0 done" in out and "broken seed 0 FAILED" in out and "non-finite values at step" in out
+    assert "isolocal compare: 1 of 2 runs failed (broken seed 0); see the report" in captured.err
     root = tmp_path / "out"
     assert (root / "runs" / "random" / "result.json").exists()
     report = (root / "report.md").read_text()

@@ -2,12 +2,15 @@
 
 Runs every missing run of the study (see `isolocal.study.schema` for the file, `runner` for resume
 and progress), then builds the report from the runs' saved files (`report`); `--report-only`
-rebuilds the report without running anything.
+rebuilds the report without running anything, and refuses a directory that holds none of the
+study's runs. Exits 1 when a run it ran failed (the report says why), 2 on bad input.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
+from isolocal.config import ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,12 +29,20 @@ def run(args: argparse.Namespace) -> int:
     from isolocal.study.report import build_report  # deferred: --help runs without torch
     from isolocal.study.runner import StudyRunner  # deferred: --help runs without torch
     from isolocal.study.schema import load_study, select_runs  # deferred: --help runs without torch
+    from isolocal.study.summary import run_status  # deferred: --help runs without torch
 
     study = load_study(args.config, args.overrides)
     runs = select_runs(study, args.only)
     if args.only and args.report_only:
         raise ValueError("--only selects runs to run; it has no effect with --report-only")
-    if not args.report_only:
-        StudyRunner(study, runs).run()
+    if args.report_only and not any(run.dir.is_dir() for run in runs):
+        raise ConfigError(f"--report-only: {study.root} holds none of study {study.name!r}'s runs "
+                          f"({study.root / 'runs'}/<variant>/...); check study.out_dir, or run the study first")
+    launched = [] if args.report_only else StudyRunner(study, runs).run()
     print(f"report: {build_report(study)}")
+    failed = [run.label for run in launched if run_status(run)["status"] != "ok"]
+    if failed:
+        print(f"isolocal compare: {len(failed)} of {len(launched)} runs failed ({', '.join(failed)}); "
+              "see the report", file=sys.stderr)
+        return 1
     return 0

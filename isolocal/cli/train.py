@@ -3,12 +3,13 @@
 Parsing and printing only: the work is `isolocal.train.train` (or, with `pipeline.stages` > 0, the
 DeepSpeed pipeline runner `isolocal.train.pipeline.runner.pretrain_pipeline`, which runs the same
 loop), `isolocal.io.export.write_timm_export`, `isolocal.models.stage_cost.stage_report` and
-`isolocal.train.pipeline.plan.plan_run`.
+`isolocal.train.pipeline.plan.plan_run`. `pretrain --nproc N` checks the launch, then starts N workers
+(`isolocal.train.launch.launch_local`), each running this same command without `--nproc`.
 """
 from __future__ import annotations
 
 import argparse
-
+import os
 from typing import TYPE_CHECKING
 
 from isolocal.config.load import load_run_config
@@ -29,9 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (overrides out_dir)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run directory from its checkpoint")
     p.add_argument("--pipeline-stages", type=int, default=None, metavar="N",
-                   help="DeepSpeed pipeline over N ranks (launch with torchrun or deepspeed); sets pipeline.stages")
+                   help="DeepSpeed pipeline over N ranks (launch with --nproc, torchrun or deepspeed); sets pipeline.stages")
     p.add_argument("--init", default=None,
                    help="start from the weights of this checkpoint or run directory (single-process or pipeline)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="start N worker processes on this machine (instead of torchrun --nproc-per-node N): "
+                        "pipeline ranks with --pipeline-stages, else data-parallel replicas")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.set_defaults(func=pretrain)
 
@@ -40,9 +44,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .pt; the timm model name and kwargs go to <out>.json")
     p.set_defaults(func=export)
 
-    p = subparsers.add_parser("info", help="per stage: blocks, parameters, forward FLOPs and time")
+    p = subparsers.add_parser("info", help="per stage: blocks, parameters, forward FLOPs (and time, --measure)")
     _config_args(p)
-    p.add_argument("--repeats", type=int, default=5, help="timed forwards per stage (median reported)")
+    p.add_argument("--measure", action="store_true",
+                   help="also time every stage on train.device (minutes for a large model on a CPU); without it the "
+                        "report and the pipeline plan come from counted parameters and FLOPs, at once")
+    p.add_argument("--repeats", type=int, default=5, help="with --measure: timed calls per stage (median reported)")
+    p.add_argument("--tflops", type=float, default=10.0,
+                   help="without --measure: the device throughput (TFLOP/s) the pipeline plan assumes")
     p.add_argument("--pipeline-stages", type=int, default=None, metavar="S",
                    help="also predict a pipeline of S ranks: partitions, step time, bubble, speed-up")
     p.add_argument("--micro-batches", type=int, default=None, metavar="M",
@@ -60,7 +69,10 @@ def _pretrain(cfg: RunConfig, resume: bool, init: str | None) -> dict:
     if resume and init is not None:
         raise ValueError("--resume continues a run from its own checkpoint; --init starts a new run from "
                          "another one's weights: pass one of them")
+    from isolocal.train.launch import check_launch  # deferred: --help runs without torch
+
     if cfg.pipeline.stages > 0:
+        check_launch(cfg)  # before deepspeed is imported: a bad launch ends in one line
         # imports deepspeed (and checks its version): only pipeline runs need it; keeps `isolocal --help` fast
         from isolocal.train.pipeline.runner import pretrain_pipeline
 
@@ -70,11 +82,30 @@ def _pretrain(cfg: RunConfig, resume: bool, init: str | None) -> dict:
     return train(cfg, resume=resume, init=init)
 
 
+def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """`--nproc N`: the launch checked here, once, then N workers running this command without `--nproc`."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc starts the workers itself; run it directly, not under torchrun or deepspeed")
+    from isolocal.train.launch import check_pipeline, launch_local  # deferred: --help runs without torch
+
+    if cfg.pipeline.stages > 0:
+        check_pipeline(cfg, args.nproc)
+    worker = ["isolocal.cli", "pretrain", *(["-c", args.config] if args.config else []),
+              *(["--set", *args.overrides] if args.overrides else []), *(["--out", args.out] if args.out else []),
+              *(["--pipeline-stages", str(args.pipeline_stages)] if args.pipeline_stages is not None else []),
+              *(["--init", args.init] if args.init else []), *(["--resume"] if args.resume else [])]
+    return launch_local(args.nproc, worker)
+
+
 def pretrain(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"pipeline.stages={args.pipeline_stages}"] if args.pipeline_stages is not None else [])
     cfg = load_run_config(args.config, overrides)
     if args.out:
         cfg.out_dir = args.out
+    if args.nproc is not None:
+        return _launch(args, cfg)
     summary = _pretrain(cfg, args.resume, args.init)
     if summary.get("rank", 0) == 0 and summary.get("already_finished"):
         print(f"{summary['out_dir']} is already finished: {summary['steps']} steps, {summary['epochs_completed']} "
@@ -96,6 +127,9 @@ def export(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    repeats = args.repeats if args.measure else 0  # 0: counted, not timed
     from isolocal.models.stage_cost import stage_report  # deferred: --help runs without torch
 
     plan = None
@@ -105,8 +139,8 @@ def info(args: argparse.Namespace) -> int:
 
         micro_batches = cfg.pipeline.micro_batches if args.micro_batches is None else args.micro_batches
         plan = plan_run(cfg, args.pipeline_stages, micro_batches, args.micro_batch_size, args.bandwidth_gbs,
-                        args.repeats)
-    print(stage_report(cfg, args.repeats))
+                        repeats, args.tflops)
+    print(stage_report(cfg, repeats))
     if plan is not None:
         heading, rows = plan
         print(heading)

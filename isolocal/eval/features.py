@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
+from isolocal.core.progress import progress_bar
 from isolocal.config import EvalConfig, ModelConfig, RunConfig
 from isolocal.data import build_dataset
 from isolocal.heads.base import pool
@@ -84,7 +84,7 @@ def extract_features(
     feats: list[list[Tensor]] = [[] for _ in range(model.num_stages)]
     labels: list[Tensor] = []
     try:
-        for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for images, targets in progress_bar(loader, desc=desc, disable=not progress, leave=False):
             with cuda_eval_precision(device):
                 tokens = model.encode(images.to(device, non_blocking=True))
             for k, t in enumerate(tokens):

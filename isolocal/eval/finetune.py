@@ -18,8 +18,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from isolocal.core.progress import progress_bar
 from isolocal.config import EvalConfig
 from isolocal.data import build_loader
 from isolocal.eval.features import cuda_eval_precision
@@ -75,7 +75,7 @@ def classifier_accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int
     try:
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                             pin_memory=torch.cuda.is_available())
-        for images, labels in tqdm(loader, desc="test", disable=not progress, leave=False):
+        for images, labels in progress_bar(loader, desc="test", disable=not progress, leave=False):
             with cuda_eval_precision(device):
                 logits = classifier(images.to(device, non_blocking=True))
             correct += (logits.argmax(1) == torch.as_tensor(labels).to(device, non_blocking=True)).sum()
@@ -104,7 +104,7 @@ def finetune(model: StagewiseEncoder | nn.Module, train_dataset: Dataset, test_d
     for epoch in range(cfg.finetune_epochs):
         clf.train()
         total = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch
-        for images, labels in tqdm(loader, desc=f"finetune epoch {epoch}", disable=not progress, leave=False):
+        for images, labels in progress_bar(loader, desc=f"finetune epoch {epoch}", disable=not progress, leave=False):
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
             if mixup is not None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from isolocal.core.progress import progress_bar
 from isolocal.eval.features import cuda_eval_precision
 from isolocal.heads.classify import ClassifyHead
 
@@ -34,7 +34,7 @@ def head_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256, num
     model.eval()
     try:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        for images, labels in tqdm(loader, desc="classify heads", disable=not progress, leave=False):
+        for images, labels in progress_bar(loader, desc="classify heads", disable=not progress, leave=False):
             labels = torch.as_tensor(labels).to(device)
             with cuda_eval_precision(device):
                 feats = model.encode(images.to(device))

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from tqdm.auto import tqdm
 
+from isolocal.core.progress import progress_bar
 from isolocal.config import EvalConfig
 from isolocal.eval.features import StageFeatures, cuda_eval_precision
 
@@ -74,7 +74,7 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     probe.train()
     step = 0
     with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once per epoch
-        for epoch in tqdm(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
+        for epoch in progress_bar(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
             order = torch.randperm(len(train_x), generator=gen).to(train_x.device, non_blocking=True)
             epoch_loss = torch.zeros((), device=train_x.device)
             for i in range(steps_per_epoch):

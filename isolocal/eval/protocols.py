@@ -2,7 +2,7 @@
 model's own classify heads, fine-tuning."""
 from __future__ import annotations
 
-from isolocal.config import RunConfig, to_dict
+from isolocal.config import EvalConfig, RunConfig, to_dict
 from isolocal.config.schema import EVAL_MODES
 from isolocal.core.device import resolve_device
 from isolocal.eval.features import check_feature, eval_datasets, split_features
@@ -11,34 +11,55 @@ from isolocal.eval.head_accuracy import classify_stages, head_accuracy
 from isolocal.eval.knn import check_knn, knn_per_stage
 from isolocal.eval.linear import check_optimizer, linear_per_stage
 from isolocal.io.load import load_model
+from isolocal.models.encoder import FAMILIES
 
+
+
+def _check_modes(modes: list[str], cfg: EvalConfig) -> None:
+    """The modes and the linear probe's optimizer: checked before a model is loaded."""
+    bad = [m for m in modes if m not in EVAL_MODES]
+    if bad or not modes or "finetune" in modes and len(modes) > 1:
+        raise ValueError(f"eval modes must be any of knn, linear, head, or finetune alone; got {modes}")
+    if "linear" in modes:
+        check_optimizer(cfg.linear_optimizer)
+
+
+def _check_features(modes: list[str], cfg: EvalConfig, has_cls: bool, train_images: int) -> None:
+    """Pooling and k for the feature protocols: checked before any feature is extracted."""
+    if modes != ["finetune"]:
+        check_feature(cfg.feature, has_cls)
+        if "knn" in modes:
+            check_knn(cfg, train_images)
+
+
+def check_evaluation(modes: list[str], cfg: RunConfig) -> None:
+    """What `evaluate(modes, cfg, ...)` would refuse for `cfg`'s own model, found without a model or a
+    feature: modes, optimizer, pooling, `eval.train_subset` / `test_subset` and `eval.knn_k` against the
+    data (a study checks every run with it before the first one starts)."""
+    _check_modes(modes, cfg.eval)
+    train_ds, _ = eval_datasets(cfg, cfg.model)
+    _check_features(modes, cfg.eval, FAMILIES[cfg.model.arch].has_cls, len(train_ds))
 
 
 def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True) -> dict:
     """Run the protocols on `cfg`'s data with the model of `ckpt` (any isolocal checkpoint or run
     directory, a published LocalMIM checkpoint of `cfg`'s model, or 'random': the config's model at its
     seeded init); returns {"results": rows, ...} with the settings used."""
-    bad = [m for m in modes if m not in EVAL_MODES]
-    if bad or not modes or "finetune" in modes and len(modes) > 1:
-        raise ValueError(f"eval modes must be any of knn, linear, head, or finetune alone; got {modes}")
     e, workers, finetuning = cfg.eval, cfg.data.num_workers, modes == ["finetune"]
-    if "linear" in modes:
-        check_optimizer(e.linear_optimizer)
+    _check_modes(modes, e)
     model = load_model(ckpt, cfg).to(resolve_device(cfg.train.device))
     if "head" in modes and not classify_stages(model):
         raise ValueError(f"eval head reads the model's own classify heads, and the model of {ckpt} has none (its "
                          f"stages' objectives: {', '.join(model.objectives)}); use knn or linear, or a model "
                          "trained with model.objective = 'classify' on some stage")
     train_ds, test_ds = eval_datasets(cfg, model.cfg, augment_train=finetuning)
+    _check_features(modes, e, model.family.has_cls, len(train_ds))
     extra: dict = {}
     if finetuning:
         out = finetune(model, train_ds, test_ds, e, cfg.train.seed, workers, progress)
         rows = [{"stages": f"0-{model.num_stages - 1}", "finetune_top1": out["top1"]}]
         extra["epochs"] = out["epochs"]
     else:
-        check_feature(e.feature, model.family.has_cls)
-        if "knn" in modes:
-            check_knn(e, len(train_ds))
         rows = [{"stage": k, "tap": tap.index, "dim": tap.dim} for k, tap in enumerate(model.taps)]
         if "head" in modes:  # stages without a classify head get no head_top1
             for k, acc in head_accuracy(model, test_ds, e.linear_batch_size, workers, progress).items():

@@ -11,6 +11,10 @@ exists and resumes pre-training from `last.pt`:
   for a family without attention, e.g. a ResNet);
 - `result.json`: status, headline numbers and figure names, or the error of a failed run.
 
+`check_run` finds, before a study starts its first run, what would make a run fail after its start
+and needs no training (data, step count, evaluation subsets and k, analysis images);
+`missing_files` lists the phase files a run reported as finished should hold but does not.
+
 Controls (`pretrain = false`) skip pre-training and evaluate the encoder at its seeded init, which
 is the initialisation the pre-trained variants of the same seed start from.
 
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +36,14 @@ from torch import nn
 
 from analysis.capture import capture_attention, encoder_depth, is_windowed, token_layout
 from analysis.figures import plot_attention_maps
-from analysis.loading import ImageBatch, input_shape, load_images
+from analysis.loading import ImageBatch, check_images, input_shape, load_images
 from analysis.measure import measure_attention
 from analysis.reconstruction_figure import write_reconstruction
-from isolocal.config import RunConfig, from_dict
-from isolocal.eval.protocols import evaluate
+from isolocal.config import ConfigError, RunConfig, from_dict
+from isolocal.eval.protocols import check_evaluation, evaluate
 from isolocal.io.checkpoint import LAST, run_state
 from isolocal.io.load import RANDOM, load_model
+from isolocal.models.encoder import FAMILIES
 from isolocal.train import train
 from isolocal.train.loop import build_train_dataset, step_counts
 
@@ -83,6 +89,50 @@ def step_plan(spec: dict) -> tuple[int, int]:
     return step_counts(t, _IMAGES[key], 1, t.batch_size // t.accum_steps, t.accum_steps)
 
 
+def _probe_modes(spec: dict) -> list[list[str]]:
+    """The `evaluate` calls of a run: the feature protocols together, fine-tuning alone."""
+    probes = [m for m in spec["evals"] if m != "finetune"]
+    return ([probes] if probes else []) + ([["finetune"]] if "finetune" in spec["evals"] else [])
+
+
+_CHECKED: set[str] = set()  # checks passed, by everything they read: the runs of a study share most
+
+
+def _once(key: object, check: Callable[[], object]) -> None:
+    text = json.dumps(key, sort_keys=True)
+    if text not in _CHECKED:
+        check()
+        _CHECKED.add(text)
+
+
+def check_run(spec: dict) -> None:
+    """Raise a ConfigError naming the run for what would fail it after its start and can be found without
+    training: its training data and step count, its evaluations (`eval.train_subset` / `test_subset`,
+    `eval.knn_k` against the evaluation set, pooling, optimizer) and its analysis images."""
+    cfg = run_config(spec)
+    data = {k: v for k, v in spec["config"].items() if k not in ("model", "out_dir")}
+    m = cfg.model
+    try:
+        if spec["pretrain"]:
+            step_plan(spec)
+        for modes in _probe_modes(spec):
+            _once([modes, data, m.arch, m.img_size, m.in_chans], lambda modes=modes: check_evaluation(modes, cfg))
+        if FAMILIES[m.arch].has_attention:
+            count = check_images(spec["images"], m.in_chans)
+            if not 0 <= spec["attention_image"] < count:
+                raise ConfigError(f"study.attention_image = {spec['attention_image']} is not an index of the "
+                                  f"{count} images of study.images ({spec['images']!r})")
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"run {spec['variant']} seed {spec['seed']}: {err}") from None
+
+
+def missing_files(run_dir: Path, spec: dict) -> list[str]:
+    """The phase files a finished run of `spec` holds and `run_dir` lacks (deleted or never written)."""
+    wanted = [PRETRAIN, "metrics.jsonl"] if spec["pretrain"] else []
+    wanted += [FINETUNE if modes == ["finetune"] else PROBES for modes in _probe_modes(spec)] + [ANALYSIS]
+    return [name for name in wanted if not (run_dir / name).exists()]
+
+
 def _stamp_knn_steps(metrics: Path, steps_per_epoch: int) -> None:
     """Give online k-NN records the step their epoch ended on. The trainer's resume trims
     metrics.jsonl by each record's "step" and k-NN records carry only their epoch, so without it a
@@ -114,11 +164,10 @@ def encoder_source(spec: dict, run_dir: Path) -> str:
 
 def evaluate_run(spec: dict, cfg: RunConfig, ckpt: str, run_dir: Path) -> None:
     """k-NN / linear probes on features extracted once, then fine-tuning: each skipped when saved."""
-    probes = [m for m in spec["evals"] if m != "finetune"]
-    if probes and not (run_dir / PROBES).exists():
-        write_json(run_dir / PROBES, evaluate(probes, cfg, ckpt, progress=False))
-    if "finetune" in spec["evals"] and not (run_dir / FINETUNE).exists():
-        write_json(run_dir / FINETUNE, evaluate(["finetune"], cfg, ckpt, progress=False))
+    for modes in _probe_modes(spec):
+        path = run_dir / (FINETUNE if modes == ["finetune"] else PROBES)
+        if not path.exists():
+            write_json(path, evaluate(modes, cfg, ckpt, progress=False))
 
 
 def analyse(spec: dict, model: nn.Module, run_dir: Path) -> list[str]:

@@ -79,8 +79,9 @@ def _preamble(study: Study, runs: list[Run], ok: list[Run], status: dict) -> lis
               "`runs/<variant>/" + ("seed<k>/" if seeds is not None else "") + "`.", ""]
     for run in runs:
         st = status[run]
-        if st["status"] == "failed":
-            lines += [f"**{run.label} failed**: {st['error']} (see `{run.dir.relative_to(study.root)}/{LOG}`)", ""]
+        if st["status"] in ("failed", "incomplete"):
+            lines += [f"**{run.label} {st['status']}**: {st['error']} (see `{run.dir.relative_to(study.root)}/{LOG}`)",
+                      ""]
     missing = [run.label for run in runs if status[run]["status"] == "missing"]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]

@@ -1,14 +1,16 @@
 """Running a study: every missing run in its own process, live progress on the console, resume.
 
-A run is finished when its `result.json` says "ok"; finished runs are never redone. Any other run
-(never started, failed, or killed mid-way) is launched again and its job resumes from what it left
-(`isolocal.study.job`). Before anything runs, every run directory that already holds a `run.json`
-must match the study's current config for it, so a changed study file cannot silently mix old and
-new runs in one report.
+A run is finished when its `result.json` says "ok" and its phase files are all there; finished runs
+are never redone. Any other run (never started, failed, killed mid-way, or with a phase file deleted)
+is launched again and its job resumes from what it left (`isolocal.study.job`). Before anything
+runs, every run directory that already holds a `run.json` must match the study's current config for
+it, so a changed study file cannot silently mix old and new runs in one report, and every run to do
+passes `job.check_run`, so a bad evaluation or analysis setting fails the study before the first
+pre-training rather than after each.
 
 Progress comes from the runs' own files, without touching the trainer: the parent follows each
-child's `metrics.jsonl` step records against the step count of its config (tqdm bar with ETA, on
-a terminal) and prints one line when a run starts and one with its headline numbers when it ends.
+child's `metrics.jsonl` step records against the step count of its config (a tqdm bar with ETA on
+a terminal, a plain line every 10 % or minute elsewhere: `isolocal.core.progress`) and prints one line when a run starts and one with its headline numbers when it ends.
 Each child's full output goes to its `run.log`.
 """
 from __future__ import annotations
@@ -22,16 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from isolocal.core.progress import progress_bar
 from isolocal.config import ConfigError
-from isolocal.study.job import FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, read_json, step_plan, write_json
+from isolocal.study.job import FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, check_run, read_json, step_plan, write_json
 from isolocal.study.schema import Run, Study, run_spec
+from isolocal.study.summary import run_status
 
 POLL_S = 1.0
 
 
 def is_finished(run: Run) -> bool:
-    path = run.dir / RESULT
-    return path.exists() and read_json(path).get("status") == "ok"
+    """result.json says "ok" and every phase file of the run is there."""
+    return run_status(run)["status"] == "ok"
 
 
 def _first_difference(old: object, new: object, key: str = "") -> str | None:
@@ -64,8 +68,8 @@ class Progress:
         self.run, self.spec = run, spec
         self.metrics = run.dir / "metrics.jsonl"
         self.total = step_plan(spec)[1] if spec["pretrain"] else 0
-        self.bar = tqdm(total=self.total or None, initial=self._last_step(), desc=self._desc(), unit="step",
-                        position=position, leave=False, dynamic_ncols=True, disable=None)
+        self.bar = progress_bar(total=self.total or None, initial=self._last_step(), desc=self._desc(), unit="step",
+                                position=position, leave=False, dynamic_ncols=True)
 
     def _last_step(self) -> int:
         """Steps done according to the metrics log (step records hold the 0-based last step)."""
@@ -128,6 +132,8 @@ class StudyRunner:
         """Run what is missing; returns the runs that were launched."""
         check_stale(self.study, self.runs)
         todo = [r for r in self.runs if not is_finished(r)]
+        for run in todo:
+            check_run(run_spec(self.study, run))
         done = len(self.runs) - len(todo)
         tqdm.write(f"[compare] {self.study.name}: {len(self.runs)} runs selected, {done} already finished, "
                    f"{len(todo)} to run; logs in {self.study.root / 'runs'}/<variant>/.../{LOG}")

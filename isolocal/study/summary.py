@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from isolocal.study.job import ANALYSIS, FINETUNE, PRETRAIN, PROBES, RESULT, RUN_SPEC, read_json
+from isolocal.study.job import ANALYSIS, FINETUNE, PRETRAIN, PROBES, RESULT, RUN_SPEC, missing_files, read_json
 from isolocal.study.schema import Run
 from isolocal.study.stats import PairedDifference, paired_difference
 
@@ -26,9 +26,20 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
 
 
 def run_status(run: Run) -> dict:
-    """result.json of a run, or a "missing" record when it never ran to the end."""
+    """result.json of a run, a "missing" record when it never ran to the end, or an "incomplete" one when
+    it says "ok" but files its numbers come from are gone."""
     path = run.dir / RESULT
-    return read_json(path) if path.exists() else {"status": "missing", "error": "not run yet"}
+    if not path.exists():
+        return {"status": "missing", "error": "not run yet"}
+    result = read_json(path)
+    if result.get("status") == "ok":
+        spec = run.dir / RUN_SPEC
+        missing = missing_files(run.dir, read_json(spec)) if spec.exists() else [RUN_SPEC]
+        if missing:
+            return {**result, "status": "incomplete",
+                    "error": f"result.json says ok but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                             f"missing; run `isolocal compare` again to redo that phase"}
+    return result
 
 
 def run_rows(run: Run) -> list[dict]:

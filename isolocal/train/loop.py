@@ -61,6 +61,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
+from isolocal.core.progress import progress_bar
 from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, init_state, load_state,
                                  remove_stale_temps, run_state)
 from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
@@ -280,8 +281,8 @@ class PretrainLoop(ABC):
         summary dict. A run that had already finished trains nothing and reports its saved final loss
         (`already_finished`)."""
         finished = self.step >= self.total_steps or self.epoch >= self.cfg.train.epochs
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.main or finished,
-                   desc=self.description, unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.dist.main or finished,
+                           desc=self.description, unit="step", dynamic_ncols=True)
         self.memory.reset()
         self.start = self.last_save_time = time.perf_counter()
         self.last_losses = torch.zeros_like(self.epoch_loss_sum)

@@ -44,7 +44,6 @@ from isolocal.config.schedule import resolve_schedule
 from isolocal.data import MultiView, build_dataset, build_loader
 from isolocal.core.device import resolve_amp, resolve_device
 from isolocal.errors import NonFiniteError, RunInterrupted
-from isolocal.heads import StagePlan
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train.pipeline.costmodel import predict, sync_every_of
 from isolocal.train.pipeline.engine import build_engine
@@ -53,39 +52,12 @@ from isolocal.train.pipeline.partition import cost_parts, describe
 from isolocal.train.pipeline.timing import (RankTimes, breakdown_table, measure_stage_costs, plot_timeline,
                                            write_trace)
 from isolocal.train.distributed import DistInfo, gather_objects, shutdown
+from isolocal.train.launch import SPLIT, check_launch
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
-                                 micro_batch_size, model_inputs)
+                                 model_inputs)
 from isolocal.train.optim import build_scheduler, scaled_lr, stage_param_groups
 
-_SPLIT = ("pipeline.micro_batches", "data-parallel replicas")  # how train.batch_size is split
 PROFILE_FROM_STEP = 2  # `pipeline.profile` counts from this step on (the first ones warm up)
-
-
-def check_launch(cfg: RunConfig) -> tuple[int, int]:
-    """(pipeline ranks, data-parallel replicas) from the launcher's environment, or a clear error (also for a
-    `pipeline.schedule` the model cannot run)."""
-    p, t = cfg.pipeline, cfg.train
-    if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
-        raise ConfigError("pipeline training runs one process per rank: launch with `torchrun --nproc-per-node N "
-                          "...` or `deepspeed --num_gpus N ...` (WORLD_SIZE and LOCAL_RANK are not set)")
-    world = int(os.environ["WORLD_SIZE"])
-    stages = len(cfg.model.taps)
-    if not 1 <= p.stages <= stages:
-        raise ConfigError(f"pipeline.stages must be between 1 and the model's {stages} stages, got {p.stages}")
-    if world % p.stages:
-        raise ConfigError(f"the launch has {world} processes, not a multiple of pipeline.stages ({p.stages})")
-    dp = world // p.stages
-    micro_batch_size(t, p.micro_batches, dp, _SPLIT)
-    if t.accum_steps != 1:
-        raise ConfigError(f"train.accum_steps must be 1 with a pipeline (got {t.accum_steps}); "
-                          "the pipeline accumulates pipeline.micro_batches micro-batches per step")
-    if t.amp == "fp16":
-        raise ConfigError("train.amp = 'fp16' is not supported by the pipeline runner; use auto, bf16 or off")
-    if t.compile:
-        raise ConfigError("train.compile = true is not supported by the pipeline runner (its stages run eager); "
-                          "set train.compile = false or train with `isolocal pretrain`")
-    resolve_schedule(p.schedule, StagePlan.from_config(cfg.model).isolated)
-    return p.stages, dp
 
 
 def init_distributed(device: torch.device, timeout_s: int) -> None:
@@ -128,7 +100,7 @@ class PipelineRun(PretrainLoop):
         self.device = resolve_device(t.device)
         self.ckpt_root = self.resume_path = Path(cfg.out_dir) / PIPELINE_DIR
         saved = self._open(resume, self.stages * self.dp)  # a refused resume fails before DeepSpeed starts
-        self._prepare_data(self.dp, p.micro_batches, _SPLIT)
+        self._prepare_data(self.dp, p.micro_batches, SPLIT)
 
         init_distributed(self.device, p.timeout_s)
         self.dist = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
@@ -324,8 +296,6 @@ def pretrain_pipeline(cfg: RunConfig, resume: bool = False, init: str | None = N
     (plus `eval_loss`, `rank`, `checkpoint`) on every rank, then ends the process group.
     """
     check_launch(cfg)
-    if resolve_device(cfg.train.device).type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     with exit_on_failure():
         run = PipelineRun(cfg, resume, init)
         summary = run.fit()

@@ -1,0 +1,84 @@
+"""Launches of several processes: what a pipeline launch must satisfy, and starting workers locally.
+
+`check_pipeline(cfg, world)` needs only the config and the number of processes, so `isolocal pretrain
+--nproc N` checks a launch before starting any worker; `check_launch(cfg)` reads the number from the
+launcher's environment (torchrun / deepspeed set WORLD_SIZE and LOCAL_RANK in every worker). Both run
+before DeepSpeed is imported or a process group starts (this module imports no DeepSpeed).
+`launch_local` starts the workers of `--nproc N` through `torch.distributed.run`'s API.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from isolocal.config import ConfigError, RunConfig
+from isolocal.config.schedule import resolve_schedule
+from isolocal.core.device import resolve_device
+from isolocal.heads import StagePlan
+from isolocal.train.loop import micro_batch_size
+
+SPLIT = ("pipeline.micro_batches", "data-parallel replicas")  # how train.batch_size is split
+
+
+def check_pipeline(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(pipeline ranks, data-parallel replicas) of `cfg` over `world` processes, or a ConfigError naming
+    the value (also for a `pipeline.schedule` the model cannot run)."""
+    p, t = cfg.pipeline, cfg.train
+    stages = len(cfg.model.taps)
+    if not 1 <= p.stages <= stages:
+        raise ConfigError(f"pipeline.stages must be between 1 and the model's {stages} stages, got {p.stages}")
+    if world % p.stages:
+        raise ConfigError(f"the launch has {world} processes, not a multiple of pipeline.stages ({p.stages})")
+    dp = world // p.stages
+    micro_batch_size(t, p.micro_batches, dp, SPLIT)
+    if t.accum_steps != 1:
+        raise ConfigError(f"train.accum_steps must be 1 with a pipeline (got {t.accum_steps}); "
+                          "the pipeline accumulates pipeline.micro_batches micro-batches per step")
+    if t.amp == "fp16":
+        raise ConfigError("train.amp = 'fp16' is not supported by the pipeline runner; use auto, bf16 or off")
+    if t.compile:
+        raise ConfigError("train.compile = true is not supported by the pipeline runner (its stages run eager); "
+                          "set train.compile = false or train with `isolocal pretrain`")
+    resolve_schedule(p.schedule, StagePlan.from_config(cfg.model).isolated)
+    return p.stages, dp
+
+
+def check_launch(cfg: RunConfig) -> tuple[int, int]:
+    """`check_pipeline` for the launcher's WORLD_SIZE, or a clear error when no launcher started this process.
+    Also points DeepSpeed at the CPU accelerator for a CPU run (read when deepspeed is first imported,
+    which then does not warn that it found no GPU)."""
+    if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
+        raise ConfigError("pipeline training runs one process per rank: launch with `torchrun --nproc-per-node N "
+                          "...`, `deepspeed --num_gpus N ...` or `isolocal pretrain --nproc N ...` (WORLD_SIZE and "
+                          "LOCAL_RANK are not set)")
+    shape = check_pipeline(cfg, int(os.environ["WORLD_SIZE"]))
+    if resolve_device(cfg.train.device).type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return shape
+
+
+def launch_local(nproc: int, module_args: list[str]) -> int:
+    """Run `python -m <module_args>` in `nproc` processes on this machine, as `torchrun --standalone
+    --nproc-per-node <nproc>` does; returns 0, or the exit code of the first worker that failed.
+
+    The workers print their own lines (rank 0 speaks for all, `isolocal.cli`); the launcher's own log
+    lines and its failure summary are not printed, so a failed launch shows only the workers' reason."""
+    for name, log in logging.root.manager.loggerDict.items():  # set up at import, each with its own level
+        if name.startswith("torch.distributed") and isinstance(log, logging.Logger):
+            log.setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)("-m", *module_args)
+    except ChildFailedError as err:
+        code = err.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # a worker ended by a signal: the shell's code for it
+    except SignalException as err:  # Ctrl-C / SIGTERM: the workers got it too and saved their state
+        return 128 + int(err.sigval)
+    return 0
