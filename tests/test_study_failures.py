@@ -73,6 +73,19 @@ def test_report_only_refuses_a_directory_without_the_studys_runs(tmp_path, capsy
     assert not (tmp_path / "out").exists()  # no empty report
 
 
+@pytest.mark.parametrize("report_only", [False, True])
+def test_a_study_directory_that_cannot_be_written_is_refused_before_any_run(tmp_path, capsys, report_only):
+    """`out_dir` below a regular file (which stops root too): one line naming the path, nothing written."""
+    (tmp_path / "file").write_text("not a directory\n")
+    study = study_file(tmp_path)
+    study.write_text(study.read_text().replace(str(tmp_path / "out"), str(tmp_path / "file" / "out")))
+    (tmp_path / "runs").mkdir()  # nothing but the file and this is in tmp_path before and after
+    code = main(["compare", "-c", str(study), *(["--report-only"] if report_only else [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(tmp_path / "file") in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "runs", "study.toml"]
+
+
 @pytest.mark.slow
 def test_progress_lines_off_a_terminal_and_an_incomplete_run_is_reported_then_redone(tmp_path):
     """stdout and stderr to a file: the 16 pre-training steps show as plain lines (step / total, rate, ETA);

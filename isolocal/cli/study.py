@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from isolocal.config import ConfigError
+from isolocal.io.paths import check_writable_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     runs = select_runs(study, args.only)
     if args.only and args.report_only:
         raise ValueError("--only selects runs to run; it has no effect with --report-only")
+    check_writable_dir(study.root, "study.out_dir")  # the runs and the report are written there
     if args.report_only and not any(run.dir.is_dir() for run in runs):
         raise ConfigError(f"--report-only: {study.root} holds none of study {study.name!r}'s runs "
                           f"({study.root / 'runs'}/<variant>/...); check study.out_dir, or run the study first")
