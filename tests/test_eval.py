@@ -1,6 +1,8 @@
 """Evaluation: k-NN, per-stage linear probes, fine-tuning with layer decay, and the `isolocal eval` CLI."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 
@@ -264,6 +266,31 @@ def test_head_accuracy_is_each_classify_heads_argmax_agreement_with_the_labels()
             logits = model.stages[k].head.mlp(feats[k][:, 1:].mean(1))
             assert accs[k] == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
     assert head_accuracy(_nano(), data, progress=False) == {}  # mim everywhere: nothing to score
+
+
+def test_head_accuracy_scores_in_eval_mode_and_changes_no_weight_or_statistic(capsys):
+    """A ResNet's BatchNorm tells the modes apart: labelled with its own eval-mode predictions, each head
+    scores 100 %, and the running statistics are untouched. A progress bar is drawn unless asked not to."""
+    from isolocal.eval.head_accuracy import head_accuracy
+    from isolocal.models.encoder import StagewiseEncoder
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(isolocal.preset_config("resnet32_k4"), depths=[1, 1, 2], taps=[1, 3], img_size=16)
+    model = StagewiseEncoder(cfg).train()
+    images = torch.randn(24, 1, 16, 16) * 3 + 1  # far from the initial running mean 0 and variance 1
+    with torch.no_grad():
+        model.eval()
+        feats = model.encode(images)
+        predicted = [model.stages[k].head.logits(feats[k], 0).argmax(1) for k in (0, 1)]
+        model.train()
+    before = copy.deepcopy(model.state_dict())
+    for k in (0, 1):
+        data = list(zip(images, predicted[k].tolist()))
+        assert head_accuracy(model, data, batch_size=8, progress=False)[k] == 100.0
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items()) and model.training
+    assert capsys.readouterr().err == ""
+    head_accuracy(model, data[:8])
+    assert "classify heads: " in capsys.readouterr().err  # tqdm's "{desc}: {percentage}"
 
 
 def test_eval_head_reports_only_the_classify_stages(tmp_path):

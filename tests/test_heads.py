@@ -90,6 +90,7 @@ def test_head_defaults_pool_every_token_of_one_view_and_size_the_mlp_by_the_stag
     out = head.loss(features, HeadInputs(labels=labels))
     torch.testing.assert_close(out.pred, head.mlp(features.mean(1)))
     assert out.logs["acc"].item() == pytest.approx((out.pred.argmax(1) == labels).float().mean().item())
+    assert not out.logs["acc"].requires_grad  # a log: no graph kept alive
     with pytest.raises(ValueError, match="got views=1"):
         ContrastiveHead(8, 4, 0.5).loss(torch.randn(4, 5, 8), HeadInputs())
 

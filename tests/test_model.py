@@ -363,6 +363,31 @@ def test_a_received_isolated_boundary_passes_zero_gradient_instead_of_detaching(
     assert not inside.output.requires_grad
     assert not cross_boundary(y.detach(), 0.0, received=True).requires_grad
     assert cross_boundary(y, 1.0, received=True) is y
+    assert not cross_boundary(y, 0.0).requires_grad  # by default x comes from this process: detached
+
+
+def test_the_models_stage_loop_from_a_later_stage_detaches_its_input_in_process():
+    """`stages_of` started at stage 1 on an input that needs a gradient: without `received` (a caller in this
+    process) the isolated boundary detaches, so the stage's loss has no gradient for that input."""
+    model = isolocal.create_model("localmim_vit_nano", boundary="isolated")
+    images, mask = batch(model)
+    prepared = model.prepare(images, mask)
+    x = model.stage_step(0, images, prepared)[0]
+    (stage,) = model.stages_of(x, prepared, stages=[1])
+    assert torch.autograd.grad(stage.loss, x, allow_unused=True) == (None,)
+
+
+def test_only_reconstructing_stages_get_targets():
+    """`prepare` computes a target for each asked-for stage whose head reconstructs, and for no other."""
+    mixed = isolocal.create_model("localmim_vit_nano", objective=["mim", "classify", "mim", "classify"])
+    images, mask = batch(mixed)
+    labels = torch.zeros(2, dtype=torch.long)
+    present = lambda prepared: [t is not None for t in prepared.targets]  # noqa: E731
+    assert present(mixed.prepare(images, mask, labels=labels)) == [True, False, True, False]
+    assert present(mixed.prepare(images, mask, [1, 2], labels=labels)) == [False, False, True, False]
+    mim = isolocal.create_model("localmim_vit_nano")
+    assert present(mim.prepare(images, mask)) == [True] * 4
+    assert present(mim.prepare(images, mask, [1, 2])) == [False, True, True, False]
 
 
 def test_same_weights_images_mask_give_identical_losses():

@@ -28,7 +28,9 @@ import torch
 import isolocal
 from isolocal.io.checkpoint import LAST, load_model_state, pipeline_state_dict
 from isolocal.config import RunConfig, from_dict, to_dict
-from isolocal.train.pipeline.engine import ENGINES, IsolatedSchedule, LocalBackward, build_engine
+from isolocal.train.pipeline.engine import (ENGINES, IsolatedSchedule, IsolatedScheduleEngine, LocalBackward,
+                                            build_engine)
+from isolocal.train.pipeline.timing import CATEGORIES
 from isolocal.train.pipeline.runner import eval_batches
 from isolocal.config.load import load_run_config
 from isolocal.train import train
@@ -409,6 +411,37 @@ def test_isolated_schedule_only_sends_forward_and_holds_two_micro_batches():
             # each micro-batch's backward runs before the next micro-batch is received or loaded
             order = [n for n in names if n in ("ForwardPass", "LocalBackward")]
             assert order == ["ForwardPass", "LocalBackward"] * 5
+
+
+class TimedRecorder:
+    """`RankTimes.timed`'s interface: records (category, handler name) and leaves the handler as it is."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+
+    def timed(self, category: str, fn):
+        self.calls.append((category, fn.__name__))
+        return fn
+
+
+def test_profiling_times_every_instruction_and_the_isolated_ranks_own_waits_in_known_categories():
+    """`pipeline.profile`: each engine times every instruction in a `RankTimes` category (time in any other
+    name would fall into "other"); the isolated engine also times its local backwards and, on every rank
+    but the last, the wait for its last send."""
+    for engine_class in ENGINES.values():
+        for stage_id in (0, 1):
+            engine = engine_class.__new__(engine_class)  # no process group: only the profiling wiring
+            engine.stage_id, engine.num_stages = stage_id, 2
+            times = TimedRecorder()
+            engine.profile(times)
+            assert vars(engine)["_INSTRUCTION_MAP"].keys() == engine_class._INSTRUCTION_MAP.keys()
+            assert len(times.calls) >= len(engine_class._INSTRUCTION_MAP)
+            assert {category for category, _ in times.calls} <= set(CATEGORIES)
+            own = [call for call in times.calls if call[1] in ("_backward_local", "_finish_send")]
+            if engine_class is IsolatedScheduleEngine:
+                assert own == [("backward", "_backward_local")] + ([("send", "_finish_send")] if stage_id == 0 else [])
+            else:
+                assert own == []
 
 
 def test_build_engine_defaults_to_the_auto_schedule_without_clipping():

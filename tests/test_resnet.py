@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -18,10 +19,12 @@ import torch.nn.functional as F
 
 from isolocal.cli import main
 from isolocal.config import ConfigError, ModelConfig
-from isolocal.data import build_dataset
+from isolocal.data import SyntheticImages, build_dataset
 from isolocal.io.export import export_timm, timm_kwargs
-from isolocal.heads import ClassifyHead, pool
+from isolocal.eval.features import extract_features
+from isolocal.heads import HEADS, ClassifyHead, pool
 from isolocal.models.encoder import StagewiseEncoder
+from isolocal.models.resnet import BLOCKS, isolocal_resnet, resnet_timm_name_and_kwargs
 from isolocal.config.presets import list_models, preset_config
 from isolocal.config.load import load_run_config
 from isolocal.study.schema import load_study, resolve_run
@@ -82,6 +85,76 @@ def test_a_standard_resnet18_exports_under_timms_own_name():
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.encode(images)[-1], net.forward_features(images))
+
+
+def timm_resnet_args(name: str) -> tuple[type, tuple[int, ...]]:
+    """(block class, layers) that timm's own `name` entrypoint builds, read without building it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(timm.models.resnet, "_create_resnet", lambda variant, pretrained, **kw: (kw["block"], kw["layers"]))
+        return getattr(timm.models.resnet, name)()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_every_standard_imagenet_geometry_exports_under_timms_name_and_no_other(name):
+    """timm's own name exactly for its block and layers with the ImageNet stem and widths; the CIFAR stem
+    at the same geometry is `isolocal_resnet`."""
+    block, layers = timm_resnet_args(name)
+    kind = next(k for k, cls in BLOCKS.items() if cls is block)
+    cfg = tiny(block=kind, depths=list(layers), channels=[64, 128, 256, 512], stem="imagenet", img_size=224,
+               in_chans=3, taps=[sum(layers) - 1])
+    assert resnet_timm_name_and_kwargs(SimpleNamespace(cfg=cfg)) == (name, {})
+    cifar = dataclasses.replace(cfg, stem="cifar")
+    assert resnet_timm_name_and_kwargs(SimpleNamespace(cfg=cifar))[0] == "isolocal_resnet"
+
+
+def test_isolocal_resnet_defaults_to_timms_resnet18():
+    """The registered entrypoint without arguments is timm's ResNet-18, parameter for parameter."""
+    ours, theirs = isolocal_resnet().state_dict(), timm.create_model("resnet18").state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+# ---------------------------------------------------------------------------------------- geometry and init
+
+@pytest.mark.parametrize("kw", [
+    {},  # CIFAR stem, basic blocks, 3 timm stages
+    dict(block="bottleneck", depths=[1, 2], channels=[4, 8], stem="imagenet", img_size=64, in_chans=3, taps=[0, 2]),
+], ids=["cifar_basic", "imagenet_bottleneck"])
+def test_each_stage_outputs_the_map_its_tap_describes(kw):
+    """Stage k's map is (B, tap.dim, tap.grid, tap.grid), a tap's cell tiles the image, its head reads the
+    map at its own resolution (scale 1, as `isolocal info` prints); the stems are timm's (ImageNet) and
+    He et al.'s 3x3 / 1 conv without bias or pool (CIFAR)."""
+    torch.manual_seed(0)
+    model = StagewiseEncoder(tiny(**kw)).eval()
+    images = batch(model, samples=2)[0]
+    with torch.no_grad():
+        maps = model.encode(images)
+    for x, tap in zip(maps, model.taps):
+        assert x.shape == (len(images), tap.dim, tap.grid, tap.grid)
+        assert tap.grid * tap.cell == model.cfg.img_size and tap.scale == 1.0
+    conv, pool = model.stages[0].conv1, model.stages[0].maxpool
+    if model.cfg.stem == "cifar":
+        assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((3, 3), (1, 1), (1, 1), None)
+        assert isinstance(pool, torch.nn.Identity)
+    else:
+        ref = timm.create_model("resnet18")
+        assert [(c.kernel_size, c.stride, c.padding, c.bias) for c in (conv, ref.conv1)] == [
+            (ref.conv1.kernel_size, ref.conv1.stride, ref.conv1.padding, None)] * 2
+        assert (pool.kernel_size, pool.stride, pool.padding) == (ref.maxpool.kernel_size, ref.maxpool.stride,
+                                                                 ref.maxpool.padding)
+
+
+def test_weights_start_from_timms_resnet_init():
+    """He normal (fan out) convolutions and a zero last BatchNorm in every residual branch, so each block
+    starts as its shortcut."""
+    torch.manual_seed(0)
+    model = StagewiseEncoder(preset_config("resnet32_k4"))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 4096]
+    assert convs
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert float(conv.weight.detach().std()) == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.05)
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    assert len(blocks) == 15 and all(not block.bn2.weight.any() for block in blocks)
 
 
 # ---------------------------------------------------------------------------------------- isolation
@@ -151,7 +224,8 @@ def test_every_presets_stages_cover_each_block_once_split_evenly(name):
 # ---------------------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(objective="mim"), r"model.objective 'mim' \(stages \[0, 1\]\) needs a token grid"),
+    (dict(objective="mim"), r"model.objective 'mim' \(stages \[0, 1\]\) needs a token grid.*use 'classify' or "
+                            r"'contrastive'$"),
     (dict(objective=["classify", "mim"]), r"'mim' \(stages \[1\]\)"),
     (dict(taps=[1, 2]), r"the last tap must be the last block \(3\), got 2"),
     (dict(taps=[1, 4]), r"taps must be residual block indices in \[0, 3\], got \[1, 4\]"),
@@ -160,12 +234,44 @@ def test_every_presets_stages_cover_each_block_once_split_evenly(name):
     (dict(channels=[5, 8, 8]), r"cifar stem needs an even channels\[0\].*got 5"),
     (dict(block="wide"), r"model.block must be basic or bottleneck, got 'wide'"),
     (dict(img_size=18), r"img_size 18 must be divisible by the ResNet's stride 4"),
+    (dict(depths=[2, 1], channels=[4, 8], taps=[1, 2], img_size=15),
+     r"img_size 15 must be divisible by the ResNet's stride 2"),  # the last block's stride, not the one before
+    (dict(img_size=0), r"img_size must be >= 1, got 0"),
+    (dict(in_chans=0), r"in_chans must be >= 1, got 0"),
+    (dict(stem="tiny"), r"stem must be one of \['imagenet', 'cifar'\], got 'tiny'"),
+    (dict(depths=[1], channels=[4], taps=[0]), r"a ResNet needs >= 2 residual blocks"),
+    (dict(taps=[]), r"taps must list at least one block"),
+    (dict(taps=[2, 1, 3]), r"taps must be increasing, got \[2, 1, 3\]"),
+    (dict(taps=[1, 1, 3]), r"taps must be increasing, got \[1, 1, 3\]"),
 ])
 def test_bad_resnet_configs_are_refused_before_any_weights(kw, message):
     with pytest.raises(ValueError, match=message):
         StagewiseEncoder.check_config(tiny(**kw))
     with pytest.raises(ValueError, match=message):
         StagewiseEncoder(tiny(**kw))
+
+
+def test_every_reconstructing_head_is_named_when_a_resnet_is_given_one(monkeypatch):
+    monkeypatch.setitem(HEADS, "mim2", HEADS["mim"])  # a second head that needs the target
+    with pytest.raises(ValueError, match=r"model.objective 'mim' / 'mim2' \(stages \[0, 1\]\)"):
+        StagewiseEncoder.check_config(tiny(objective=["mim", "mim2"]))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(depths=[2], channels=[2], taps=[1], img_size=1),  # one timm stage (stride 1), a 1-pixel image
+    dict(depths=[1, 1], channels=[2, 1], taps=[0, 1], img_size=2),  # two blocks, a stage one channel wide
+], ids=["one_stage_one_pixel", "two_blocks_width_one"])
+def test_the_smallest_resnets_the_checks_accept_build_and_run(kw):
+    torch.manual_seed(0)
+    model = StagewiseEncoder(tiny(**kw))
+    maps = model.encode(torch.randn(4, 1, model.cfg.img_size, model.cfg.img_size))  # too small a map to mask
+    assert [x.shape[1:] for x in maps] == [(t.dim, t.grid, t.grid) for t in model.taps]
+    assert all(torch.isfinite(x).all() for x in maps)
+
+
+def test_a_resnet_has_no_cls_token_to_pool():
+    with pytest.raises(ValueError, match="eval.feature = 'cls' needs a model with a CLS token"):
+        extract_features(StagewiseEncoder(tiny()), SyntheticImages(4, 16, 1), feature="cls", progress=False)
 
 
 def test_bad_resnet_fields_are_config_errors_naming_the_key():
@@ -263,6 +369,19 @@ def test_gradient_checkpointing_changes_no_loss_gradient_or_batch_statistic(pres
     (a, sa), (b, sb) = runs
     assert a == b
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_new_model_recomputes_nothing_until_checkpointing_is_set():
+    """Without `grad_checkpoint` set, a training step runs each block once; setting it reaches every stage."""
+    torch.manual_seed(0)
+    model = StagewiseEncoder(tiny()).train()
+    calls = []
+    model.stages[-1].blocks[-1].register_forward_pre_hook(lambda module, args: calls.append(1))
+    images, mask, labels = batch(model)
+    model(images, mask, labels=labels).loss.backward()
+    assert not model.grad_checkpoint and len(calls) == 1
+    model.grad_checkpoint = True
+    assert model.grad_checkpoint and all(stage.grad_checkpointing for stage in model.stages)
 
 
 # ---------------------------------------------------------------------------------------- pipeline

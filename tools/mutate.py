@@ -49,6 +49,9 @@ DOCS = REPO / "docs" / "testing.md"
 FAST = "not vit_b_exports and not swin_base_export and not swin_tiny_export and not published_vit_b"
 EARLY_REDUCE = ("tests/test_gpu_readiness.py::"
                 "test_isolated_data_parallel_reduces_start_after_each_stage_and_average_bit_identically")
+RESNET_HEADS = ("tests/test_resnet.py::test_classify_reads_maps_through_a_conv_and_tokens_as_before",
+                "tests/test_resnet.py::test_isolated_stages_get_only_their_own_losses_gradient")
+HEAD_ACCURACY = "tests/test_eval.py::test_head_accuracy_is_each_classify_heads_argmax_agreement_with_the_labels"
 MODULES: dict[str, list[str]] = {
     "isolocal/models/encoder.py": ["tests/test_model.py", "tests/test_swin.py::test_isolation_on_nano_swin",
                                    "tests/test_swin.py::test_simmim_dense_encoder_trains_mask_token",
@@ -64,15 +67,35 @@ MODULES: dict[str, list[str]] = {
                                        "mim_losses_equal_the_code_before_the_heads",
                                        "other_heads_leave_the_mim_stages_numbers_unchanged",
                                        "a_forward_without_the_labels_a_head_needs_is_refused",
-                                       "two_views_are_independent_augmentations_stacked_view_first")], "-k", FAST],
-    "isolocal/core/stages.py": ["tests/test_model.py", "tests/test_swin.py::test_isolation_on_nano_swin", "-k", FAST],
-    "isolocal/heads/base.py": ["tests/test_heads.py", "-m", "not slow"],
-    "isolocal/heads/plan.py": ["tests/test_heads.py", "tests/test_failures_io.py::test_a_micro_batch_of_two_can_contrast",
-                               "-m", "not slow"],
-    "isolocal/heads/classify.py": ["tests/test_heads.py", "-m", "not slow"],
-    "isolocal/heads/contrastive.py": ["tests/test_heads.py", "-m", "not slow"],
-    "isolocal/models/decoder.py": ["tests/test_model.py", "tests/test_swin.py::test_nano_preset_shapes", "-k", FAST],
-    "isolocal/models/family.py": ["tests/test_model.py", "tests/test_swin.py", "-k", FAST],
+                                       "two_views_are_independent_augmentations_stacked_view_first")],
+                                   *[f"tests/test_resnet.py::test_{name}" for name in (
+                                       "bad_resnet_configs_are_refused_before_any_weights",
+                                       "every_reconstructing_head_is_named_when_a_resnet_is_given_one",
+                                       "a_new_model_recomputes_nothing_until_checkpointing_is_set")], "-k", FAST],
+    "isolocal/core/stages.py": ["tests/test_model.py", "tests/test_swin.py::test_isolation_on_nano_swin",
+                                *[f"tests/test_heads.py::test_{name}" for name in (
+                                    "the_stage_plan_is_resolved_once_from_the_config",
+                                    "a_bad_objective_or_boundary_fails_in_the_plan_before_any_weights",
+                                    "isolation_holds_under_autograd_for_every_head")],
+                                "tests/test_resnet.py::test_isolated_stages_get_only_their_own_losses_gradient",
+                                "-k", FAST],
+    "isolocal/heads/plan.py": ["tests/test_heads.py", "tests/test_resnet.py",
+                               "tests/test_failures_io.py::test_a_micro_batch_of_two_can_contrast", "-m", "not slow"],
+    "isolocal/heads/base.py": ["tests/test_heads.py", *RESNET_HEADS, "-m", "not slow"],
+    "isolocal/heads/classify.py": ["tests/test_heads.py", *RESNET_HEADS, HEAD_ACCURACY, "-m", "not slow"],
+    "isolocal/heads/contrastive.py": ["tests/test_heads.py", *RESNET_HEADS, "-m", "not slow"],
+    "isolocal/models/resnet.py": ["tests/test_resnet.py", "-m", "not slow"],
+    "isolocal/models/recompute.py": [
+        "tests/test_resnet.py::test_gradient_checkpointing_changes_no_loss_gradient_or_batch_statistic",
+        "tests/test_resnet.py::test_a_new_model_recomputes_nothing_until_checkpointing_is_set"],
+    "isolocal/eval/head_accuracy.py": [
+        HEAD_ACCURACY, "tests/test_eval.py::test_head_accuracy_scores_in_eval_mode_and_changes_no_weight_or_statistic",
+        "tests/test_eval.py::test_eval_head_reports_only_the_classify_stages"],
+    "isolocal/models/decoder.py": ["tests/test_model.py", "tests/test_posembed.py",
+                                   "tests/test_swin.py::test_nano_preset_shapes", "-k", FAST],
+    "isolocal/models/family.py": ["tests/test_model.py", "tests/test_swin.py",
+                                  "tests/test_heads.py::test_attention_analysis_and_maps_work_on_a_classify_model",
+                                  "-k", FAST],
     "isolocal/core/targets.py": ["tests/test_targets.py",
                             "tests/test_model.py::test_loss_is_the_weighted_mse_over_masked_cells",
                             "tests/test_heads.py::test_isolation_holds_under_autograd_for_every_head"],
@@ -89,6 +112,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_train.py::test_two_process_data_parallel_ends_with_identical_parameters", EARLY_REDUCE],
     "isolocal/train/pipeline/engine.py": [
         "tests/test_pipeline.py::test_isolated_schedule_only_sends_forward_and_holds_two_micro_batches",
+        "tests/test_pipeline.py::"
+        "test_profiling_times_every_instruction_and_the_isolated_ranks_own_waits_in_known_categories",
         "tests/test_pipeline.py::test_build_engine_defaults_to_the_auto_schedule_without_clipping",
         "tests/test_pipeline.py::test_two_ranks_match_single_process_gradients_and_params",
         "tests/test_pipeline.py::test_four_ranks_and_data_parallel_match_single_process"],
@@ -419,7 +444,7 @@ def run_all(mutants: list[Mutant], jobs: int, timeouts: dict[str, float], work: 
                     m.status = "timeout"
                 else:
                     code = os.waitstatus_to_exitcode(status)
-                    m.status = "survived" if code == 0 else "killed" if code in (1, 2) else f"error {code}"
+                    m.status = "survived" if code == 0 else "killed" if code in KILLED_BY else f"error {code}"
                 m.seconds, m.cpu = round(elapsed, 1), round(usage.ru_utime + usage.ru_stime, 1)
                 write_version(copies[j] / m.path, original)
                 free.append(j)
@@ -446,6 +471,9 @@ def baseline(paths: list[str], work: Path, log) -> dict[str, float]:
     return seconds
 
 
+# pytest exit codes that kill a mutant: tests failed (1), collection failed (2), or a named test could not be
+# collected (4, "not found"), which the unmutated baseline could: the mutated module fails to import.
+KILLED_BY = (1, 2, 4)
 LISTS = {"equivalent": "Equivalent mutants", "cuda-only": "CUDA-only mutants"}  # status -> docs section
 
 
@@ -472,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             print(f"{m.path}:{m.line}  {m.key}" + (f"  [{m.status}]" if m.key in known else ""))
         print(f"{len(mutants)} mutants in {len(paths)} modules")
+        note_stale(known, mutants, paths)
         return 0
 
     os.environ.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg", DS_ACCELERATOR="cpu", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
@@ -500,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
     return summarize(mutants, known, paths, before + time.monotonic() - started, args.report)
 
 
+def note_stale(known: dict[str, str], mutants: list[Mutant], paths: list[str]) -> None:
+    """Name the listed keys of these modules that match no mutant (code renamed, moved or gone)."""
+    for key in sorted(k for k in set(known) - {m.key for m in mutants} if k.split("::")[0] in paths):
+        print(f"note: docs/testing.md lists `{key}`, which is no longer a mutant")
+
+
 def save_report(report: Path, mutants: list[Mutant], seconds: float) -> None:
     """Every mutant and its outcome so far, and the wall time of all sessions (atomic write)."""
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -514,7 +549,7 @@ def resume(mutants: list[Mutant], report: Path) -> float:
     if not report.exists():
         raise SystemExit(f"--resume: no report at {report}")
     state = json.loads(report.read_text())
-    done = {m["key"]: m for m in state["mutants"] if m["status"] not in ("pending", *LISTS)}
+    done = {m["key"]: m for m in state["mutants"] if m["status"] in ("killed", "survived", "timeout")}  # errors rerun
     for m in mutants:
         if m.status == "pending" and m.key in done:
             m.status, m.seconds, m.cpu = done[m.key]["status"], done[m.key]["seconds"], done[m.key]["cpu"]
@@ -542,8 +577,7 @@ def summarize(mutants: list[Mutant], known: dict[str, str], paths: list[str], se
     survivors = [m for m in mutants if m.status not in ("killed", "timeout", *LISTS)]
     for m in survivors:
         print(f"SURVIVED ({m.status}) {m.path}:{m.line}  `{m.key}`")
-    for key in sorted(k for k in set(known) - {m.key for m in mutants} if k.split("::")[0] in paths):
-        print(f"note: docs/testing.md lists `{key}`, which is no longer a mutant")
+    note_stale(known, mutants, paths)
     save_report(report, mutants, seconds)
     return 1 if survivors else 0
 

@@ -36,7 +36,7 @@ class ClassifyHead(StageHead):
             raise ValueError("the classify head needs labels: pass labels= (one class index per sample)")
         logits = self.logits(features, inputs.prefix)
         return HeadOutput(F.cross_entropy(logits.float(), inputs.labels), logits,
-                          {"acc": (logits.argmax(1) == inputs.labels).float().mean().detach()})
+                          {"acc": (logits.argmax(1) == inputs.labels).float().mean()})  # argmax: no graph
 
 
 def build_classify(cfg: ModelConfig, dim: int) -> ClassifyHead:

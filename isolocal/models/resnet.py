@@ -47,12 +47,13 @@ def resnet_stem(stem: str, in_chans: int, width: int) -> tuple[nn.Conv2d, nn.Mod
 
 def block_geometry(cfg: ModelConfig) -> tuple[list[int], list[int]]:
     """(output width, stride in pixels) of every residual block, by timm's rule (`make_blocks`: the
-    first timm stage keeps the stem's resolution, each later one halves it; output stride 32)."""
+    first timm stage keeps the stem's resolution, each later one halves it; timm's output-stride cap
+    of 32 is never reached, as its stride counts from 4 and there are at most 4 timm stages)."""
     widths, strides = [], []
-    timm_stride, pixels = 4, 4 if cfg.stem == "imagenet" else 1  # timm counts from its stem's stride 4
+    pixels = 4 if cfg.stem == "imagenet" else 1
     for s, (depth, width) in enumerate(zip(cfg.depths, cfg.channels)):
-        if s > 0 and timm_stride < 32:
-            timm_stride, pixels = timm_stride * 2, pixels * 2
+        if s > 0:
+            pixels *= 2
         widths += [width * BLOCKS[cfg.block].expansion] * depth
         strides += [pixels] * depth
     return widths, strides
