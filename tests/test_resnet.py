@@ -238,7 +238,7 @@ def test_every_presets_stages_cover_each_block_once_split_evenly(name):
      r"img_size 15 must be divisible by the ResNet's stride 2"),  # the last block's stride, not the one before
     (dict(img_size=0), r"img_size must be >= 1, got 0"),
     (dict(in_chans=0), r"in_chans must be >= 1, got 0"),
-    (dict(stem="tiny"), r"stem must be one of \['imagenet', 'cifar'\], got 'tiny'"),
+    (dict(stem="tiny"), r"model.stem must be imagenet or cifar, got 'tiny'"),
     (dict(depths=[1], channels=[4], taps=[0]), r"a ResNet needs >= 2 residual blocks"),
     (dict(taps=[]), r"taps must list at least one block"),
     (dict(taps=[2, 1, 3]), r"taps must be increasing, got \[2, 1, 3\]"),
