@@ -264,3 +264,19 @@ def test_figures_from_real_photo(tmp_path):
         path=tmp_path / "array_maps.png",
     )
     assert is_png(array_maps[0])
+
+
+def test_attention_checks_name_the_map_and_scale_the_row_tolerance_with_the_dtype():
+    """`check_attention`: a non-square map is refused like a 3-D one; rows may be off by 1e-3 in fp32 /
+    fp64 and by 2e-2 in half precision (softmax rows round there), not more."""
+    from analysis.metrics import check_attention
+
+    with pytest.raises(ValueError, match=r"^attention must have shape \(images, heads, tokens, tokens\), got "
+                                         r"\(2, 3, 10, 9\)"):
+        check_attention(torch.full((2, 3, 10, 9), 1 / 9))
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        check_attention(torch.full((1, 1, 4, 4), 0.25125, dtype=torch.float32))  # off by 5e-3 in fp32
+    check_attention(torch.full((1, 1, 4, 4), 0.25025, dtype=torch.float64))  # off by 1e-3: rounding
+    check_attention(torch.full((1, 1, 4, 4), 0.2525, dtype=torch.float16))  # off by 1e-2 in fp16
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        check_attention(torch.full((1, 1, 4, 4), 0.2625, dtype=torch.bfloat16))  # off by 5e-2
