@@ -30,7 +30,6 @@ from isolocal.models.recompute import run_blocks
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-STEMS = ("imagenet", "cifar")
 
 
 def stem_width(stem: str, channels: list[int]) -> int:
@@ -60,10 +59,8 @@ def block_geometry(cfg: ModelConfig) -> tuple[list[int], list[int]]:
 
 
 def _check_resnet(cfg: ModelConfig) -> None:
-    require(cfg.img_size >= 1, f"img_size must be >= 1, got {cfg.img_size}")
-    require(cfg.in_chans >= 1, f"in_chans must be >= 1, got {cfg.in_chans}")
-    require(cfg.block in BLOCKS, f"block must be one of {sorted(BLOCKS)}, got {cfg.block!r}")
-    require(cfg.stem in STEMS, f"stem must be one of {list(STEMS)}, got {cfg.stem!r}")
+    """The geometry a ResNet needs; single-field ranges (img_size, in_chans, block, stem) are the
+    config's (`isolocal.config.validate.validate_model`, which the model runs first)."""
     n = len(cfg.depths)
     require(1 <= n <= 4 and all(d >= 1 for d in cfg.depths),
             f"depths must list >= 1 residual block for each of 1 to 4 ResNet stages (timm's), got {cfg.depths}")
