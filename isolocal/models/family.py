@@ -51,14 +51,10 @@ def require(ok: bool, message: str) -> None:
 
 
 def check_common(cfg: ModelConfig) -> None:
-    """Checks that do not depend on the family."""
-    require(cfg.img_size >= 1, f"img_size must be >= 1, got {cfg.img_size}")
-    require(cfg.in_chans >= 1, f"in_chans must be >= 1, got {cfg.in_chans}")
-    require(cfg.patch_size >= 1 and cfg.img_size % cfg.patch_size == 0,
+    """Checks that do not depend on the family and that the config's ranges (`validate_model`, run
+    first) cannot make alone: they relate fields to each other."""
+    require(cfg.img_size % cfg.patch_size == 0,
             f"img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size}")
-    require(0.0 < cfg.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
-    require(cfg.target in ("hog", "pixels"), f"target must be 'hog' or 'pixels', got {cfg.target!r}")
-    require(cfg.hog_nbins >= 1, f"hog_nbins must be >= 1, got {cfg.hog_nbins}")
     require(len(cfg.taps) >= 1, "taps must list at least one block")
     require(len(cfg.scales) == len(cfg.taps),
             f"scales must have one entry per tap ({len(cfg.taps)}), got {len(cfg.scales)}")
@@ -78,8 +74,8 @@ def per_tap(values: list, k: int) -> Any:
 def make_tap(cfg: ModelConfig, k: int, index: int, dim: int, grid: int, stride: int) -> Tap:
     """Tap k at encoder `grid` (tokens of `stride` px), validated against its scale and target."""
     scale = cfg.scales[k]
-    log = math.log2(scale) if scale > 0 else 0.5
-    require(scale > 0 and log == int(log),
+    log = math.log2(scale)  # scales are > 0: the config's ranges are checked first
+    require(log == int(log),
             f"scales[{k}] = {scale} must be a power of two (0.25, 0.5, 1, 2, 4, ...)")
     out = grid * scale
     require(out >= 1 and out == int(out),
@@ -89,9 +85,6 @@ def make_tap(cfg: ModelConfig, k: int, index: int, dim: int, grid: int, stride: 
     require(cell >= 1 and cell == int(cell),
             f"scales[{k}] = {scale} gives a target cell of {cell} px (token stride {stride} px / scale); "
             "the cell must be a whole number of pixels")
-    require(cell <= cfg.img_size, f"target cell {int(cell)} px of tap {k} is larger than img_size {cfg.img_size}")
-    require(int(out) * int(cell) == cfg.img_size,
-            f"tap {k}: output grid {int(out)} x cell {int(cell)} px does not cover img_size {cfg.img_size}")
     dec_dim = per_tap(cfg.decoder_dim, k)
     if scale > 1:
         require(dec_dim % int(scale) == 0,
