@@ -37,28 +37,47 @@ from isolocal.config.presets import resolve_model_config
 from isolocal.models.encoder import StagewiseEncoder
 
 RANDOM = "random"  # the built-in control variant: the encoder at its seeded init, no pre-training
+PIXELS = "pixels"  # the built-in control variant: the probes on raw, normalized pixels, no encoder
+FLOORS = (RANDOM, PIXELS)  # the controls every accuracy claim must clear
 EVALS = ("knn", "linear", "head", "finetune")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 # Metric families of a run, as they appear in summary.csv: name -> (where, what it needs).
 # where: "stage" (one value per stage, also addressed by the stage's tap layer), "layer" (one value
-# per encoder layer), "run" (one value).
+# per encoder layer), "run" (one value). Accuracies are on the test split unless named `*_val`
+# (the validation split carved out of the labelled training images); `*_sel` is the test accuracy
+# of the stage chosen on validation, `*_sel_stage` that stage, `*_top` the last stage's (matched depth).
 METRICS: dict[str, tuple[str, str]] = {
     "loss": ("stage", "pretrain"),
     "loss_total": ("run", "pretrain"),
     "knn": ("stage", "knn"),
-    "knn_best": ("run", "knn"),
+    "knn_val": ("stage", "knn"),
+    "knn_sel": ("run", "knn"),
+    "knn_sel_stage": ("run", "knn"),
+    "knn_top": ("run", "knn"),
     "linear": ("stage", "linear"),
-    "linear_best": ("run", "linear"),
-    "head": ("stage", "head"),  # a classify head's own test top-1 (stages with one)
+    "linear_val": ("stage", "linear"),
+    "linear_sel": ("run", "linear"),
+    "linear_sel_stage": ("run", "linear"),
+    "linear_top": ("run", "linear"),
+    "head": ("stage", "head"),  # a classify head's own top-1 (stages with one)
     "head_top": ("run", "head"),  # the top stage's classify head: the model's prediction
-    "finetune": ("run", "finetune"),
+    "finetune": ("run", "finetune"),  # at the epoch chosen on validation
+    "finetune_val": ("run", "finetune"),
     "nmi": ("layer", "analysis"),
     "attention_distance": ("layer", "analysis"),
     "pretrain_s": ("run", "pretrain"),
     "epoch_s": ("run", "pretrain"),
     "img_per_s": ("run", "pretrain"),
     "peak_mem_mb": ("run", "pretrain"),
+}
+# Accuracy metrics a floor applies to -> the floor variant's metric it must beat: a k-NN number the
+# floor's k-NN, a trained classifier (probe, head, fine-tuned encoder) a linear probe on the floor's
+# features; both floors' numbers are their validation-selected stage's on test.
+FLOOR_METRIC: dict[str, str] = {
+    "knn": "knn_sel", "knn_sel": "knn_sel", "knn_top": "knn_sel",
+    "linear": "linear_sel", "linear_sel": "linear_sel", "linear_top": "linear_sel",
+    "head": "linear_sel", "head_top": "linear_sel", "finetune": "linear_sel",
 }
 
 
