@@ -14,8 +14,9 @@ from isolocal.cli import main
 from isolocal.config import ConfigError, EvalConfig
 from isolocal.config.load import load_run_config
 from isolocal.data import FASHION_MNIST_ROOT, SyntheticImages
-from isolocal.eval import (build_classifier, extract_features, finetune, finetune_optimizer, knn_accuracy,
-                           knn_predict, linear_per_stage, online_knn, split_features, train_linear_probe)
+from isolocal.eval import (build_classifier, classifier_accuracy, extract_features, finetune, finetune_optimizer,
+                           fit_linear_probe, knn_accuracy, knn_predict, linear_per_stage, online_knn, probe_top1,
+                           split_features)
 from isolocal.eval.finetune import finetune_criterion
 from isolocal.eval.linear import cosine_scheduler
 from isolocal.io.load import load_model
@@ -81,9 +82,25 @@ def test_features_match_encode_and_restore_train_mode():
 def test_linear_probe_learns_separable_features():
     train_x, train_y = _clusters(1000, noise=0.2, seed=0)
     test_x, test_y = _clusters(500, noise=0.2, seed=1)
+    val_x, val_y = _clusters(200, noise=0.2, seed=2)
     cfg = EvalConfig(linear_epochs=5, linear_batch_size=100)
-    assert train_linear_probe(train_x, train_y, test_x, test_y, cfg, progress=False) > 99.0
-    assert train_linear_probe(train_x, train_y[torch.randperm(1000)], test_x, test_y, cfg, progress=False) < 25.0
+    fitted = fit_linear_probe(train_x, train_y, val_x, val_y, cfg, progress=False)
+    assert fitted.val_top1 > 99.0 and probe_top1(fitted.probe, test_x, test_y) > 99.0
+    shuffled = fit_linear_probe(train_x, train_y[torch.randperm(1000)], val_x, val_y, cfg, progress=False)
+    assert probe_top1(shuffled.probe, test_x, test_y) < 25.0
+
+
+def test_linear_probe_keeps_its_best_validation_epoch():
+    """The probe is scored on validation after every epoch and comes back as it was at the best one:
+    its validation top-1 is the maximum over epochs, and rescoring the returned probe reproduces it."""
+    train_x, train_y = _clusters(400, noise=1.2, seed=0)
+    val_x, val_y = _clusters(200, noise=1.2, seed=2)
+    cfg = EvalConfig(linear_epochs=6, linear_batch_size=50, linear_lr=0.5)
+    fitted = fit_linear_probe(train_x, train_y, val_x, val_y, cfg, progress=False)
+    history = fitted.val_history
+    assert len(history) == 6 and len(set(history)) > 1  # noisy clusters: validation top-1 moves between epochs
+    assert fitted.val_top1 == max(history) and fitted.epoch == history.index(max(history))
+    assert probe_top1(fitted.probe, val_x, val_y) == fitted.val_top1
 
 
 def test_linear_probe_leaves_encoder_bit_identical():
@@ -92,8 +109,9 @@ def test_linear_probe_leaves_encoder_bit_identical():
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     data = SyntheticImages(64, 32, in_chans=1)
     cfg = EvalConfig(linear_epochs=10, linear_batch_size=16, feature="mean")
-    feats = split_features(model, data, SyntheticImages(32, 32, in_chans=1, train=False), cfg, progress=False)
-    accs = linear_per_stage(feats, cfg, progress=False)
+    train = split_features(model, data, cfg, progress=False)
+    val = split_features(model, SyntheticImages(32, 32, in_chans=1, train=False), cfg, progress=False)
+    accs = [fitted.val_top1 for fitted in linear_per_stage(train, val, cfg, progress=False)]
     # The 10 grating classes are separable even in random-init features: 10 epochs on 64 images beat
     # chance (10 %) by more than 40 points on every stage.
     assert len(accs) == model.num_stages and all(a > 50.0 for a in accs), accs
@@ -149,8 +167,8 @@ def test_finetune_runs_with_mixup_and_leaves_source_model_unchanged():
     cfg = EvalConfig(finetune_epochs=1, finetune_batch_size=16, mixup=0.8, cutmix=1.0, drop_path=0.1)
     out = finetune(model, SyntheticImages(48, 32, in_chans=1), SyntheticImages(20, 32, in_chans=1, train=False),
                    cfg, progress=False)
-    assert len(out["epochs"]) == 1
-    assert torch.isfinite(torch.tensor(out["epochs"][0]["train_loss"]))
+    assert len(out.epochs) == 1
+    assert torch.isfinite(torch.tensor(out.epochs[0]["train_loss"]))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -158,17 +176,29 @@ def test_finetune_learns_the_synthetic_classes():
     """Two epochs on 96 grating images (no mixup): top-1 on 50 held-out images beats chance (10 %) by
     more than 20 points."""
     cfg = EvalConfig(finetune_epochs=2, finetune_batch_size=16)
-    out = finetune(_nano(), SyntheticImages(96, 32, in_chans=1), SyntheticImages(50, 32, in_chans=1, train=False),
+    held_out = SyntheticImages(50, 32, in_chans=1, train=False)
+    out = finetune(_nano(), SyntheticImages(96, 32, in_chans=1), held_out, cfg, progress=False)
+    assert out.val_top1 > 30.0, out.val_top1
+    assert out.epochs[-1]["train_loss"] < out.epochs[0]["train_loss"]
+    # the classifier comes back at its best validation epoch: rescoring it gives that epoch's number
+    assert out.val_top1 == max(e["val_top1"] for e in out.epochs) == out.epochs[out.epoch]["val_top1"]
+    assert classifier_accuracy(out.classifier, held_out, progress=False) == out.val_top1
+
+
+def test_finetune_stops_after_patience_epochs_without_a_better_validation_top1():
+    cfg = EvalConfig(finetune_epochs=6, finetune_batch_size=16, finetune_patience=1, finetune_lr=1e-6)
+    out = finetune(_nano(), SyntheticImages(32, 32, in_chans=1), SyntheticImages(20, 32, in_chans=1, train=False),
                    cfg, progress=False)
-    assert out["top1"] > 30.0, out["top1"]
-    assert out["epochs"][-1]["train_loss"] < out["epochs"][0]["train_loss"]
+    # an lr of 1e-6 barely moves the classifier: its validation top-1 stops improving within a few epochs,
+    # and the run ends one epoch after its best
+    assert len(out.epochs) == out.epoch + 2 < 6
 
 
 def test_online_knn_reports_every_stage():
     model = _nano()
     cfg = EvalConfig(knn_k=5, feature="mean")
     out = online_knn(model, SyntheticImages(60, 32, in_chans=1), SyntheticImages(20, 32, in_chans=1, train=False), cfg)
-    assert sorted(out) == [f"knn_top1_stage{k}" for k in range(model.num_stages)]
+    assert sorted(out) == [f"knn_val_top1_stage{k}" for k in range(model.num_stages)]
     assert all(acc > 50.0 for acc in out.values()), out  # chance is 10 %
 
 
@@ -209,7 +239,9 @@ def test_cli_fashion_mnist_random_init(tmp_path, capsys):
                "--set", "eval.test_subset=300", "--set", "eval.linear_epochs=30", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["train_images"] == 1000 and result["test_images"] == 300
+    # 10 % of the 1,000 labelled images held out for validation; the probes train on the other 900
+    assert (result["train_images"], result["val_images"], result["test_images"]) == (900, 100, 300)
+    assert result["reads"] == ["val", "test"]
     assert [row["stage"] for row in result["results"]] == [0, 1, 2, 3]
     printed = capsys.readouterr().out
     for mode in ("knn", "linear"):
@@ -320,14 +352,35 @@ def test_study_summaries_carry_each_classify_heads_accuracy_and_the_top_one(tmp_
         run = Run("v", 0, Path(tmp_path / f"run{len(head)}{sorted(head)}"))
         run.dir.mkdir()
         (run.dir / "run.json").write_text(json.dumps({"config": {"model": {"taps": [1, 3, 5, 7]}}}))
-        results = [{"stage": k, "tap": t, "knn_top1": 50.0 + k, **({"head_top1": head[k]} if k in head else {})}
+        results = [{"stage": k, "tap": t, "knn_val": 50.0, "knn_top1": 50.0 + k,
+                    **({"head_top1": head[k], "head_val": head[k]} if k in head else {})}
                    for k, t in enumerate([1, 3, 5, 7])]
-        (run.dir / "probes.json").write_text(json.dumps({"results": results}))
+        (run.dir / "probes.json").write_text(json.dumps({"results": results, "selected": {"knn": 0}}))
         (run.dir / "analysis.csv").write_text("layer,nmi,attention_distance\n1,0.1,2.0\n")
-        return [r for r in run_rows(run) if r["metric"].startswith("head")]
+        return [r for r in run_rows(run) if r["metric"] in ("head", "head_top")]
 
     rows = rows_of({1: 61.0, 3: 72.5})
     assert [(r["metric"], r["stage"], r["layer"], r["value"]) for r in rows] == [
         ("head", 1, 4, 61.0), ("head", 3, 8, 72.5), ("head_top", None, None, 72.5)]
     assert [r["metric"] for r in rows_of({0: 40.0})] == ["head"]  # a lower classifier is not the model's prediction
     assert rows_of({}) == []
+
+
+def test_study_summaries_quote_the_stage_chosen_on_validation_never_a_test_maximum(tmp_path):
+    from pathlib import Path
+
+    from isolocal.study.schema import Run
+    from isolocal.study.summary import run_rows
+
+    run = Run("v", 0, Path(tmp_path))
+    (run.dir / "run.json").write_text(json.dumps({"config": {"model": {"taps": [1, 3, 5, 7]}}}))
+    test, val = [60.0, 80.0, 70.0, 65.0], [75.0, 70.0, 76.0, 71.0]  # test is best at stage 1, validation at 2
+    results = [{"stage": k, "tap": t, "linear_val": val[k], "linear_top1": test[k], "linear_epoch": 3}
+               for k, t in enumerate([1, 3, 5, 7])]
+    (run.dir / "probes.json").write_text(json.dumps({"results": results, "selected": {"linear": 2}}))
+    (run.dir / "analysis.csv").write_text("layer,nmi,attention_distance\n")
+    rows = {(r["metric"], r["stage"]): r["value"] for r in run_rows(run)}
+    assert rows[("linear_sel", None)] == 70.0 and rows[("linear_sel_stage", None)] == 2
+    assert rows[("linear_top", None)] == 65.0
+    assert [rows[("linear", k)] for k in range(4)] == test and [rows[("linear_val", k)] for k in range(4)] == val
+    assert 80.0 not in {v for (m, _), v in rows.items() if m != "linear"}  # no metric is the test maximum

@@ -1,7 +1,9 @@
 """`isolocal eval knn|linear|head|finetune -c run.toml --ckpt PATH|random [--set k=v] [--out results.json]`.
 
-`eval knn linear` runs both on features extracted once; `head` adds the test top-1 of each stage's own
-`classify` head. Prints one table row per stage (k-NN, linear, head) or one for the whole encoder (fine-tuning) and writes the same numbers, with the model and
+`eval knn linear` runs both on features extracted once; `head` adds the top-1 of each stage's own
+`classify` head. Every selection (each probe's epoch, the best stage, fine-tuning's epoch) is made on a
+validation split carved out of the labelled training images (`eval.val_fraction`); the test split is read
+once, afterwards, or never with `--val-only` (tune settings with it). Prints one table row per stage (k-NN, linear, head) or one for the whole encoder (fine-tuning) and writes the same numbers, with the model and
 eval settings that produced them, as JSON. `--ckpt random` evaluates the config's model at its
 seeded random init: the baseline every number is judged against. `--ckpt` takes any isolocal
 checkpoint or run directory (single-process or pipeline), or a published LocalMIM checkpoint, whose
@@ -30,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set eval.train_subset=10000 eval.feature=mean")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--val-only", action="store_true",
+                   help="stop after the validation numbers, never reading the test split (for tuning a setting)")
     p.set_defaults(func=run)
 
 
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from isolocal.eval.protocols import evaluate  # deferred: --help runs without torch
 
-    result = evaluate(args.modes, cfg, args.ckpt)
+    result = evaluate(args.modes, cfg, args.ckpt, read_test=not args.val_only)
     print(pd.DataFrame(result["results"]).to_string(index=False, float_format="{:.2f}".format))
     if args.out:
         out = Path(args.out)

@@ -163,7 +163,8 @@ class EvalConfig:
     linear_batch_size: int = 256  # also the feature-extraction batch
     linear_optimizer: str = "sgd"  # any timm optimizer name: "sgd" (Nesterov momentum 0.9), "adamw", "lars", ...
     warmup_epochs: float = 1.0  # linear warmup before the cosine decay (linear probe and fine-tuning)
-    finetune_epochs: int = 10
+    finetune_epochs: int = 10  # the epoch with the best validation top-1 is the one tested
+    finetune_patience: int = 0  # > 0: stop after this many epochs without a better validation top-1
     finetune_lr: float = 1e-3
     finetune_batch_size: int = 64
     finetune_weight_decay: float = 0.05
@@ -173,8 +174,10 @@ class EvalConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     num_classes: int = 10
-    train_subset: int = 0  # > 0: use only the first N training images
-    test_subset: int = 0
+    train_subset: int = 0  # > 0: use only the first N training images (validation included)
+    test_subset: int = 0  # > 0: the first N test images; 0 = the whole test split
+    val_fraction: float = 0.1  # of the labelled training images, held out for every selection
+    val_seed: int = 0  # which images: the same split for every run and seed of a study
 
 
 @dataclass

@@ -169,7 +169,8 @@ def validate_eval(e: EvalConfig) -> None:
     _at_least("eval", e, 1, ("linear_epochs", "linear_batch_size", "finetune_epochs", "finetune_batch_size"))
     _positive("eval", e, ("linear_lr", "finetune_lr"))
     _at_least("eval", e, 0, ("warmup_epochs", "finetune_weight_decay", "drop_path", "mixup", "cutmix",
-                             "train_subset", "test_subset"))
+                             "train_subset", "test_subset", "finetune_patience", "val_seed"))
+    _check(0 < e.val_fraction < 1, f"eval.val_fraction must be in (0, 1), got {e.val_fraction}")
     _check(0 < e.layer_decay <= 1, f"eval.layer_decay must be in (0, 1], got {e.layer_decay}")
     _check(0 <= e.label_smoothing < 1, f"eval.label_smoothing must be in [0, 1), got {e.label_smoothing}")
     _check(e.mixup + e.cutmix == 0 or e.finetune_batch_size % 2 == 0,

@@ -1,11 +1,13 @@
-"""Evaluation of pre-trained encoders, per stage: k-NN, linear probes, fine-tuning."""
-from isolocal.eval.features import StageFeatures, eval_datasets, extract_features, pool_tokens, split_features
-from isolocal.eval.finetune import build_classifier, classifier_accuracy, finetune, finetune_optimizer
+"""Evaluation of pre-trained encoders, per stage: k-NN, linear probes, fine-tuning, on train / val / test splits."""
+from isolocal.eval.features import SplitFeatures, extract_features, pool_tokens, split_features
+from isolocal.eval.finetune import FinetuneResult, build_classifier, classifier_accuracy, finetune, finetune_optimizer
 from isolocal.eval.knn import knn_accuracy, knn_per_stage, knn_predict, online_knn
-from isolocal.eval.linear import LinearProbe, linear_per_stage, train_linear_probe
+from isolocal.eval.linear import FittedProbe, LinearProbe, fit_linear_probe, linear_per_stage, probe_top1
+from isolocal.eval.splits import EvalSplits, TestSplitReadTwice, eval_splits
 
 __all__ = [
-    "LinearProbe", "StageFeatures", "build_classifier", "classifier_accuracy", "eval_datasets", "extract_features",
-    "finetune", "finetune_optimizer", "knn_accuracy", "knn_per_stage", "knn_predict", "linear_per_stage",
-    "online_knn", "pool_tokens", "split_features", "train_linear_probe",
+    "EvalSplits", "FinetuneResult", "FittedProbe", "LinearProbe", "SplitFeatures", "TestSplitReadTwice",
+    "build_classifier", "classifier_accuracy", "eval_splits", "extract_features", "finetune", "finetune_optimizer",
+    "fit_linear_probe", "knn_accuracy", "knn_per_stage", "knn_predict", "linear_per_stage", "online_knn",
+    "pool_tokens", "probe_top1", "split_features",
 ]

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from isolocal.core.progress import progress_bar
-from isolocal.config import EvalConfig, ModelConfig, RunConfig
-from isolocal.data import build_dataset
+from isolocal.config import EvalConfig
 from isolocal.heads.base import pool
 
 FEATURES = ("cls", "mean")
@@ -59,6 +58,14 @@ def pool_tokens(tokens: Tensor, feature: str, has_cls: bool) -> Tensor:
     return pool(tokens, int(has_cls))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's tensors live: its first parameter's device, or its first buffer's for a model
+    without parameters (the raw-pixel floor)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -76,7 +83,7 @@ def extract_features(
     mode afterwards, so the trainer can call this between epochs.
     """
     check_feature(feature, model.family.has_cls)
-    device = next(model.parameters()).device
+    device = model_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available())
     was_training = model.training
@@ -96,42 +103,15 @@ def extract_features(
 
 
 @dataclass
-class StageFeatures:
-    """Per-stage feature matrices of a train and a test split, extracted once for k-NN and probes."""
+class SplitFeatures:
+    """One split's per-stage feature matrices (N, D_k), extracted once for k-NN and probes, and its labels."""
 
-    train: list[Tensor]
-    train_labels: Tensor
-    test: list[Tensor]
-    test_labels: Tensor
+    stages: list[Tensor]
+    labels: Tensor
 
 
-def split_features(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
-                   num_workers: int = 0, progress: bool = True) -> StageFeatures:
-    """Both splits through `extract_features` with the eval config's pooling and batch size."""
-    kw = dict(feature=cfg.feature, batch_size=cfg.linear_batch_size, num_workers=num_workers, progress=progress)
-    train, train_labels = extract_features(model, train_dataset, desc="train features", **kw)
-    test, test_labels = extract_features(model, test_dataset, desc="test features", **kw)
-    return StageFeatures(train, train_labels, test, test_labels)
-
-
-def _subset(dataset: Dataset, n: int, what: str) -> Dataset:
-    """The first n items (0 = all); asking for more than exist is an error, not a silent cap."""
-    if n == 0:
-        return dataset
-    if n > len(dataset):
-        raise ValueError(f"eval.{what} = {n} but the dataset holds only {len(dataset)} images")
-    return Subset(dataset, range(n))
-
-
-def eval_datasets(cfg: RunConfig, model_cfg: ModelConfig, augment_train: bool = False) -> tuple[Dataset, Dataset]:
-    """(train, test) splits of the run's data, subset per `eval.train_subset` / `eval.test_subset`,
-    sized for the model (which may come from a checkpoint). Both use the plain eval transform unless
-    `augment_train` (fine-tuning) gives the training split the pre-training augmentation."""
-    d = cfg.data
-    splits = []
-    for train, what in ((True, "train_subset"), (False, "test_subset")):
-        ds, _, _ = build_dataset(d.name, d.root or None, train, model_cfg.img_size, model_cfg.in_chans,
-                                 transform_train=train and augment_train, synthetic_size=d.synthetic_size,
-                                 seed=cfg.train.seed, pad=d.pad)
-        splits.append(_subset(ds, getattr(cfg.eval, what), what))
-    return splits[0], splits[1]
+def split_features(model: nn.Module, dataset: Dataset, cfg: EvalConfig, num_workers: int = 0,
+                   progress: bool = True, desc: str = "features") -> SplitFeatures:
+    """`extract_features` with the eval config's pooling and batch size."""
+    stages, labels = extract_features(model, dataset, cfg.feature, cfg.linear_batch_size, num_workers, desc, progress)
+    return SplitFeatures(stages, labels)

@@ -1,4 +1,5 @@
-"""End-to-end fine-tuning of the exported encoder (MAE's recipe, the number the LocalMIM paper reports).
+"""End-to-end fine-tuning of the exported encoder (MAE's recipe, the number the LocalMIM paper reports),
+kept at its best epoch on the validation split (the caller tests it once).
 
 The encoder becomes a timm model (`create_timm_model`) with a global-average-pooling head, so the
 whole recipe is timm's: layer-wise lr decay from timm's parameter groups (applied through the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import timm.optim
@@ -84,9 +86,21 @@ def classifier_accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int
     return 100.0 * int(correct) / len(dataset)
 
 
-def finetune(model: StagewiseEncoder | nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
-             seed: int = 0, num_workers: int = 0, progress: bool = True) -> dict:
-    """Fine-tune a copy of the encoder; {"top1": final test top-1 %, "epochs": per-epoch loss and top-1}.
+@dataclass
+class FinetuneResult:
+    """The fine-tuned classifier at its best validation epoch (the earliest among equals), and every epoch's
+    training loss and validation top-1."""
+
+    classifier: nn.Module
+    val_top1: float
+    epoch: int
+    epochs: list[dict]
+
+
+def finetune(model: StagewiseEncoder | nn.Module, train_dataset: Dataset, val_dataset: Dataset, cfg: EvalConfig,
+             seed: int = 0, num_workers: int = 0, progress: bool = True) -> FinetuneResult:
+    """Fine-tune a copy of the encoder, scoring it on `val_dataset` after every epoch; stops after
+    `eval.finetune_patience` epochs without a better validation top-1 (0: never early).
 
     Runs on the model's device (bf16 autocast and TF32 on CUDA). Losses stay on the device and are
     read once per epoch: a non-finite epoch loss stops the run. Seeds torch's and numpy's global
@@ -100,7 +114,9 @@ def finetune(model: StagewiseEncoder | nn.Module, train_dataset: Dataset, test_d
     opt = finetune_optimizer(clf, cfg)
     sched = cosine_scheduler(opt, cfg.finetune_epochs, len(loader), cfg.warmup_epochs)
     criterion, mixup = finetune_criterion(cfg)
-    history, step = [], 0
+    history: list[dict] = []
+    best: tuple[float, int, dict] | None = None  # (val top-1, epoch, state dict)
+    step = 0
     for epoch in range(cfg.finetune_epochs):
         clf.train()
         total = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch
@@ -121,6 +137,11 @@ def finetune(model: StagewiseEncoder | nn.Module, train_dataset: Dataset, test_d
         if not math.isfinite(train_loss):
             raise ValueError(f"fine-tuning diverged in epoch {epoch} (mean loss {train_loss}); "
                              f"lower eval.finetune_lr ({cfg.finetune_lr})")
-        top1 = classifier_accuracy(clf, test_dataset, cfg.linear_batch_size, num_workers, progress)
-        history.append({"epoch": epoch, "train_loss": train_loss, "top1": top1})
-    return {"top1": history[-1]["top1"], "epochs": history}
+        val = classifier_accuracy(clf, val_dataset, cfg.linear_batch_size, num_workers, progress)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_top1": val})
+        if best is None or val > best[0]:
+            best = (val, epoch, copy.deepcopy(clf.state_dict()))
+        if cfg.finetune_patience and epoch - best[1] >= cfg.finetune_patience:
+            break
+    clf.load_state_dict(best[2])
+    return FinetuneResult(clf.eval(), best[0], best[1], history)

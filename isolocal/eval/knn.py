@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from isolocal.config import EvalConfig
-from isolocal.eval.features import StageFeatures, cuda_eval_precision, split_features
+from isolocal.eval.features import SplitFeatures, cuda_eval_precision, split_features
 
 
 def knn_predict(
@@ -51,10 +51,10 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     return 100.0 * (preds == test_labels).float().mean().item()
 
 
-def knn_per_stage(feats: StageFeatures, cfg: EvalConfig) -> list[float]:
-    """k-NN top-1 (percent) of every stage's features."""
-    return [knn_accuracy(a, feats.train_labels, b, feats.test_labels, cfg.num_classes, cfg.knn_k, cfg.knn_t)
-            for a, b in zip(feats.train, feats.test)]
+def knn_per_stage(bank: SplitFeatures, query: SplitFeatures, cfg: EvalConfig) -> list[float]:
+    """k-NN top-1 (percent) of every stage: `query`'s images voted on by `bank`'s (the probes' training part)."""
+    return [knn_accuracy(a, bank.labels, b, query.labels, cfg.num_classes, cfg.knn_k, cfg.knn_t)
+            for a, b in zip(bank.stages, query.stages)]
 
 
 def check_knn(cfg: EvalConfig, train_size: int) -> None:
@@ -63,13 +63,15 @@ def check_knn(cfg: EvalConfig, train_size: int) -> None:
         raise ValueError(f"eval.knn_k = {cfg.knn_k} exceeds the {train_size} training images")
 
 
-def online_knn(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, cfg: EvalConfig,
+def online_knn(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset, cfg: EvalConfig,
                num_workers: int = 0) -> dict[str, float]:
-    """k-NN during pre-training: {"knn_top1_stage<k>": percent, ...}, ready for a JSON-lines log.
+    """k-NN during pre-training, on the validation split: {"knn_val_top1_stage<k>": percent, ...}, ready
+    for a JSON-lines log. Monitoring reads validation like every other repeated look, never test.
 
-    Pass eval-transform datasets (`eval_datasets(run_cfg, model.cfg)`), not the augmented training
+    Pass the eval-transform splits (`eval_splits(run_cfg, model.cfg)`), not the augmented training
     loader's; the model is not changed and its train/eval mode is restored afterwards.
     """
     check_knn(cfg, len(train_dataset))
-    feats = split_features(model, train_dataset, test_dataset, cfg, num_workers, progress=False)
-    return {f"knn_top1_stage{k}": acc for k, acc in enumerate(knn_per_stage(feats, cfg))}
+    bank = split_features(model, train_dataset, cfg, num_workers, progress=False)
+    query = split_features(model, val_dataset, cfg, num_workers, progress=False)
+    return {f"knn_val_top1_stage{k}": acc for k, acc in enumerate(knn_per_stage(bank, query, cfg))}

@@ -7,7 +7,9 @@ change; the probe then trains for many epochs in seconds.
 """
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import timm.optim
 import torch
@@ -18,7 +20,7 @@ from torch.optim import Optimizer
 
 from isolocal.core.progress import progress_bar
 from isolocal.config import EvalConfig
-from isolocal.eval.features import StageFeatures, cuda_eval_precision
+from isolocal.eval.features import SplitFeatures, cuda_eval_precision
 
 
 def check_optimizer(name: str) -> None:
@@ -60,9 +62,37 @@ class LinearProbe(nn.Sequential):
         nn.init.zeros_(self[1].bias)
 
 
-def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cfg: EvalConfig,
-                       seed: int = 0, desc: str = "linear probe", progress: bool = True) -> float:
-    """Train one probe on precomputed features; return its test top-1 in percent."""
+@dataclass
+class FittedProbe:
+    """A stage's probe at the epoch with the best validation top-1 (the earliest among equals)."""
+
+    probe: LinearProbe
+    val_top1: float
+    epoch: int
+    val_history: list[float]  # every epoch's validation top-1
+
+
+@torch.no_grad()
+def probe_top1(probe: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Top-1 in percent of `probe` on features `x` (probe in eval mode, chunks of 4096)."""
+    probe.eval()
+    with cuda_eval_precision(x.device, autocast=False):
+        preds = torch.cat([probe(chunk).argmax(1) for chunk in x.split(4096)])
+    return 100.0 * (preds == y).float().mean().item()
+
+
+@torch.no_grad()
+def _mean_loss(probe: nn.Module, x: Tensor, y: Tensor) -> float:
+    probe.eval()
+    with cuda_eval_precision(x.device, autocast=False):
+        total = sum(F.cross_entropy(probe(a), b, reduction="sum") for a, b in zip(x.split(4096), y.split(4096)))
+    return total.item() / len(x)
+
+
+def fit_linear_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, cfg: EvalConfig,
+                     seed: int = 0, desc: str = "linear probe", progress: bool = True) -> FittedProbe:
+    """Train one probe on precomputed features for `eval.linear_epochs`, scoring it on the validation
+    features after every epoch; returns it at its best validation epoch."""
     check_optimizer(cfg.linear_optimizer)
     gen = torch.Generator().manual_seed(seed)
     probe = LinearProbe(train_x.shape[1], cfg.num_classes, gen).to(train_x.device)
@@ -71,12 +101,14 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     batch = min(cfg.linear_batch_size, len(train_x))
     steps_per_epoch = max(1, len(train_x) // batch)  # full batches only: BatchNorm needs > 1 sample
     sched = cosine_scheduler(opt, cfg.linear_epochs, steps_per_epoch, cfg.warmup_epochs)
-    probe.train()
+    best: FittedProbe | None = None
+    history: list[float] = []
     step = 0
-    with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once per epoch
-        for epoch in progress_bar(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
-            order = torch.randperm(len(train_x), generator=gen).to(train_x.device, non_blocking=True)
-            epoch_loss = torch.zeros((), device=train_x.device)
+    for epoch in progress_bar(range(cfg.linear_epochs), desc=desc, disable=not progress, leave=False):
+        probe.train()
+        order = torch.randperm(len(train_x), generator=gen).to(train_x.device, non_blocking=True)
+        epoch_loss = torch.zeros((), device=train_x.device)
+        with cuda_eval_precision(train_x.device, autocast=False):  # TF32 on CUDA; the loss is read once per epoch
             for i in range(steps_per_epoch):
                 idx = order[i * batch:(i + 1) * batch]
                 sched.step_update(step)
@@ -86,22 +118,21 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
                 opt.step()
                 epoch_loss += loss.detach()
                 step += 1
-            check_probe_loss(epoch_loss.item() / steps_per_epoch, f"in epoch {epoch}", cfg.num_classes, desc,
-                             cfg.linear_lr)
-    probe.eval()
-    with torch.no_grad(), cuda_eval_precision(test_x.device, autocast=False):
-        # each epoch's loss is read before its updates: the last update is judged by the probe as it is tested
-        final = sum(F.cross_entropy(probe(x), y, reduction="sum") for x, y in zip(train_x.split(4096),
-                                                                                  train_y.split(4096)))
-        check_probe_loss(final.item() / len(train_x), "after its last update", cfg.num_classes, desc, cfg.linear_lr)
-        preds = torch.cat([probe(chunk).argmax(1) for chunk in test_x.split(4096)])
-    return 100.0 * (preds == test_y).float().mean().item()
+        check_probe_loss(epoch_loss.item() / steps_per_epoch, f"in epoch {epoch}", cfg.num_classes, desc,
+                         cfg.linear_lr)
+        history.append(probe_top1(probe, val_x, val_y))
+        if best is None or history[-1] > best.val_top1:
+            best = FittedProbe(copy.deepcopy(probe), history[-1], epoch, history)
+    # each epoch's loss is read before its updates: the kept probe is judged as it will be tested
+    check_probe_loss(_mean_loss(best.probe, train_x, train_y), f"at its kept epoch {best.epoch}", cfg.num_classes,
+                     desc, cfg.linear_lr)
+    return best
 
 
-def linear_per_stage(feats: StageFeatures, cfg: EvalConfig, seed: int = 0, progress: bool = True) -> list[float]:
-    """Linear-probe top-1 (percent) of every stage, each probe trained on its stage's features alone."""
-    if int(feats.train_labels.max()) >= cfg.num_classes:
-        raise ValueError(f"labels go up to {int(feats.train_labels.max())} but eval.num_classes = {cfg.num_classes}")
-    return [train_linear_probe(a, feats.train_labels, b, feats.test_labels, cfg, seed, f"linear probe stage {k}",
-                               progress)
-            for k, (a, b) in enumerate(zip(feats.train, feats.test))]
+def linear_per_stage(train: SplitFeatures, val: SplitFeatures, cfg: EvalConfig, seed: int = 0,
+                     progress: bool = True) -> list[FittedProbe]:
+    """One probe per stage, each trained on its stage's features alone and kept at its best validation epoch."""
+    if int(train.labels.max()) >= cfg.num_classes:
+        raise ValueError(f"labels go up to {int(train.labels.max())} but eval.num_classes = {cfg.num_classes}")
+    return [fit_linear_probe(a, train.labels, b, val.labels, cfg, seed, f"linear probe stage {k}", progress)
+            for k, (a, b) in enumerate(zip(train.stages, val.stages))]

@@ -1,6 +1,8 @@
 """The one model loader: every caller that needs a model from a checkpoint, a run or a seed goes here.
 
 `load_model(source, cfg)` takes
+- "pixels": no encoder, the images themselves as one stage's features (`models.pixels`), the floor a
+  representation must beat;
 - "random": `cfg`'s model at its seeded init (`seeded_init`), which is exactly the init training
   starts from, so a control evaluated at "random" is the starting point of the pre-trained runs of
   its seed;
@@ -33,8 +35,10 @@ from isolocal.io.checkpoint import (check_fits, checked_state, is_isolocal, load
                                     torch_load)
 from isolocal.io.foreign import build_timm_vit, is_published_localmim, published_model, timm_state_dict
 from isolocal.models.encoder import StagewiseEncoder
+from isolocal.models.pixels import PixelEncoder
 
 RANDOM = "random"  # the source that means "the config's model at its seeded init"
+PIXELS = "pixels"  # the source that means "no encoder: the config's images as features" (the pixel floor)
 
 
 def seeded_init(cfg: RunConfig) -> StagewiseEncoder:
@@ -97,8 +101,12 @@ def load_model(source: str | os.PathLike, cfg: RunConfig | None = None, *,
         if cfg is None:
             raise ValueError("'random' is a run config's model at its seeded init: pass the config")
         return seeded_init(cfg).eval()
+    if isinstance(source, str) and source == PIXELS:
+        if cfg is None or cfg.model is None:
+            raise ValueError("'pixels' reads images of a run config's model size and channels: pass the config")
+        return PixelEncoder(cfg.model).eval()
     if not Path(source).exists():
-        valid = "a checkpoint, a run directory or 'random'" if cfg is not None else "a checkpoint or a run directory"
+        valid = "a checkpoint, a run directory, 'random' or 'pixels'" if cfg is not None else "a checkpoint or a run directory"
         raise FileNotFoundError(f"checkpoint {source} does not exist; pass {valid}")
     kind, path = locate(source)
     if kind == "pipeline":

@@ -16,7 +16,8 @@ and needs no training (data, step count, evaluation subsets and k, analysis imag
 `missing_files` lists the phase files a run reported as finished should hold but does not.
 
 Controls (`pretrain = false`) skip pre-training and evaluate the encoder at its seeded init, which
-is the initialisation the pre-trained variants of the same seed start from.
+is the initialisation the pre-trained variants of the same seed start from; the control named
+`pixels` evaluates the raw pixels instead (k-NN and linear probes only).
 
 This module is the only one of the study package that imports the training, evaluation and analysis code.
 """
@@ -42,7 +43,7 @@ from analysis.reconstruction_figure import write_reconstruction
 from isolocal.config import ConfigError, RunConfig, from_dict
 from isolocal.eval.protocols import check_evaluation, evaluate
 from isolocal.io.checkpoint import LAST, run_state
-from isolocal.io.load import RANDOM, load_model
+from isolocal.io.load import PIXELS, RANDOM, load_model
 from isolocal.models.encoder import FAMILIES
 from isolocal.train import train
 from isolocal.train.loop import build_train_dataset, step_counts
@@ -90,9 +91,11 @@ def step_plan(spec: dict) -> tuple[int, int]:
 
 
 def _probe_modes(spec: dict) -> list[list[str]]:
-    """The `evaluate` calls of a run: the feature protocols together, fine-tuning alone."""
-    probes = [m for m in spec["evals"] if m != "finetune"]
-    return ([probes] if probes else []) + ([["finetune"]] if "finetune" in spec["evals"] else [])
+    """The `evaluate` calls of a run: the feature protocols together, fine-tuning alone (the pixel floor
+    has no heads and nothing to fine-tune: its k-NN and linear probes only)."""
+    evals = [m for m in spec["evals"] if spec["variant"] != PIXELS or m in ("knn", "linear")]
+    probes = [m for m in evals if m != "finetune"]
+    return ([probes] if probes else []) + ([["finetune"]] if "finetune" in evals else [])
 
 
 _CHECKED: set[str] = set()  # checks passed, by everything they read: the runs of a study share most
@@ -158,8 +161,11 @@ def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
 
 
 def encoder_source(spec: dict, run_dir: Path) -> str:
-    """What the evaluation loads: the run's last checkpoint, or 'random' for a control."""
-    return str(run_dir / LAST) if spec["pretrain"] else RANDOM
+    """What the evaluation loads: the run's last checkpoint, 'pixels' for the pixel floor, or 'random'
+    for any other control."""
+    if spec["pretrain"]:
+        return str(run_dir / LAST)
+    return PIXELS if spec["variant"] == PIXELS else RANDOM
 
 
 def evaluate_run(spec: dict, cfg: RunConfig, ckpt: str, run_dir: Path) -> None:
@@ -203,16 +209,16 @@ def run_figures(spec: dict, model: nn.Module, batch: ImageBatch, run_dir: Path) 
 
 
 def headline(run_dir: Path) -> dict[str, float]:
-    """The numbers the console prints when the run ends: final loss, best-stage k-NN / linear, the top
-    classify head, fine-tune."""
+    """The numbers the console prints when the run ends: final loss, the validation-selected stage's test
+    k-NN / linear, the top classify head, fine-tune (all test top-1)."""
     out: dict[str, float] = {}
     if (run_dir / PRETRAIN).exists():
         out["loss"] = read_json(run_dir / PRETRAIN)["final_loss"]
     if (run_dir / PROBES).exists():
-        rows = read_json(run_dir / PROBES)["results"]
-        for mode in ("knn", "linear"):
-            if f"{mode}_top1" in rows[0]:
-                out[f"{mode}_best"] = max(r[f"{mode}_top1"] for r in rows)
+        probes = read_json(run_dir / PROBES)
+        rows = probes["results"]
+        for mode, stage in probes["selected"].items():
+            out[f"{mode}_sel"] = rows[stage][f"{mode}_top1"]
         if "head_top1" in rows[-1]:
             out["head_top"] = rows[-1]["head_top1"]
     if (run_dir / FINETUNE).exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from isolocal.heads import StagePlan
-from isolocal.study.job import LOG
+from isolocal.study.job import FINETUNE, LOG, PROBES, read_json
 from isolocal.study.plots import plot_depth, plot_losses, plot_online_knn
 from isolocal.study.schema import Run, Study, resolve_run
 from isolocal.study.stats import CONFIDENCE
@@ -40,10 +40,17 @@ def build_report(study: Study) -> Path:
     lines = [f"# Study: {study.name}", ""]
     lines += _preamble(study, runs, ok, status)
     families = [("Pre-training losses (mean over the last epoch, per stage by its tap layer)", ["loss", "loss_total"]),
-                ("k-NN top-1 % (per stage by its tap layer)", ["knn", "knn_best"]),
-                ("Linear probe top-1 % (per stage by its tap layer)", ["linear", "linear_best"]),
-                ("Classify heads' own top-1 % (per stage with one; top = the model's prediction)", ["head", "head_top"]),
-                ("Fine-tuning top-1 % (whole encoder)", ["finetune"]),
+                ("k-NN top-1 % on test (per stage by its tap layer; the stage chosen on validation; the last stage)",
+                 ["knn", "knn_sel", "knn_top"]),
+                ("k-NN top-1 % on validation (per stage; what selects the stage)", ["knn_val", "knn_sel_stage"]),
+                ("Linear probe top-1 % on test (per stage by its tap layer; the stage chosen on validation; the last "
+                 "stage)", ["linear", "linear_sel", "linear_top"]),
+                ("Linear probe top-1 % on validation (per stage, at each probe's best validation epoch; what selects "
+                 "the stage)", ["linear_val", "linear_sel_stage"]),
+                ("Classify heads' own top-1 % on test (per stage with one; top = the model's prediction)",
+                 ["head", "head_top"]),
+                ("Classify heads' own top-1 % on validation", ["head_val"]),
+                ("Fine-tuning top-1 % (whole encoder, at its best validation epoch)", ["finetune_val", "finetune"]),
                 ("Query/key NMI per encoder layer", ["nmi"]),
                 ("Mean attention distance per encoder layer (pixels)", ["attention_distance"]),
                 ("Cost of pre-training", ["pretrain_s", "epoch_s", "img_per_s", "peak_mem_mb"])]
@@ -74,6 +81,7 @@ def _preamble(study: Study, runs: list[Run], ok: list[Run], status: dict) -> lis
         lines += [f"Seeds {', '.join(map(str, seeds))}. Cells are mean ± half-width of the {CONFIDENCE:.0%} "
                   "t-interval over seeds (`scipy.stats.t.interval`); `(n=k)` marks cells with fewer finished "
                   "seeds; – means the value does not apply.", ""]
+    lines += _splits_lines(ok)
     lines += [f"{len(ok)} of {len(runs)} runs finished. Every number is read from `summary.csv` "
               "(long form: variant, seed, metric, stage, layer, value), built from each run's files under "
               "`runs/<variant>/" + ("seed<k>/" if seeds is not None else "") + "`.", ""]
@@ -86,6 +94,21 @@ def _preamble(study: Study, runs: list[Run], ok: list[Run], status: dict) -> lis
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]
     return lines
+
+
+def _splits_lines(ok: list[Run]) -> list[str]:
+    """Which images every accuracy comes from, read from the first finished run's evaluation."""
+    for run in ok:
+        for name in (PROBES, FINETUNE):
+            if (run.dir / name).exists():
+                r = read_json(run.dir / name)
+                e = r["eval"]
+                return [f"Splits: probes and fine-tuning train on {r['train_images']:,} labelled training images; "
+                        f"{r['val_images']:,} more ({e['val_fraction']:.0%} of them, drawn with seed {e['val_seed']}) "
+                        "are the validation split every selection reads (stage, probe and fine-tune epoch); the "
+                        f"{r['test_images']:,} test images are read once per run, after selection. `val` in a "
+                        "heading means validation, everything else is test.", ""]
+    return []
 
 
 def heads_per_stage(study: Study, variant: str) -> str:

@@ -113,10 +113,10 @@ def finish_line(run: Run, seconds: float) -> str:
     result = read_json(run.dir / RESULT)
     if result["status"] != "ok":
         return f"{run.label} FAILED after {_fmt_duration(seconds)}: {result['error']} (see {run.dir / LOG})"
-    names = {"loss": "loss", "knn_best": "k-NN", "linear_best": "linear", "head_top": "top head",
+    names = {"loss": "loss", "knn_sel": "k-NN", "linear_sel": "linear", "head_top": "top head",
              "finetune": "fine-tune"}
     numbers = ", ".join(f"{names[k]} {v:.4g}" for k, v in result["headline"].items())
-    return f"{run.label} done in {_fmt_duration(seconds)}: {numbers} (k-NN / linear: best stage, %)"
+    return f"{run.label} done in {_fmt_duration(seconds)}: {numbers} (test %; k-NN / linear: stage chosen on validation)"
 
 
 class StudyRunner:

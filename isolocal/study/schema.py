@@ -8,7 +8,8 @@ A study file has three tables:
 - `[variants.<name>]`: what a variant changes (boundary, preset, target, ...). `pretrain = false`
   makes a variant a control that is evaluated at its seeded initialisation without pre-training;
   the variant named `random` is that control by default (an empty `[variants.random]` table is the
-  base encoder at random init).
+  base encoder at random init), and the variant named `pixels` is the raw-pixel floor (the same
+  k-NN and linear probes on the normalized images, no encoder). These two are the study's floors.
 
 Every variant runs at every seed; runs with the same seed are paired (same initialisation seed,
 data order and masks: `train.seed` is the study seed). Runs live in `<out_dir>/runs/<variant>/seed<k>/`.
@@ -34,10 +35,11 @@ from typing import Any
 
 from isolocal.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict, validate_run
 from isolocal.config.presets import resolve_model_config
+from isolocal.io.load import PIXELS, RANDOM
 from isolocal.models.encoder import StagewiseEncoder
 
-RANDOM = "random"  # the built-in control variant: the encoder at its seeded init, no pre-training
-PIXELS = "pixels"  # the built-in control variant: the probes on raw, normalized pixels, no encoder
+# The built-in controls, named as the sources `load_model` knows: "random" (the encoder at its seeded
+# init, no pre-training) and "pixels" (the probes on raw, normalized pixels, no encoder).
 FLOORS = (RANDOM, PIXELS)  # the controls every accuracy claim must clear
 EVALS = ("knn", "linear", "head", "finetune")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -61,6 +63,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "linear_sel_stage": ("run", "linear"),
     "linear_top": ("run", "linear"),
     "head": ("stage", "head"),  # a classify head's own top-1 (stages with one)
+    "head_val": ("stage", "head"),
     "head_top": ("run", "head"),  # the top stage's classify head: the model's prediction
     "finetune": ("run", "finetune"),  # at the epoch chosen on validation
     "finetune_val": ("run", "finetune"),
@@ -169,9 +172,12 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         if not _NAME.fullmatch(name):
             raise ConfigError(f"variant name {name!r} may hold only letters, digits, '_', '.' and '-'")
         table = dict(table)
-        pretrain[name] = table.pop("pretrain", name != RANDOM)
+        pretrain[name] = table.pop("pretrain", name not in FLOORS)
         if not isinstance(pretrain[name], bool):
             raise ConfigError(f"variants.{name}.pretrain: {pretrain[name]!r} must be true or false")
+        if name == PIXELS and pretrain[name]:
+            raise ConfigError(f"variants.{PIXELS} is the raw-pixel floor and has no encoder to pre-train; remove "
+                              "its pretrain = true, or give the variant another name")
         if seeds is not None and "seed" in table.get("train", {}):
             raise ConfigError(f"variants.{name}.train.seed conflicts with study.seeds; remove it")
         variants[name] = _merge(base, table)

@@ -2,7 +2,9 @@
 
 `summary.csv` is long form, one row per number: `variant, seed, metric, stage, layer, value` (`stage`:
 stage index for per-stage metrics; `layer`: the 1-based encoder layer the number reads, i.e. the
-stage's tap layer, or the layer of NMI / attention distance; both empty for run-level numbers).
+stage's tap layer (0: the input, for the pixel floor), or the layer of NMI / attention distance; both
+empty for run-level numbers). Which split a number comes from is in its metric's name
+(`isolocal.study.schema.METRICS`).
 `pandas.read_csv` reads it as is.
 """
 from __future__ import annotations
@@ -61,19 +63,25 @@ def run_rows(run: Run) -> list[dict]:
             add("loss", loss, k, taps[k] + 1)
         add("loss_total", last["loss"])
     if (run.dir / PROBES).exists():
-        results = read_json(run.dir / PROBES)["results"]
-        for mode in ("knn", "linear"):
-            if f"{mode}_top1" in results[0]:
-                for r in results:
-                    add(mode, r[f"{mode}_top1"], r["stage"], r["tap"] + 1)
-                add(f"{mode}_best", max(r[f"{mode}_top1"] for r in results))
+        probes = read_json(run.dir / PROBES)
+        results = probes["results"]
+        for mode, stage in probes["selected"].items():  # knn / linear: the stage chosen on validation
+            for r in results:
+                add(mode, r[f"{mode}_top1"], r["stage"], r["tap"] + 1)
+                add(f"{mode}_val", r[f"{mode}_val"], r["stage"], r["tap"] + 1)
+            add(f"{mode}_sel", results[stage][f"{mode}_top1"])
+            add(f"{mode}_sel_stage", stage)
+            add(f"{mode}_top", results[-1][f"{mode}_top1"])
         for r in results:  # only stages with a classify head have one
             if "head_top1" in r:
                 add("head", r["head_top1"], r["stage"], r["tap"] + 1)
+                add("head_val", r["head_val"], r["stage"], r["tap"] + 1)
         if "head_top1" in results[-1]:
             add("head_top", results[-1]["head_top1"])
     if (run.dir / FINETUNE).exists():
-        add("finetune", read_json(run.dir / FINETUNE)["results"][0]["finetune_top1"])
+        row = read_json(run.dir / FINETUNE)["results"][0]
+        add("finetune", row["finetune_top1"])
+        add("finetune_val", row["finetune_val"])
     analysis = pd.read_csv(run.dir / ANALYSIS)
     for metric in ("nmi", "attention_distance"):
         for layer, value in zip(analysis["layer"], analysis[metric]):
@@ -118,7 +126,7 @@ def paired(summary: pd.DataFrame, a: str, b: str, metric: str, stage: int | list
 
 
 def online_knn(runs: Sequence[Run]) -> pd.DataFrame:
-    """Best-stage online k-NN per logged epoch: columns variant, seed, epoch, time, knn."""
+    """Online k-NN on validation per logged epoch, its best stage: columns variant, seed, epoch, time, knn."""
     frames = []
     for run in runs:
         metrics = read_metrics(run.dir)
@@ -127,5 +135,5 @@ def online_knn(runs: Sequence[Run]) -> pd.DataFrame:
         knn = metrics[metrics["kind"] == "knn"]
         frames.append(pd.DataFrame({"variant": run.variant, "seed": run.seed, "epoch": knn["epoch"].to_numpy(),
                                     "time": knn["time"].to_numpy(),
-                                    "knn": knn.filter(like="knn_top1_stage").max(axis=1).to_numpy()}))
+                                    "knn": knn.filter(like="knn_val_top1_stage").max(axis=1).to_numpy()}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["variant", "seed", "epoch", "time", "knn"])

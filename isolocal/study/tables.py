@@ -11,14 +11,18 @@ from isolocal.study.stats import Interval, mean_ci, verdict
 from isolocal.study.summary import paired, values
 
 DASH = "–"
-# metric -> (decimals, label) in tables
-FORMAT = {"loss": (4, "loss"), "loss_total": (4, "total loss"), "knn": (2, "k-NN top-1 %"),
-          "knn_best": (2, "best-stage k-NN top-1 %"), "linear": (2, "linear top-1 %"),
-          "linear_best": (2, "best-stage linear top-1 %"), "finetune": (2, "fine-tune top-1 %"),
-          "head": (2, "classify head top-1 %"), "head_top": (2, "top classify head top-1 %"),
+# metric -> (decimals, label) in tables; every accuracy names its split
+FORMAT = {"loss": (4, "loss"), "loss_total": (4, "total loss"),
+          "knn": (2, "k-NN test top-1 %"), "knn_val": (2, "k-NN val top-1 %"),
+          "knn_sel": (2, "k-NN test top-1 %, stage chosen on val"), "knn_sel_stage": (1, "k-NN stage chosen on val"),
+          "knn_top": (2, "k-NN test top-1 %, last stage"),
+          "linear": (2, "linear test top-1 %"), "linear_val": (2, "linear val top-1 %"),
+          "linear_sel": (2, "linear test top-1 %, stage chosen on val"),
+          "linear_sel_stage": (1, "linear stage chosen on val"), "linear_top": (2, "linear test top-1 %, last stage"),
+          "finetune": (2, "fine-tune test top-1 %"), "finetune_val": (2, "fine-tune val top-1 %"),
+          "head": (2, "classify head test top-1 %"), "head_val": (2, "classify head val top-1 %"), "head_top": (2, "top classify head test top-1 %"),
           "nmi": (4, "NMI"), "attention_distance": (2, "attention distance (px)"),
           "pretrain_s": (0, "pre-training s"), "epoch_s": (1, "s per epoch"), "img_per_s": (0, "img/s"), "peak_mem_mb": (0, "peak MB")}
-
 
 def fmt(x: float, digits: int) -> str:
     return DASH if x is None or math.isnan(x) else f"{x:.{digits}f}"
@@ -51,7 +55,7 @@ def metric_table(summary: pd.DataFrame, variants: list[str], metrics: list[str],
 
 def paired_table(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
     """Per-seed paired differences of every variant to the baseline on the headline numbers."""
-    selections = [(m, None) for m in ("knn_best", "linear_best", "head_top", "finetune")]
+    selections = [(m, None) for m in ("knn_sel", "knn_top", "linear_sel", "linear_top", "head_top", "finetune")]
     selections += [("nmi", layer) for layer in study.nmi_layers]
     selections += [(m, None) for m in ("pretrain_s", "epoch_s", "peak_mem_mb")]
     rows = []
