@@ -34,6 +34,7 @@ a = "isolated"
 b = "global"
 metric = "finetune"
 margin = 1.0
+direction = "noninferior"
 
 [base]
 preset = "localmim_vit_nano"
@@ -214,7 +215,7 @@ def test_report_numbers_equal_scipy_on_the_runs_files(study):
         if np.ptp(d) > 0:
             low, high = _interval(d)
             assert row["95% CI"] == f"[{low:.{digits}f}, {high:.{digits}f}]"
-            assert row["p (paired t)"] == f"{stats.ttest_rel(a, b).pvalue:.3g}"
+            assert row["p (paired t, two-sided, d = 0)"] == f"{stats.ttest_rel(a, b).pvalue:.3g}"
     claim = _table(report, "Claims").set_index("claim").loc["isolation"]
     d = _numbers(root, "isolated", "finetune") - _numbers(root, "global", "finetune")
     low, high = _interval(d)
