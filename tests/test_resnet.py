@@ -411,10 +411,11 @@ baseline = "e2e"
 nmi_layers = []
 
 [study.claims.isolation]
-a = "classify_k2"
-b = "e2e"
-metric = "head_top"
-margin = 1.0
+a = "e2e"
+b = "classify_k2"
+metric = "peak_mem_mb"
+margin = 0.0
+direction = "superior"
 
 [base]
 preset = "resnet32_k2"

@@ -3,7 +3,8 @@
 `report.md` has one table per metric family (losses, k-NN, linear, fine-tune, NMI, attention
 distance, cost) with mean +- 95% t-interval half-width over seeds and "–" where a value does not
 apply; paired differences to the baseline; claim verdicts; time to accuracy; figures. The numbers
-come from `summary`, the tables from `tables`, the figures from `plots`; this module writes the text.
+come from `summary` (claims judged by `claims`), the tables from `tables`, the figures from `plots`;
+this module writes the text.
 """
 from __future__ import annotations
 
@@ -132,17 +133,32 @@ def _paired_section(study: Study, summary: pd.DataFrame) -> list[str]:
     if table.empty:
         return []
     return [f"## Paired differences to the baseline ({study.baseline})", "",
-            "Per seed, variant minus baseline at the same seed; mean, its 95% t-interval and the paired "
-            "t-test p-value (`scipy.stats.ttest_rel`).", "", _markdown(table, names=2), ""]
+            "Per seed, variant minus baseline at the same seed; mean, its 95% t-interval and the two-sided "
+            "paired t-test p-value of a zero difference (`scipy.stats.ttest_rel`).", "", _markdown(table, names=2), ""]
 
 
 def _claims_section(study: Study, summary: pd.DataFrame) -> list[str]:
     if not study.claims:
         return []
     return ["## Claims", "",
-            "A claim holds when the lower bound of the 95% interval of a − b (paired by seed) is above "
-            "−margin, fails when the upper bound is below −margin, and is undecided otherwise.", "",
-            _markdown(claim_rows(study, summary), names=3), ""]
+            "- **Rule.** A claim's direction and margin set its threshold t: a − b > −margin "
+            "(non-inferior: a at most margin worse than b) or a − b > margin (superior), with a − b the "
+            "mean of the per-seed differences. It **holds** when the 95% t-interval of a − b lies above t, "
+            "**fails** when it lies below, and is **undecided** otherwise: the one-sided t-test of the "
+            "claim's null H0: a − b ≤ t at α = 0.025 (and of a − b ≥ t for fails). The one-sided p is "
+            "that test's p-value against H0.",
+            "- **Holm.** The Holm verdict applies Holm's step-down correction (Holm 1979) at the same α "
+            "across the study's informative claims, once to their nulls and once to the reverse nulls, so "
+            "the chance of even one wrong \"holds\" (or one wrong \"fails\") among them is at most 2.5%.",
+            "- **Floors.** A claim on an accuracy says something only when both variants beat both floors "
+            "(the encoder at random init; probes on raw pixels): per seed, each side's number minus the "
+            "floor's (k-NN against its k-NN, trained classifiers against its linear probe, at its "
+            "validation-selected stage) must have a 95% interval above 0. Otherwise the claim is "
+            "**uninformative** and left out of the Holm family.",
+            "- **Power.** The last column is the number of seeds with which the test would decide the "
+            "claim with 80% probability if the observed mean and spread of a − b were the truth "
+            "(noncentral t); `isolocal compare --plan` prints it alone.", "",
+            _markdown(claim_rows(study, summary), names=4), ""]
 
 
 def _time_section(study: Study, ok: list[Run], out: Path) -> list[str]:

@@ -16,12 +16,15 @@ data order and masks: `train.seed` is the study seed). Runs live in `<out_dir>/r
 A study without `seeds` is a one-seed study at `base.train.seed`, and keeps the older layout
 `<out_dir>/runs/<variant>/`, so study files and their outputs from before seeds still work.
 
-A claim compares two variants on one metric: `a - b` per seed, and its verdict is "holds" when
-the lower 95% bound of the mean difference is above `-margin`, "fails" when the upper bound is
-below `-margin`, "undecided" otherwise (see `isolocal.study.stats.verdict`). With `margin = 0` a
-claim says "a is better than b"; with `margin = 1` "a is at most one point worse than b"; with
-`margin = -3` "a beats b by more than 3 points". For a metric where lower is better (losses, time,
-memory) swap `a` and `b`.
+A claim compares two variants on one metric, `a - b` per seed, and declares how: `direction =
+"noninferior"` says a is at most `margin` worse than b (threshold t = -margin, margin > 0: with 0
+equal variants could never fail it), `direction = "superior"` says a beats b by more than `margin`
+(t = +margin, margin >= 0). Both are required. Its verdict is "holds" when the lower 95% bound of the
+mean difference is above t, "fails" when the upper bound is below t, "undecided" otherwise: the
+one-sided t-test of H0: d <= t at 0.025 (see `isolocal.study.stats`), Holm-corrected over the study's
+claims in the report. For a metric where lower is better (losses, time, memory) swap `a` and `b`.
+A claim on an accuracy (`FLOOR_METRIC`) needs both floor variants, `random` and `pixels`, in the
+study: it says something only when both sides clear both (`isolocal.study.claims`).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from isolocal.models.encoder import StagewiseEncoder
 # The built-in controls, named as the sources `load_model` knows: "random" (the encoder at its seeded
 # init, no pre-training) and "pixels" (the probes on raw, normalized pixels, no encoder).
 FLOORS = (RANDOM, PIXELS)  # the controls every accuracy claim must clear
+DIRECTIONS = ("noninferior", "superior")
 EVALS = ("knn", "linear", "head", "finetune")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -86,15 +90,21 @@ FLOOR_METRIC: dict[str, str] = {
 
 @dataclass
 class Claim:
-    """`a - b` on `metric` (at `stage` or `layer`, a list meaning their mean) must exceed `-margin`."""
+    """`a - b` on `metric` (at `stage` or `layer`, a list meaning their mean) must exceed `threshold`:
+    -margin for a non-inferiority claim, +margin for a superiority claim."""
 
     a: str
     b: str
     metric: str
-    margin: float = 0.0
+    margin: float
+    direction: str  # "noninferior" | "superior"
     stage: int | list[int] | None = None  # per-stage metrics: stage index (or indices, averaged)
     layer: int | list[int] | None = None  # per-stage or per-layer metrics: 1-based encoder layer(s)
     statement: str = ""  # what the claim says, shown in the report
+
+    @property
+    def threshold(self) -> float:
+        return -self.margin if self.direction == "noninferior" else self.margin
 
 
 @dataclass
@@ -187,8 +197,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     if not isinstance(claims, dict):
         raise ConfigError("study.claims must be a table of [study.claims.<name>] tables")
     study = from_dict(Study, {**options, "variants": variants, "pretrain": pretrain}, prefix="study.")
-    study.claims = {n: from_dict(Claim, c if isinstance(c, dict) else {}, prefix=f"study.claims.{n}.")
-                    for n, c in claims.items()}
+    study.claims = {n: read_claim(n, c) for n, c in claims.items()}
     _validate(study)
     for variant in study.variants:
         resolve_run(study, variant)  # raises on a bad variant before anything runs
@@ -212,9 +221,37 @@ def _validate(study: Study) -> None:
         check_claim(name, claim, study)
 
 
-def check_claim(name: str, claim: Claim, study: Study) -> None:
-    """A claim must name two variants, a metric the study measures, and where to read it."""
+_REQUIRED = {
+    "a": 'a = "<variant>"', "b": 'b = "<variant>"', "metric": 'metric = "<metric>"',
+    "margin": "margin = 1.0 (non-inferior: a at most 1 worse than b; superior: a better by more than it, 0 allowed)",
+    "direction": 'direction = "noninferior" (a at most margin worse than b) or "superior" (a beats b by more than margin)',
+}
+
+
+def read_claim(name: str, table: Any) -> Claim:
+    """One `[study.claims.<name>]` table; what it must say is named when it is missing."""
     where = f"study.claims.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table ([{where}])")
+    for key, example in _REQUIRED.items():
+        if key not in table:
+            raise ConfigError(f"{where} has no {key}; add {example}")
+    return from_dict(Claim, table, prefix=f"{where}.")
+
+
+def check_claim(name: str, claim: Claim, study: Study) -> None:
+    """A claim must name two variants, a metric the study measures, where to read it, a direction
+    and a margin that can fail, and, on an accuracy, the floors it is checked against."""
+    where = f"study.claims.{name}"
+    if claim.direction not in DIRECTIONS:
+        raise ConfigError(f"{where}.direction {claim.direction!r} is unknown; use \"noninferior\" (a at most "
+                          f"margin worse than b) or \"superior\" (a beats b by more than margin)")
+    if claim.direction == "noninferior" and not claim.margin > 0:
+        raise ConfigError(f"{where}.margin = {claim.margin} must be > 0 for a non-inferiority claim (with 0 it "
+                          f"cannot fail when a equals b); to claim a is better, use direction = \"superior\"")
+    if claim.direction == "superior" and not claim.margin >= 0:
+        raise ConfigError(f"{where}.margin = {claim.margin} must be >= 0 for a superiority claim (a beats b "
+                          f"by more than margin)")
     for side in ("a", "b"):
         if getattr(claim, side) not in study.variants:
             raise ConfigError(f"{where}.{side} = {getattr(claim, side)!r} is not a variant; "
@@ -232,10 +269,14 @@ def check_claim(name: str, claim: Claim, study: Study) -> None:
     if kind == "run" and (claim.stage is not None or claim.layer is not None):
         raise ConfigError(f"{where}: metric {claim.metric!r} has one value per run; remove stage/layer")
     if kind == "stage" and (claim.stage is None) == (claim.layer is None):
+        per_run = [m for m, (k, _) in METRICS.items() if k == "run" and m.startswith(f"{claim.metric}_")
+                   and not m.endswith("_stage")]
         raise ConfigError(f"{where}: metric {claim.metric!r} has one value per stage; set either stage "
-                          f"(index) or layer (tap layer), or use {claim.metric}_best")
+                          f"(index) or layer (tap layer)" + (f", or use {' / '.join(per_run)}" if per_run else ""))
     if kind == "layer" and (claim.layer is None or claim.stage is not None):
         raise ConfigError(f"{where}: metric {claim.metric!r} has one value per layer; set layer (1-based)")
+    if claim.metric in FLOOR_METRIC:
+        check_floors(where, claim, study)
     asked = claim.stage if claim.stage is not None else claim.layer
     if asked is None:
         return
@@ -250,6 +291,20 @@ def check_claim(name: str, claim: Claim, study: Study) -> None:
             what, valid = "layer", list(range(1, (sum(model.depths) if model.arch == "swin" else model.depth) + 1))
         if not listed or not set(listed) <= set(valid):
             raise ConfigError(f"{where}: {what} {asked} is not among variant {variant}'s {what}s {valid}")
+
+
+def check_floors(where: str, claim: Claim, study: Study) -> None:
+    """An accuracy claim is read against both floors, so the study must run them and measure their metric."""
+    missing = [f for f in FLOORS if f not in study.variants]
+    if missing:
+        raise ConfigError(f"{where}: metric {claim.metric!r} is an accuracy, which must clear the floors "
+                          f"{' and '.join(FLOORS)}; add {' and '.join(f'[variants.{f}]' for f in missing)} "
+                          f"to the study")
+    floor_metric = FLOOR_METRIC[claim.metric]
+    needs = METRICS[floor_metric][1]
+    if needs not in study.evals:
+        raise ConfigError(f"{where}: metric {claim.metric!r} is checked against the floors' {floor_metric}, "
+                          f"which needs {needs!r} in study.evals ({study.evals})")
 
 
 def resolve_run(study: Study, variant: str, seed: int | None = None) -> RunConfig:

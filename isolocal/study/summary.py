@@ -117,12 +117,17 @@ def values(summary: pd.DataFrame, variant: str, metric: str, stage: int | list[i
     return rows.groupby("seed", sort=False)["value"].mean()
 
 
+def paired_values(a: pd.Series, b: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-seed series (`values`) restricted to the seeds both have, in a's order."""
+    seeds = [s for s in a.index if s in b.index]
+    return a[seeds].to_numpy(), b[seeds].to_numpy()
+
+
 def paired(summary: pd.DataFrame, a: str, b: str, metric: str, stage: int | list[int] | None = None,
            layer: int | list[int] | None = None) -> PairedDifference:
     """Paired difference a - b over the seeds both variants have."""
-    va, vb = values(summary, a, metric, stage, layer), values(summary, b, metric, stage, layer)
-    seeds = [s for s in va.index if s in vb.index]
-    return paired_difference(va[seeds].to_numpy(), vb[seeds].to_numpy())
+    return paired_difference(*paired_values(values(summary, a, metric, stage, layer),
+                                            values(summary, b, metric, stage, layer)))
 
 
 def online_knn(runs: Sequence[Run]) -> pd.DataFrame:

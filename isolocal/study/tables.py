@@ -1,13 +1,15 @@
 """The report's tables from `summary.csv`: mean and 95% t-interval per cell, paired differences to the
-baseline, claim verdicts and time to accuracy, as pandas frames of formatted strings."""
+baseline, claim verdicts, the seeds each claim needs (`--plan`) and time to accuracy, as pandas frames
+of formatted strings."""
 from __future__ import annotations
 
 import math
 
 import pandas as pd
 
+from isolocal.study.claims import ClaimResult, judge_claims
 from isolocal.study.schema import METRICS, Claim, Study
-from isolocal.study.stats import Interval, mean_ci, verdict
+from isolocal.study.stats import MAX_SEEDS, POWER, Interval, mean_ci
 from isolocal.study.summary import paired, values
 
 DASH = "–"
@@ -71,24 +73,68 @@ def paired_table(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
             rows.append({"metric": label + (f", layer {layer}" if layer else ""), "variant": variant,
                          f"mean (variant − {study.baseline})": fmt(d.mean, digits + 1),
                          "95% CI": DASH if d.n < 2 else f"[{fmt(d.low, digits + 1)}, {fmt(d.high, digits + 1)}]",
-                         "p (paired t)": DASH if math.isnan(result.p_value) else f"{result.p_value:.3g}",
-                         "seeds": str(d.n)})
+                         "p (paired t, two-sided, d = 0)": fmt_p(result.p_value), "seeds": str(d.n)})
     return pd.DataFrame(rows)
+
+
+def fmt_p(p: float) -> str:
+    return DASH if math.isnan(p) else f"{p:.3g}"
+
+
+P_ONE_SIDED = "one-sided p (H0: a − b ≤ threshold)"
+SEEDS_TO_DECIDE = f"seeds to decide ({POWER:.0%} power)"
 
 
 def claim_rows(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for name, claim in study.claims.items():
-        result = paired(summary, claim.a, claim.b, claim.metric, claim.stage, claim.layer)
-        d = result.diff
+    for r in judge_claims(study, summary):
+        claim, d = r.claim, r.diff
         digits = FORMAT[claim.metric][0] + 1
-        rows.append({"claim": name, "statement": claim.statement or DASH, "measure": claim_measure(claim),
-                     "a − b": fmt(d.mean, digits),
+        rows.append({"claim": r.name, "statement": claim.statement or DASH, "measure": claim_measure(claim),
+                     "direction, margin": claim_direction(claim), "a − b": fmt(d.mean, digits),
                      "95% CI": DASH if d.n < 2 else f"[{fmt(d.low, digits)}, {fmt(d.high, digits)}]",
-                     "p (paired t)": DASH if math.isnan(result.p_value) else f"{result.p_value:.3g}",
-                     "seeds": str(d.n), "holds if CI low >": fmt(0.0 - claim.margin, digits),
-                     "verdict": f"**{verdict(d, claim.margin)}**"})
+                     P_ONE_SIDED: fmt_p(r.p), "seeds": str(d.n), "floors": floors_cell(r),
+                     "verdict": f"**{r.verdict}**", "Holm verdict": f"**{r.holm_verdict}**",
+                     SEEDS_TO_DECIDE: seeds_cell(r)})
     return pd.DataFrame(rows)
+
+
+def plan_table(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
+    """`--plan`: per claim, the seeds it has, the mean and sd of its paired differences, its threshold
+    and the seeds that would decide it with 80% power."""
+    rows = []
+    for r in judge_claims(study, summary):
+        digits = FORMAT[r.claim.metric][0] + 1
+        rows.append({"claim": r.name, "seeds": r.diff.n, "mean a − b": fmt(r.diff.mean, digits),
+                     "sd": fmt(r.sd, digits), "threshold": fmt(r.claim.threshold, digits),
+                     "verdict": r.verdict, SEEDS_TO_DECIDE: seeds_cell(r)})
+    return pd.DataFrame(rows)
+
+
+def claim_direction(claim: Claim) -> str:
+    """"non-inferior, margin 1: a − b > −1" or "superior, margin 0: a − b > 0"."""
+    name = "non-inferior" if claim.direction == "noninferior" else "superior"
+    threshold = f"{claim.threshold:g}".replace("-", "−")
+    return f"{name}, margin {claim.margin:g}: a − b > {threshold}"
+
+
+def floors_cell(result: ClaimResult) -> str:
+    """"–" without floors, "cleared", or the checks that failed ("a not above pixels")."""
+    if not result.floors:
+        return DASH
+    failed = [check.describe() for check in result.floors if not check.cleared]
+    return "; ".join(failed) if failed else "cleared"
+
+
+def seeds_cell(result: ClaimResult) -> str:
+    """Seeds for 80% power; "–" below 2 seeds and for an uninformative claim (its verdict waits on the
+    floors, not on this test)."""
+    if result.diff.n < 2 or not result.informative:
+        return DASH
+    if result.distance == 0:
+        return "not decidable"
+    n = result.seeds_needed
+    return f"> {MAX_SEEDS}" if n is None else str(n)
 
 
 def claim_measure(claim: Claim) -> str:
