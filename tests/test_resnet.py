@@ -441,10 +441,11 @@ model = {{ boundary = "isolated" }}
 """
 
 
-def test_the_shipped_resnet_study_is_24_paired_runs_of_resnet32_splits():
+def test_the_shipped_resnet_study_is_paired_runs_of_resnet32_splits_and_its_floors():
     study = load_study(REPO / "experiments" / "local_learning_resnet.toml")
-    assert len(study.runs()) == 24 and set(study.evals) == {"knn", "linear", "head"}
-    configs = {v: resolve_run(study, v) for v in study.variants}
+    assert len(study.runs()) == 30 and set(study.evals) == {"knn", "linear", "head"}
+    assert {v for v, pretrained in study.pretrain.items() if not pretrained} == {"random", "pixels"}
+    configs = {v: resolve_run(study, v) for v in study.variants if study.pretrain[v]}
     for variant, cfg in configs.items():
         StagewiseEncoder.check_config(cfg.model)
         StagewiseEncoder.check_masking(cfg.model)

@@ -50,7 +50,7 @@ def study_file(tmp_path: Path, variants: str = "") -> Path:
 
 
 BAD_SETTINGS = [
-    ("variants.broken.eval.knn_k=1000", "run broken seed 0: eval.knn_k = 1000 exceeds the 64 training images"),
+    ("variants.broken.eval.knn_k=1000", "run broken seed 0: eval.knn_k = 1000 exceeds the 58 training images"),
     ("variants.broken.eval.test_subset=5000", "run broken seed 0: eval.test_subset = 5000 but the dataset holds only"),
     ("study.images='fmnist:99999'", "run good seed 0: --images 'fmnist:99999': indices [99999] out of range"),
     ("study.attention_image=3", "study.attention_image = 3 is not an index of the 1 images"),

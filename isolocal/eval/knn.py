@@ -60,7 +60,8 @@ def knn_per_stage(bank: SplitFeatures, query: SplitFeatures, cfg: EvalConfig) ->
 def check_knn(cfg: EvalConfig, train_size: int) -> None:
     """k must not exceed the training set; checked before features are extracted."""
     if cfg.knn_k > train_size:
-        raise ValueError(f"eval.knn_k = {cfg.knn_k} exceeds the {train_size} training images")
+        raise ValueError(f"eval.knn_k = {cfg.knn_k} exceeds the {train_size} training images the probes use "
+                         "(the labelled images less the validation split)")
 
 
 def online_knn(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset, cfg: EvalConfig,
