@@ -27,7 +27,7 @@ def test_pretrain_writes_logs_config_and_checkpoint(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "pretrain", "--set", *TINY, "model.boundary=isolated", "--out", str(tmp_path))
     assert code == 0 and "isolated run: 2 steps" in out
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps] == [0]  # log_every 10: step 0 only
+    assert [r["step"] for r in steps] == [0, 1]  # log_every 10: step 0, and the run's last step
     assert {"loss", "loss_stage", "lr", "grad_norm_stage", "img_per_s", "peak_mem_mb", "time"} <= steps[0].keys()
     assert len(steps[0]["loss_stage"]) == 4 and len(steps[0]["grad_norm_stage"]) == 4
     assert (tmp_path / "last.pt").is_file()

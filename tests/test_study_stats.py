@@ -1,5 +1,6 @@
 """Statistics over seeds against hand-computed values, claim verdicts (floors, Holm, power), `--plan`,
 and the study file's checks."""
+import json
 import math
 
 import numpy as np
@@ -9,12 +10,13 @@ import pytest
 from isolocal.cli import main
 from isolocal.config import ConfigError
 from isolocal.study.claims import judge_claims
-from isolocal.study.job import write_json
+from isolocal.study.job import PRETRAIN, write_json
+from isolocal.study.report import loss_heading
 from isolocal.study.runner import check_stale
 from isolocal.study.schema import load_study, run_spec, select_runs
 from isolocal.study.stats import (Interval, holm, mean_ci, one_sided_p, paired_difference, seeds_for_power,
                                   t_test_power, verdict)
-from isolocal.study.summary import values
+from isolocal.study.summary import final_losses, read_metrics, values
 from isolocal.study.tables import P_ONE_SIDED, SEEDS_TO_DECIDE, claim_rows, plan_table
 
 T_975_DF2 = 4.302652729749464  # Student t 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
@@ -349,3 +351,24 @@ def test_run_made_with_another_config_is_refused(tmp_path):
     write_json(run.dir / "run.json", spec)
     with pytest.raises(ConfigError, match=r"runs/i/seed0 was run with a different config: config.train.epochs \(7 -> 1\)"):
         check_stale(study, study.runs())
+
+
+def _pretrained(run, kinds):
+    """A run directory holding what the loss table reads: pretrain.json and one record per kind."""
+    run.dir.mkdir(parents=True)
+    write_json(run.dir / PRETRAIN, {"time": 1.0})
+    records = [{"kind": kind, "step": n, "loss": float(n), "loss_stage": [float(n)]} for n, kind in enumerate(kinds)]
+    (run.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_loss_heading_says_whether_a_run_ended_with_an_epoch_or_a_max_steps_stop(tmp_path):
+    g, i = load_study(_study(tmp_path, "")).runs()[:2]
+    _pretrained(g, ["step", "step", "epoch", "knn"])  # ended with an epoch (online k-NN after it)
+    _pretrained(i, ["step", "epoch", "step", "step"])  # stopped mid-epoch by train.max_steps
+    assert final_losses(read_metrics(g.dir))[["kind", "loss"]].tolist() == ["epoch", 2.0]
+    assert final_losses(read_metrics(i.dir))[["kind", "loss"]].tolist() == ["step", 3.0]
+    assert loss_heading([g]) == "Pre-training losses (mean over the last epoch, per stage by its tap layer)"
+    assert loss_heading([i]).startswith("Pre-training losses (the last logged step's: train.max_steps stopped every")
+    both = loss_heading([g, i])
+    assert "mean over the last epoch; the last logged step's for i seed 0, which train.max_steps stopped" in both

@@ -103,6 +103,19 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     assert_same_weights(load_state(tmp_path / "whole" / LAST)["model"], load_state(out / LAST)["model"])
 
 
+def test_a_max_steps_run_logs_its_final_step_and_logging_changes_no_loss(tmp_path):
+    """max_steps = 5 is no multiple of log_every = 3: steps 0 and 3 are log steps and 4, the last, is
+    logged too, with the losses every step of a log_every = 1 run has (logging reads, never trains)."""
+    train(tiny(tmp_path / "sparse", "train.max_steps=5", "train.log_every=3"))
+    train(tiny(tmp_path / "dense", "train.max_steps=5"))
+    sparse, dense = records(tmp_path / "sparse"), records(tmp_path / "dense")
+    assert [r["step"] for r in sparse] == [0, 3, 4] and [r["step"] for r in dense] == list(range(5))
+    for r in sparse:
+        assert (r["loss_stage"], r["grad_norm_stage"], r["lr"]) == (
+            dense[r["step"]]["loss_stage"], dense[r["step"]]["grad_norm_stage"], dense[r["step"]]["lr"])
+    assert_same_weights(load_state(tmp_path / "sparse" / LAST)["model"], load_state(tmp_path / "dense" / LAST)["model"])
+
+
 def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_old_dir(tmp_path):
     train(tiny(tmp_path, "train.max_steps=2"))
     with pytest.raises(ValueError, match="differs from the checkpoint's in model.embed_dim, train.batch_size"):

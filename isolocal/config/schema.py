@@ -103,7 +103,7 @@ class TrainConfig:
     """Pre-training: schedule, optimizer, precision, checkpoints, logging and online probes."""
 
     epochs: int = 1
-    max_steps: int = 0  # > 0 stops early (smoke runs, benchmarks)
+    max_steps: int = 0  # > 0 stops after this many steps (smoke runs, benchmarks); the lr schedule still spans epochs
     batch_size: int = 256  # global batch per optimizer step
     accum_steps: int = 1
     base_lr: float = 2e-4  # lr = base_lr * batch_size / 256

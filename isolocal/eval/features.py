@@ -17,16 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from isolocal.core.progress import progress_bar
 from isolocal.config import EvalConfig
 from isolocal.heads.base import pool
-
-FEATURES = ("cls", "mean")
-
-
-def check_feature(feature: str, has_cls: bool) -> None:
-    """Reject a pooling the model cannot provide, before any images are read."""
-    if feature not in FEATURES:
-        raise ValueError(f"eval.feature must be one of {', '.join(FEATURES)}, got {feature!r}")
-    if feature == "cls" and not has_cls:
-        raise ValueError("eval.feature = 'cls' needs a model with a CLS token and this one has none; use 'mean'")
+from isolocal.models.family import check_feature
 
 
 @contextlib.contextmanager

@@ -37,8 +37,7 @@ def build_classifier(model: StagewiseEncoder | nn.Module, cfg: EvalConfig) -> nn
     exactly what the 'mean' probe reads); a timm model, e.g. a loaded export, gets a new head.
     """
     if isinstance(model, StagewiseEncoder):
-        clf = create_timm_model(model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path,
-                                global_pool="avg", fc_norm=False)
+        clf = create_timm_model(model, "mean", num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path)
         clf.to(next(model.parameters()).device)
     else:
         clf = copy.deepcopy(model)

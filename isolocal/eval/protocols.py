@@ -15,7 +15,7 @@ import dataclasses
 from isolocal.config import EvalConfig, RunConfig, to_dict
 from isolocal.config.schema import EVAL_MODES
 from isolocal.core.device import resolve_device
-from isolocal.eval.features import check_feature, split_features
+from isolocal.eval.features import split_features
 from isolocal.eval.finetune import classifier_accuracy, finetune
 from isolocal.eval.head_accuracy import classify_stages, head_accuracy
 from isolocal.eval.knn import check_knn, knn_per_stage
@@ -23,6 +23,7 @@ from isolocal.eval.linear import check_optimizer, linear_per_stage, probe_top1
 from isolocal.eval.splits import EvalSplits, eval_splits
 from isolocal.io.load import load_model
 from isolocal.models.encoder import FAMILIES
+from isolocal.models.family import check_feature
 from isolocal.models.pixels import PixelEncoder
 
 

@@ -39,6 +39,7 @@ from isolocal.models.pixels import PixelEncoder
 
 RANDOM = "random"  # the source that means "the config's model at its seeded init"
 PIXELS = "pixels"  # the source that means "no encoder: the config's images as features" (the pixel floor)
+RUN_SOURCES = "a checkpoint or a run directory"  # what a source must be when no config is given
 
 
 def seeded_init(cfg: RunConfig) -> StagewiseEncoder:
@@ -67,6 +68,31 @@ def _isolocal_model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -
     check_fits(model, state_dict, path)
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def _open(source: str | os.PathLike, valid: str) -> tuple[Path, Any]:
+    """(path, the file's object) of a checkpoint source, None as the object for a pipeline checkpoint
+    (read by `load_model_state`); a missing source names the `valid` ones."""
+    if not Path(source).exists():
+        raise FileNotFoundError(f"checkpoint {source} does not exist; pass {valid}")
+    kind, path = locate(source)
+    return path, None if kind == "pipeline" else _read(path)
+
+
+def _run_and_model(path: Path, obj: Any) -> tuple[RunConfig, StagewiseEncoder]:
+    """An isolocal checkpoint's saved config and model: a pipeline checkpoint (`obj` None) or a file's object."""
+    cfg, state = load_model_state(path) if obj is None else checked_state(obj, path)
+    return cfg, _isolocal_model(cfg, state, path)
+
+
+def load_run(source: str | os.PathLike) -> tuple[RunConfig, StagewiseEncoder]:
+    """(the run's saved config, its model in eval mode) from an isolocal checkpoint or run directory, for a
+    caller that needs the run's settings besides its weights (`isolocal export` records `eval.feature`);
+    other files are refused as `load_model` refuses them without a config."""
+    path, obj = _open(source, RUN_SOURCES)
+    if obj is not None and not is_isolocal(obj):
+        raise _not_isolocal(obj, path)
+    return _run_and_model(path, obj)
 
 
 def _published(obj: Any, cfg: RunConfig, path: Path) -> StagewiseEncoder:
@@ -105,15 +131,9 @@ def load_model(source: str | os.PathLike, cfg: RunConfig | None = None, *,
         if cfg is None or cfg.model is None:
             raise ValueError("'pixels' reads images of a run config's model size and channels: pass the config")
         return PixelEncoder(cfg.model).eval()
-    if not Path(source).exists():
-        valid = "a checkpoint, a run directory, 'random' or 'pixels'" if cfg is not None else "a checkpoint or a run directory"
-        raise FileNotFoundError(f"checkpoint {source} does not exist; pass {valid}")
-    kind, path = locate(source)
-    if kind == "pipeline":
-        return _isolocal_model(*load_model_state(path), path)
-    obj = _read(path)
-    if is_isolocal(obj):
-        return _isolocal_model(*checked_state(obj, path), path)
+    path, obj = _open(source, "a checkpoint, a run directory, 'random' or 'pixels'" if cfg is not None else RUN_SOURCES)
+    if obj is None or is_isolocal(obj):
+        return _run_and_model(path, obj)[1]
     if cfg is not None and not encoder_only and is_published_localmim(obj):
         return _published(obj, cfg, path)
     if not encoder_only:

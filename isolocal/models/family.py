@@ -41,8 +41,21 @@ class Family:
     # export to timm (see timm_export.py): (model) -> (timm name, create_model overrides); (model) -> weights
     timm_name_and_kwargs: Callable[[Any], tuple[str, dict[str, Any]]]
     timm_state_dict: Callable[[Any], dict[str, Any]]
+    # (eval.feature, checked) -> create_model overrides whose pooled output is that feature of the last stage
+    timm_pool_kwargs: Callable[[str], dict[str, Any]]
     has_attention: bool = True  # False: no attention to analyse (NMI, attention distance, attention maps)
     decoders: bool = True  # False: stages have no token grid, so no head may reconstruct (`mim`)
+
+
+FEATURES = ("cls", "mean")  # eval.feature: a stage's tokens pooled to one vector per image
+
+
+def check_feature(feature: str, has_cls: bool) -> None:
+    """Reject a pooling the model cannot provide, before any images are read."""
+    if feature not in FEATURES:
+        raise ValueError(f"eval.feature must be one of {', '.join(FEATURES)}, got {feature!r}")
+    if feature == "cls" and not has_cls:
+        raise ValueError("eval.feature = 'cls' needs a model with a CLS token and this one has none; use 'mean'")
 
 
 def require(ok: bool, message: str) -> None:

@@ -27,7 +27,7 @@ from isolocal.heads.base import HeadType, attach_head
 from isolocal.heads.plan import StagePlan
 from isolocal.models.family import Family, Tap, require
 from isolocal.models.recompute import run_blocks
-from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
+from isolocal.models.timm_export import timm_name_and_kwargs, timm_pool_kwargs, timm_state_dict
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
@@ -198,4 +198,5 @@ def resnet_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
 RESNET = Family(taps=resnet_taps, build_stages=build_resnet_stages, mask_grid=resnet_mask_grid,
                 context=lambda cfg, mask, host_mask: None, has_cls=False,
                 timm_name_and_kwargs=resnet_timm_name_and_kwargs, timm_state_dict=resnet_state_dict,
+                timm_pool_kwargs=timm_pool_kwargs,
                 has_attention=False, decoders=False)

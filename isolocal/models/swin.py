@@ -30,7 +30,7 @@ from isolocal.models.decoder import LocalDecoder
 from isolocal.models.family import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.recompute import run_blocks
 from isolocal.models.swin_attention import Level, LevelPlan, plan_levels, take, visible_block, visible_merge
-from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
+from isolocal.models.timm_export import timm_name_and_kwargs, timm_pool_kwargs, timm_state_dict
 from isolocal.core.targets import target_dim
 
 
@@ -264,4 +264,5 @@ def swin_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
 
 SWIN = Family(taps=swin_taps, build_stages=build_swin_stages, mask_grid=lambda cfg: cfg.img_size // cfg.patch_size,
               context=swin_context, has_cls=False,
-              timm_name_and_kwargs=swin_timm_name_and_kwargs, timm_state_dict=swin_state_dict)
+              timm_name_and_kwargs=swin_timm_name_and_kwargs, timm_state_dict=swin_state_dict,
+              timm_pool_kwargs=timm_pool_kwargs)

@@ -3,7 +3,8 @@
 Stages keep timm's parameter names, so an export is a renaming. Each family (`vit.py`, `swin.py`,
 `resnet.py`) says how its stage keys map to timm's; the last tap's LayerNorm (ViT, Swin) is timm's
 final `norm`, while the other tap norms and every local head (decoders included) are pre-training
-heads and are not exported.
+heads and are not exported. The pooling is recorded too (`timm_pool_kwargs`): timm's output is then
+the feature the probes read from the last stage (`eval.feature`).
 """
 from __future__ import annotations
 
@@ -46,3 +47,12 @@ def timm_name_and_kwargs(cfg: ModelConfig, registered: str | None, fallback: str
     if cfg.mlp_ratio != 4.0:
         kwargs["mlp_ratio"] = cfg.mlp_ratio
     return name, kwargs
+
+
+TIMM_POOL = {"cls": "token", "mean": "avg"}  # eval.feature -> timm's global_pool
+
+
+def timm_pool_kwargs(feature: str) -> dict[str, Any]:
+    """timm's pooling for a probe feature (already checked against the model): Swin and ResNet need
+    `global_pool` alone, their timm norm (if any) comes before pooling as isolocal's does."""
+    return {"global_pool": TIMM_POOL[feature]}

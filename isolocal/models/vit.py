@@ -22,7 +22,7 @@ from isolocal.models.decoder import LayerNorm, LocalDecoder
 from isolocal.models.family import Family, Tap, check_common, make_tap, per_tap, require
 from isolocal.models.posembed import sincos_pos_embed
 from isolocal.models.recompute import run_blocks
-from isolocal.models.timm_export import timm_name_and_kwargs, timm_state_dict
+from isolocal.models.timm_export import timm_name_and_kwargs, timm_pool_kwargs, timm_state_dict
 from isolocal.core.targets import target_dim
 
 
@@ -135,5 +135,12 @@ def vit_timm_name_and_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
         img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads))
 
 
+def vit_timm_pool_kwargs(feature: str) -> dict[str, Any]:
+    """The feature's pooling without `fc_norm`: isolocal's features are the normalized tokens, pooled
+    (timm's ViT would otherwise norm after average pooling instead of before it, and drop `norm`)."""
+    return {**timm_pool_kwargs(feature), "fc_norm": False}
+
+
 VIT = Family(taps=vit_taps, build_stages=build_vit_stages, mask_grid=vit_mask_grid, context=vit_context,
-             has_cls=True, timm_name_and_kwargs=vit_timm_name_and_kwargs, timm_state_dict=vit_state_dict)
+             has_cls=True, timm_name_and_kwargs=vit_timm_name_and_kwargs, timm_state_dict=vit_state_dict,
+             timm_pool_kwargs=vit_timm_pool_kwargs)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from isolocal.heads import StagePlan
-from isolocal.study.job import FINETUNE, LOG, PROBES, read_json
+from isolocal.study.job import FINETUNE, LOG, PRETRAIN, PROBES, read_json
 from isolocal.study.plots import plot_depth, plot_losses, plot_online_knn
 from isolocal.study.schema import Run, Study, resolve_run
 from isolocal.study.stats import CONFIDENCE
-from isolocal.study.summary import online_knn, run_status, summary_frame
+from isolocal.study.summary import final_losses, online_knn, read_metrics, run_status, summary_frame
 from isolocal.study.tables import claim_rows, metric_table, paired_table, time_to_accuracy
 
 
@@ -40,7 +40,7 @@ def build_report(study: Study) -> Path:
     seeds = len(study.seeds or [None])
     lines = [f"# Study: {study.name}", ""]
     lines += _preamble(study, runs, ok, status)
-    families = [("Pre-training losses (mean over the last epoch, per stage by its tap layer)", ["loss", "loss_total"]),
+    families = [(loss_heading(ok), ["loss", "loss_total"]),
                 ("k-NN top-1 % on test (per stage by its tap layer; the stage chosen on validation; the last stage)",
                  ["knn", "knn_sel", "knn_top"]),
                 ("k-NN top-1 % on validation (per stage; what selects the stage)", ["knn_val", "knn_sel_stage"]),
@@ -66,6 +66,20 @@ def build_report(study: Study) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def loss_heading(ok: list[Run]) -> str:
+    """The loss table's heading, saying what its numbers are: each run's mean over its last epoch, or
+    its last logged step's where `train.max_steps` stopped it mid-epoch (`summary.final_losses`)."""
+    kinds = {run.label: final_losses(read_metrics(run.dir))["kind"] for run in ok if (run.dir / PRETRAIN).exists()}
+    stopped = [label for label, kind in kinds.items() if kind == "step"]
+    if not stopped:
+        return "Pre-training losses (mean over the last epoch, per stage by its tap layer)"
+    if len(stopped) == len(kinds):
+        return ("Pre-training losses (the last logged step's: train.max_steps stopped every run mid-epoch; per "
+                "stage by its tap layer)")
+    return (f"Pre-training losses (mean over the last epoch; the last logged step's for {', '.join(stopped)}, "
+            "which train.max_steps stopped mid-epoch; per stage by its tap layer)")
 
 
 def _preamble(study: Study, runs: list[Run], ok: list[Run], status: dict) -> list[str]:

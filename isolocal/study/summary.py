@@ -27,6 +27,13 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     return pd.read_json(path, lines=True) if path.exists() and path.stat().st_size else pd.DataFrame()
 
 
+def final_losses(metrics: pd.DataFrame) -> pd.Series:
+    """The record a run's pre-training losses are read from, its last step or epoch record: the last
+    epoch's mean losses (`kind` "epoch") when the run ended with an epoch, else the last logged step's
+    ("step": `train.max_steps` stopped it mid-epoch; the trainer always logs the final step)."""
+    return metrics[metrics["kind"].isin(["step", "epoch"])].iloc[-1]
+
+
 def run_status(run: Run) -> dict:
     """result.json of a run, a "missing" record when it never ran to the end, or an "incomplete" one when
     it says "ok" but files its numbers come from are gone."""
@@ -58,7 +65,7 @@ def run_rows(run: Run) -> list[dict]:
         metrics = read_metrics(run.dir)
         steps = metrics.query("kind == 'step'")
         epochs = metrics.query("kind == 'epoch'")
-        last = (epochs if len(epochs) else steps).iloc[-1]  # the last epoch's mean losses, when it ended
+        last = final_losses(metrics)
         for k, loss in enumerate(last["loss_stage"]):
             add("loss", loss, k, taps[k] + 1)
         add("loss_total", last["loss"])

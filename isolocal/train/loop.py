@@ -311,7 +311,7 @@ class PretrainLoop(ABC):
                 self.after_step(losses)
                 self.epoch_loss_sum += losses
                 logged_steps += 1
-                if self.step % t.log_every == 0:
+                if self.step % t.log_every == 0 or self.step + 1 == self.total_steps:  # and the run's last step
                     self.check_finite()
                     now = time.perf_counter()
                     rec = self._log("step", self.step, losses, now - last_log, logged_steps)
