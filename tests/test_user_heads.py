@@ -224,7 +224,7 @@ imports = [{imports}]
 objective = "vicreg"
 [base.data]
 name = "synthetic"
-synthetic_size = 32
+synthetic_size = 64
 [base.train]
 max_steps = 2
 batch_size = 8
