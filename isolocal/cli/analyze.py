@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from isolocal.cli.options import add_import_option
+from isolocal.config.imports import load_imports
 from isolocal.config.load import load_run_config
 from isolocal.config.schema import IMAGE_SPEC_HELP
 from isolocal.io.paths import check_writable_dir
@@ -67,6 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="reconstruct: config overrides naming a published LocalMIM checkpoint's model, "
                         "e.g. --set preset=localmim_vit_base")
+    add_import_option(p)
     p.add_argument("--mask-seed", type=int, default=0, help="reconstruct: seed of the model's random mask (default 0)")
     p.add_argument("--hog-channels", choices=("mean", "rgb"), default="mean",
                    help="reconstruct: HOG glyphs averaged over colour channels or one colour per channel")
@@ -78,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if given and args.what != "reconstruct":
         raise ValueError(f"-c / --set name the model of a published LocalMIM checkpoint for `analyze reconstruct`; "
                          f"`analyze {args.what}` reads every encoder without them")
-    cfg = load_run_config(args.config, args.overrides) if given else None
+    cfg = load_run_config(args.config, args.overrides, args.imports) if given else None
+    if cfg is None:
+        load_imports(args.imports)
     check_writable_dir(args.out, "--out directory")
     if args.what == "reconstruct":
         from analysis.reconstruction_figure import run_reconstruct  # deferred: --help runs without torch

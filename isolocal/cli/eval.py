@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from isolocal.cli.options import add_import_option
 from isolocal.config.load import load_run_config
 from isolocal.config.schema import EVAL_MODES
 from isolocal.io.paths import check_writable_file
@@ -32,13 +33,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set eval.train_subset=10000 eval.feature=mean")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    add_import_option(p)
     p.add_argument("--val-only", action="store_true",
                    help="stop after the validation numbers, never reading the test split (for tuning a setting)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, args.imports)
     if args.out:
         check_writable_file(args.out, "--out file")
     import pandas as pd  # deferred: --help runs without torch

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from isolocal.cli.options import add_import_option
 from isolocal.config import ConfigError
 from isolocal.io.paths import check_writable_dir
 
@@ -27,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="override study fields, e.g. base.train.epochs=3 or study.seeds=[0,1]")
     p.add_argument("--only", action="extend", nargs="+", default=[], metavar="VARIANT[:SEED]",
                    help="run only these variants (all their seeds) or variant:seed runs; the report covers the whole study")
+    add_import_option(p)
     p.add_argument("--report-only", action="store_true", help="rebuild the report from saved runs, no training")
     p.add_argument("--plan", action="store_true",
                    help="print, from saved runs, each claim's paired differences and the seeds that would decide it "
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plan and (args.only or args.report_only):
         raise ValueError(f"--plan reads the saved runs and runs nothing; it does not go with "
                          f"{'--only' if args.only else '--report-only'}")
-    study = load_study(args.config, args.overrides)
+    study = load_study(args.config, args.overrides, args.imports)
     runs = select_runs(study, args.only)
     if args.only and args.report_only:
         raise ValueError("--only selects runs to run; it has no effect with --report-only")

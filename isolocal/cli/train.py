@@ -12,6 +12,8 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from isolocal.cli.options import add_import_option
+from isolocal.config.imports import load_imports
 from isolocal.config.load import load_run_config
 
 if TYPE_CHECKING:
@@ -22,6 +24,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="TOML run config (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.epochs=3 model.boundary=isolated")
+    add_import_option(parser)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a checkpoint's encoder as a timm state dict")
     p.add_argument("--ckpt", required=True, help="isolocal checkpoint or run directory (single-process or pipeline)")
     p.add_argument("--out", required=True, help="output .pt; the timm model name and kwargs go to <out>.json")
+    add_import_option(p)
     p.set_defaults(func=export)
 
     p = subparsers.add_parser("info", help="per stage: blocks, parameters, forward FLOPs (and time, --measure)")
@@ -95,13 +99,14 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     worker = ["isolocal.cli", "pretrain", *(["-c", args.config] if args.config else []),
               *(["--set", *args.overrides] if args.overrides else []), *(["--out", args.out] if args.out else []),
               *(["--pipeline-stages", str(args.pipeline_stages)] if args.pipeline_stages is not None else []),
-              *(["--init", args.init] if args.init else []), *(["--resume"] if args.resume else [])]
+              *(["--init", args.init] if args.init else []), *(["--resume"] if args.resume else []),
+              *(f"--import={spec}" for spec in args.imports)]
     return launch_local(args.nproc, worker)
 
 
 def pretrain(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"pipeline.stages={args.pipeline_stages}"] if args.pipeline_stages is not None else [])
-    cfg = load_run_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides, args.imports)
     if args.out:
         cfg.out_dir = args.out
     if args.nproc is not None:
@@ -120,13 +125,14 @@ def pretrain(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from isolocal.io.export import timm_load_line, write_timm_export  # deferred: --help runs without torch
 
+    load_imports(args.imports)
     out, sidecar, name, kwargs = write_timm_export(args.ckpt, args.out)
     print(f"wrote {out} and {sidecar}; load with {timm_load_line(out, name, kwargs)}")
     return 0
 
 
 def info(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, args.imports)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     repeats = args.repeats if args.measure else 0  # 0: counted, not timed

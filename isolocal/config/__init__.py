@@ -4,7 +4,7 @@
   `EvalConfig`) and which model family reads which model field;
 - `parse`: dicts (TOML) to dataclasses and back, overrides; `validate`: ranges, one function per section;
 - `presets`: the named ModelConfigs; `load`: `load_run_config`, a recipe with its preset resolved;
-- `toml`: writing a resolved config.
+- `toml`: writing a resolved config; `imports`: the user modules a run imports first (`imports`, `--import`).
 Only `presets` and `load` know the preset names; no module here builds a model.
 """
 from isolocal.config.load import load_run_config

@@ -186,6 +186,9 @@ class RunConfig:
 
     preset: str = "localmim_vit_nano"
     out_dir: str = "runs/default"
+    # Modules and .py files imported before anything else, in every process of the run (heads of one's own:
+    # `isolocal.config.imports`); written resolved, files as absolute paths.
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig | None = None  # None -> the preset's config
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -4,6 +4,9 @@ the per-stage plan a model resolves once from its config (`plan`).
 - `mim`: LocalMIM's decoder (HOG or pixels), built by the model family, masked-cell MSE;
 - `classify`: pooled features -> MLP -> cross-entropy (`classify`);
 - `contrastive`: pooled features -> projection -> InfoNCE between two views (`contrastive`).
+
+Heads of one's own register in their own module, which a run imports in each of its processes (`imports` /
+`--import`), or in an installed package's `isolocal.heads` entry point (`base.find_head`).
 """
 from __future__ import annotations
 

@@ -9,19 +9,23 @@ pipeline rank can be sent only what its own heads read:
 - "labels": one class index per image;
 - "views": two augmented views of every image, stacked along the batch as [view 1; view 2].
 
-Heads are looked up by name (`model.objective`) in a registry, one entry per stage or one for all.
+Heads are looked up by name (`model.objective`) in a registry, one entry per stage or one for all. A
+head of one's own is registered by its module, which a run imports in each of its processes (`imports` /
+`--import`, `isolocal.config.imports`), or by an installed package through the entry-point group
+`isolocal.heads`, loaded once, the first time a name is looked up that the registry does not hold.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from isolocal.config import ModelConfig
+from isolocal.config import ConfigError, ModelConfig
 
 NEEDS = ("target", "mask", "labels", "views")
 
@@ -68,6 +72,8 @@ class HeadType:
 
 
 HEADS: dict[str, HeadType] = {}
+ENTRY_POINT_GROUP = "isolocal.heads"  # installed packages' heads: `name = "module"` or `name = "module:function"`
+_entry_points_loaded = False
 
 
 def register_head(name: str, needs: frozenset[str], build: Callable[[ModelConfig, int], StageHead] | None) -> None:
@@ -81,15 +87,61 @@ def register_head(name: str, needs: frozenset[str], build: Callable[[ModelConfig
     HEADS[name] = HeadType(frozenset(needs), build)
 
 
-def parse_objectives(spec: str | list, count: int) -> list[str]:
-    """`model.objective`: one head name for every stage, or a list with one per stage -> a list of names."""
+def load_entry_points() -> None:
+    """Load the `isolocal.heads` entry points of the installed packages, once: each names a module, whose
+    `register_head` calls run on import, or a function of no arguments, which is called."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = point.load()
+            if point.attr is not None:
+                loaded()
+        except Exception as err:  # a package's code may raise anything: one line naming the entry point
+            raise ConfigError(f"entry point {point.name} = {point.value!r} (group {ENTRY_POINT_GROUP}) failed to "
+                              f"load: {type(err).__name__}: {err}") from None
+    _entry_points_loaded = True
+
+
+def find_head(name: str) -> HeadType | None:
+    """The registry's entry for `name`, looking in the installed packages' entry points when it has none."""
+    if name not in HEADS:
+        load_entry_points()
+    return HEADS.get(name)
+
+
+def parse_objectives(spec: str | list, count: int, skip_missing: bool = False) -> list[str]:
+    """`model.objective`: one head name for every stage, or a list with one per stage -> a list of names.
+    `skip_missing` lets names through that no head is registered under (a model loaded for its encoder)."""
     items = spec if isinstance(spec, list) else [spec] * count
     if len(items) != count:
         raise ValueError(f"model.objective must have one entry per stage ({count}), got {len(items)}: {spec}")
     for item in items:
-        if item not in HEADS:
-            raise ValueError(f"model.objective {item!r} is not a head; valid heads: {', '.join(sorted(HEADS))}")
+        if find_head(item) is None and not (skip_missing and isinstance(item, str)):
+            raise ValueError(f"model.objective {item!r} is not a head; valid heads: {', '.join(sorted(HEADS))}; "
+                             "a head of your own: import its module with --import MODULE_OR_PATH or "
+                             "imports = [...] in the run config")
     return list(items)
+
+
+class SkippedHead(StageHead):
+    """Stands in for a head whose type is not registered in this process (its module not imported) in a
+    model loaded for its encoder only: no parameters, and a loss that says how to get the head."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
+        raise ValueError(f"this stage's head {self.name!r} was skipped when the model was loaded, as no head of "
+                         "that name is registered here: the model serves its encoder only; import the head's "
+                         "module (--import MODULE_OR_PATH / imports = [...]) for the whole model")
+
+
+def skipped_head(name: str) -> HeadType:
+    """The registry entry a stage gets when head `name` is skipped: a `SkippedHead`, needing nothing."""
+    return HeadType(frozenset(), lambda cfg, dim: SkippedHead(name))
 
 
 def pool(features: Tensor, prefix: int) -> Tensor:

@@ -11,30 +11,36 @@ from dataclasses import dataclass, field
 
 from isolocal.config import Boundary, ConfigError, ModelConfig
 from isolocal.core.stages import parse_boundaries
-from isolocal.heads.base import HEADS, HeadType, parse_objectives
+from isolocal.heads.base import HEADS, HeadType, parse_objectives, skipped_head
 
 
 @dataclass(frozen=True)
 class StagePlan:
     objectives: tuple[str, ...]  # head name (`model.objective`) per stage
     alphas: tuple[float, ...]  # gradient scale per boundary (`model.boundary`): 1 global, 0 isolated
+    # Stages whose head is not registered here, built without it (`skipped_head`): a model loaded for its encoder.
+    skipped: tuple[int, ...] = ()
     heads: tuple[HeadType, ...] = field(init=False, repr=False)  # the registry entry per stage
     needs: frozenset[str] = field(init=False)  # what the heads need from the data, together
     views: int = field(init=False)  # images per sample: 2 (stacked [view 1; view 2]) when a head contrasts views
 
     def __post_init__(self) -> None:
-        heads = tuple(HEADS[name] for name in self.objectives)
+        heads = tuple(skipped_head(name) if k in self.skipped else HEADS[name]
+                      for k, name in enumerate(self.objectives))
         needs = frozenset().union(*(head.needs for head in heads))
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "needs", needs)
         object.__setattr__(self, "views", 2 if "views" in needs else 1)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> StagePlan:
-        """One stage per tap; boundaries are checked first, then objectives."""
+    def from_config(cls, cfg: ModelConfig, skip_missing: bool = False) -> StagePlan:
+        """One stage per tap; boundaries are checked first, then objectives. `skip_missing`: a stage whose
+        head is not registered gets none (listed in `skipped`) instead of failing."""
         count = len(cfg.taps)
         alphas = parse_boundaries(cfg.boundary, count - 1)
-        return cls(tuple(parse_objectives(cfg.objective, count)), tuple(alphas))
+        objectives = parse_objectives(cfg.objective, count, skip_missing)
+        skipped = tuple(k for k, name in enumerate(objectives) if name not in HEADS)
+        return cls(tuple(objectives), tuple(alphas), skipped)
 
     def with_boundary(self, spec: Boundary) -> StagePlan:
         """The same heads behind other boundaries."""

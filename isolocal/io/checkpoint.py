@@ -19,13 +19,16 @@ non-finite weights (the tensor), a failed write (disk full: the old checkpoint s
 A path may name a checkpoint file, a pipeline checkpoint (root or tag directory) or a run directory
 (its `last.pt`, else its pipeline checkpoint). Readers: `load_model_state` (the config and weights:
 `io.load`), `init_state` (weights checked against the new run's model: `pretrain --init`) and
-`run_state` (`pretrain --resume`).
+`run_state` (`pretrain --resume`). `saved_model` builds the model a saved config describes, importing
+its `imports` first; a head that is still not registered is skipped with one line, as every reader of a
+saved model needs only its encoder (training builds its model from its own config, which needs every head).
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from isolocal.config import RunConfig, from_dict
+from isolocal.config import ConfigError, RunConfig, from_dict
+from isolocal.config.imports import import_modules
 from isolocal.errors import CheckpointError, CheckpointWriteError
 from isolocal.models.encoder import StagewiseEncoder
 
@@ -229,15 +233,52 @@ def prune_pipeline_tags(root: str | os.PathLike, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
-def _pipeline_model_state(path: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, dict[str, Tensor]]:
-    """Layer files hold only the stages; anything else in the model's state is rebuilt from the config."""
+def pipeline_model_state(path: str | os.PathLike, tag: str | None = None
+                         ) -> tuple[RunConfig, StagewiseEncoder, dict[str, Tensor]]:
+    """(config, the model it describes at init (`saved_model`), the checkpoint's state dict for it, checked
+    finite) of a pipeline checkpoint. Layer files hold only the stages; anything else in the model's state
+    is rebuilt from the config."""
     cfg = from_dict(RunConfig, pipeline_client_state(path, tag)["config"])
-    full = StagewiseEncoder(cfg.model).state_dict()
-    stages = pipeline_state_dict(path, tag)
+    model = saved_model(cfg, path)
+    full = model.state_dict()
+    stages = without_skipped_heads(model, pipeline_state_dict(path, tag))
     if not stages.keys() <= full.keys():
         raise ValueError(f"{pipeline_tag_dir(path, tag)}: layer keys {sorted(stages.keys() - full.keys())[:3]} "
                          "do not belong to the model its config describes")
-    return cfg, {**full, **stages}
+    state = {**full, **stages}
+    check_finite_weights(state, path)
+    return cfg, model, state
+
+
+# ---------------------------------------------------------------------------------- saved models
+
+def saved_model(cfg: RunConfig, path: str | os.PathLike) -> StagewiseEncoder:
+    """The model (at init) a checkpoint's saved config describes, after importing the config's `imports`.
+    A stage whose head is still not registered (its module gone or not importable) is built without it,
+    and one line on stderr names those stages and what failed."""
+    if cfg.model is None:
+        raise ValueError(f"{path}: its config has no resolved model section")
+    failed = []
+    for spec in cfg.imports:  # each on its own: one that fails does not keep the others out
+        try:
+            import_modules([spec])
+        except ConfigError as err:
+            failed.append(str(err))
+    model = StagewiseEncoder(cfg.model, skip_missing_heads=True)
+    skipped = model.plan.skipped
+    if skipped:
+        names = sorted({model.plan.objectives[k] for k in skipped})
+        why = f" ({'; '.join(failed)})" if failed else ""
+        print(f"isolocal: {path}: the heads of stages {list(skipped)} (objective {', '.join(map(repr, names))}) "
+              f"were skipped: no head of that name is registered here{why}; the encoder is loaded. For the whole "
+              "model import the head's module: --import MODULE_OR_PATH or imports = [...]", file=sys.stderr)
+    return model
+
+
+def without_skipped_heads(model: StagewiseEncoder, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state` without the weights of the heads `model` skipped (`saved_model`): its encoder's stay."""
+    skipped = tuple(f"stages.{k}.{part}." for k in model.plan.skipped for part in ("head", "decoder"))
+    return {key: value for key, value in state.items() if not key.startswith(skipped)}
 
 
 # ------------------------------------------------------------------------------ isolocal readers
@@ -314,7 +355,6 @@ def load_model_state(path: str | os.PathLike) -> tuple[RunConfig, dict[str, Tens
     """(the run's resolved config, a StagewiseEncoder state dict) from any isolocal checkpoint or run directory."""
     kind, path = locate(path)
     if kind == "pipeline":
-        cfg, state = _pipeline_model_state(path)
-        check_finite_weights(state, path)
+        cfg, _, state = pipeline_model_state(path)
         return cfg, state
     return checked_state(load_state(path), path)

@@ -7,7 +7,9 @@
   starts from, so a control evaluated at "random" is the starting point of the pre-trained runs of
   its seed;
 - an isolocal checkpoint file, run directory or pipeline checkpoint (`io.checkpoint`): the model its
-  saved config describes, weights loaded strictly;
+  saved config describes (its `imports` imported first), weights loaded strictly; the heads of stages
+  whose head type is not registered even then (the user's module is gone) are skipped with one line
+  (`io.checkpoint.saved_model`), and the encoder and the other heads still load strictly;
 - a published LocalMIM ViT or Swin checkpoint with `cfg` (a run config whose model is the file's, e.g.
   preset `localmim_vit_base` or `localmim_swin_base`; the file's own `args` only name the model): the whole
   `StagewiseEncoder`, decoders included (`io.foreign.published_model`, docs/method.md §9);
@@ -31,8 +33,8 @@ from torch import Tensor, nn
 
 from isolocal.config import RunConfig
 from isolocal.errors import CheckpointError
-from isolocal.io.checkpoint import (check_fits, checked_state, is_isolocal, load_model_state, locate,
-                                    torch_load)
+from isolocal.io.checkpoint import (check_fits, checked_state, is_isolocal, locate, pipeline_model_state, saved_model,
+                                    torch_load, without_skipped_heads)
 from isolocal.io.foreign import build_timm_vit, is_published_localmim, published_model, timm_state_dict
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.models.pixels import PixelEncoder
@@ -61,10 +63,10 @@ def _read(path: Path) -> Any:
         return torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
 
 
-def _isolocal_model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -> StagewiseEncoder:
-    if cfg.model is None:
-        raise ValueError(f"{path}: its config has no resolved model section")
-    model = StagewiseEncoder(cfg.model)
+def _isolocal_model(model: StagewiseEncoder, state_dict: dict[str, Tensor], path: Path) -> StagewiseEncoder:
+    """`model` (`saved_model` of the checkpoint's config) with the checkpoint's weights, loaded strictly but for
+    the heads it skipped."""
+    state_dict = without_skipped_heads(model, state_dict)
     check_fits(model, state_dict, path)
     model.load_state_dict(state_dict)
     return model.eval()
@@ -72,7 +74,7 @@ def _isolocal_model(cfg: RunConfig, state_dict: dict[str, Tensor], path: Path) -
 
 def _open(source: str | os.PathLike, valid: str) -> tuple[Path, Any]:
     """(path, the file's object) of a checkpoint source, None as the object for a pipeline checkpoint
-    (read by `load_model_state`); a missing source names the `valid` ones."""
+    (read by `pipeline_model_state`); a missing source names the `valid` ones."""
     if not Path(source).exists():
         raise FileNotFoundError(f"checkpoint {source} does not exist; pass {valid}")
     kind, path = locate(source)
@@ -81,8 +83,12 @@ def _open(source: str | os.PathLike, valid: str) -> tuple[Path, Any]:
 
 def _run_and_model(path: Path, obj: Any) -> tuple[RunConfig, StagewiseEncoder]:
     """An isolocal checkpoint's saved config and model: a pipeline checkpoint (`obj` None) or a file's object."""
-    cfg, state = load_model_state(path) if obj is None else checked_state(obj, path)
-    return cfg, _isolocal_model(cfg, state, path)
+    if obj is None:
+        cfg, model, state = pipeline_model_state(path)
+    else:
+        cfg, state = checked_state(obj, path)
+        model = saved_model(cfg, path)
+    return cfg, _isolocal_model(model, state, path)
 
 
 def load_run(source: str | os.PathLike) -> tuple[RunConfig, StagewiseEncoder]:

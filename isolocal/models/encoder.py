@@ -94,14 +94,14 @@ def _family(arch: str) -> Family:
     return FAMILIES[arch]
 
 
-def _resolve(cfg: ModelConfig) -> tuple[Family, list[Tap], StagePlan]:
+def _resolve(cfg: ModelConfig, skip_missing_heads: bool = False) -> tuple[Family, list[Tap], StagePlan]:
     """A config's family, taps and stage plan, checked together (the config's own ranges, as a run config
     checks them; geometry, boundaries, heads) before any weights exist: `create_model` and
     `StagewiseEncoder(cfg)` refuse what `isolocal pretrain` refuses."""
     validate_model(cfg)
     family = _family(cfg.arch)
     taps = family.taps(cfg)
-    plan = StagePlan.from_config(cfg)
+    plan = StagePlan.from_config(cfg, skip_missing_heads)
     if not family.decoders and plan.target_stages:
         names = " / ".join(sorted({repr(plan.objectives[k]) for k in plan.target_stages}))
         valid = " or ".join(repr(name) for name, head in sorted(HEADS.items()) if not head.reconstructs)
@@ -113,12 +113,14 @@ def _resolve(cfg: ModelConfig) -> tuple[Family, list[Tap], StagePlan]:
 class StagewiseEncoder(nn.Module):
     """An encoder (ViT, Swin or ResNet) split into stages, each with its own local head's loss
     (`model.objective`, `isolocal.heads`): LocalMIM's decoder (`mim`) or another registered head, with a
-    boundary between stages (`model.boundary`) that lets all, some or none of the gradient through."""
+    boundary between stages (`model.boundary`) that lets all, some or none of the gradient through.
+    `skip_missing_heads`: a stage whose head is not registered in this process gets a `SkippedHead` (no
+    parameters) instead of failing, for a model loaded for its encoder only (`model.plan.skipped`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, skip_missing_heads: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.family, self.taps, self.plan = _resolve(cfg)
+        self.family, self.taps, self.plan = _resolve(cfg, skip_missing_heads)
         self.mask_grid = self.family.mask_grid(cfg)
         self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps, self.plan))
         self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.hog_nbins, cfg.hog_bias,

@@ -41,6 +41,7 @@ from analysis.loading import ImageBatch, check_images, input_shape, load_images
 from analysis.measure import measure_attention
 from analysis.reconstruction_figure import write_reconstruction
 from isolocal.config import ConfigError, RunConfig, from_dict
+from isolocal.config.imports import import_modules
 from isolocal.eval.protocols import check_evaluation, evaluate
 from isolocal.io.checkpoint import LAST, run_state
 from isolocal.io.load import PIXELS, RANDOM, load_model
@@ -74,7 +75,10 @@ def read_json(path: Path) -> Any:
 
 
 def run_config(spec: dict) -> RunConfig:
-    return from_dict(RunConfig, spec["config"])
+    """The run's config, its `imports` imported (heads of one's own): this process builds its model."""
+    cfg = from_dict(RunConfig, spec["config"])
+    import_modules(cfg.imports)
+    return cfg
 
 
 _IMAGES: dict[str, int] = {}  # pre-training set size by (data, image) config: the runs of a study share it

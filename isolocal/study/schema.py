@@ -4,7 +4,8 @@ A study file has three tables:
 
 - `[study]`: name, out_dir, `seeds`, `evals`, `baseline`, analysis images and query points,
   `parallel`, and `[study.claims.<name>]` tables;
-- `[base]`: a run config shared by every variant;
+- `[base]`: a run config shared by every variant (its `imports`, the modules of heads of one's own,
+  reach every run's process through the run's config);
 - `[variants.<name>]`: what a variant changes (boundary, preset, target, ...). `pretrain = false`
   makes a variant a control that is evaluated at its seeded initialisation without pre-training;
   the variant named `random` is that control by default (an empty `[variants.random]` table is the
@@ -32,11 +33,13 @@ import copy
 import json
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from isolocal.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict, validate_run
+from isolocal.config.imports import load_imports, resolve_imports
 from isolocal.config.presets import resolve_model_config
 from isolocal.io.load import PIXELS, RANDOM
 from isolocal.models.encoder import StagewiseEncoder
@@ -156,8 +159,19 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
-    """Read and validate a study file; every run's config and every claim is checked here, before any work."""
+def _resolve_file_imports(data: dict, folder: Path) -> None:
+    """Make the `imports` of [base] and of each variant absolute against the study file's `folder`, in place."""
+    tables = [("base", data.get("base"))] + [(f"variants.{name}", table)
+                                             for name, table in (data.get("variants") or {}).items()]
+    for where, table in tables:
+        if isinstance(table, dict) and "imports" in table:
+            table["imports"] = resolve_imports(table["imports"], folder, f"{where}.imports")
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None, imports: Sequence[str] = ()) -> Study:
+    """Read and validate a study file; every run's config and every claim is checked here, before any work.
+    Each variant's `imports` (its own, else [base]'s; relative files against the study file's directory) and
+    `imports` (`--import`: against the working directory) are imported first and go into its runs' configs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
@@ -165,7 +179,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"study file {path} is not valid TOML: {err}") from None
+    _resolve_file_imports(data, path.resolve().parent)
     data = apply_overrides(data, overrides or [])
+    extra = resolve_imports(list(imports), Path.cwd(), "--import")
     unknown = sorted(set(data) - {"study", "base", "variants"})
     if unknown:
         raise ConfigError(f"unknown study table {unknown[0]}; valid tables: study, base, variants")
@@ -191,6 +207,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         if seeds is not None and "seed" in table.get("train", {}):
             raise ConfigError(f"variants.{name}.train.seed conflicts with study.seeds; remove it")
         variants[name] = _merge(base, table)
+        own = resolve_imports(variants[name].get("imports", []), Path.cwd(), f"variants.{name}.imports")
+        variants[name]["imports"] = load_imports([*own, *extra])
     options.setdefault("name", path.stem)
     options.setdefault("out_dir", f"reports/{options['name']}")
     claims = options.pop("claims", {})
