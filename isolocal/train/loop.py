@@ -64,7 +64,8 @@ from tqdm import tqdm
 from isolocal.core.progress import progress_bar
 from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, init_state, load_state,
                                  remove_stale_temps, run_state)
-from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
+from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from isolocal.config.head_options import option_key
 from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
 from isolocal.heads import StagePlan
@@ -101,8 +102,15 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
             raise ConfigError(f"data.train_subset ({d.train_subset}) exceeds the {len(dataset)} training images")
         dataset = Subset(dataset, range(d.train_subset))
     if "labels" in plan.needs:
-        check_labels(base, d.name, m.num_classes, f"model.objective {' / '.join(plan.heads_needing('labels'))}")
+        check_labels(base, d.name, f"model.objective {' / '.join(plan.heads_needing('labels'))}", class_counts(plan, m))
     return MultiView(dataset, plan.views) if plan.views > 1 else dataset
+
+
+def class_counts(plan: StagePlan, m: ModelConfig) -> dict[str, int]:
+    """The class count of every head that needs labels and has a `num_classes` option, by its config key."""
+    return {option_key(m, name, "num_classes"): options.num_classes
+            for name, head, options in zip(plan.objectives, plan.heads, plan.options)
+            if "labels" in head.needs and hasattr(options, "num_classes")}
 
 
 def model_inputs(batch: list[Tensor], needs: frozenset[str]) -> tuple[Tensor, ...]:
@@ -153,8 +161,13 @@ def check_resume(saved: dict, cfg: RunConfig, world: int, fixed: Sequence[str]) 
         raise ValueError("cannot resume: the checkpoint predates the per-rank run state of the shared loop "
                          "(RNG states, epoch sums); start a new run from its weights with --init")
     before, now = saved["config"], to_dict(cfg)
-    defaults = to_dict(ModelConfig())  # a field added since the checkpoint was written held its default there
-    diff = [f"model.{k}" for k in now["model"] if before["model"].get(k, defaults.get(k)) != now["model"][k]]
+    # Read as this version reads it: a field added since the checkpoint was written held its default there,
+    # 0.2's flat head keys are head options. Head options compare as each stage resolves them.
+    old = from_dict(ModelConfig, before["model"])
+    before = {**before, "model": to_dict(old)}
+    diff = [f"model.{k}" for k, value in before["model"].items() if k != "head_options" and value != now["model"][k]]
+    if StagePlan.from_config(old, skip_missing=True).options != StagePlan.from_config(cfg.model).options:
+        diff.append("model.head_options")
     diff += [key for key in fixed if _setting(before, key) != _setting(now, key)]
     if diff:
         was = ", ".join(repr(_setting(before, key)) for key in diff)
