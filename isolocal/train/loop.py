@@ -74,7 +74,7 @@ from isolocal.io.paths import check_writable_dir
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
-from isolocal.train.logs import MetricsLog, PeakMemory, check_tensorboard, write_config
+from isolocal.train.logs import MetricsLog, PeakMemory, check_tensorboard, head_log_fields, write_config
 from isolocal.train.step import is_stagewise
 
 MASK_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2  # the keys of a run's independent random streams
@@ -404,6 +404,11 @@ class PretrainLoop(ABC):
         every rank calls it (it may reduce over ranks)."""
 
     @abstractmethod
+    def local_head_logs(self) -> dict[str, dict[int, float]]:
+        """This process's heads' logs of the last step, {key: {stage: mean over its micro-batches}}
+        (`HeadLogs.read`, a host read)."""
+
+    @abstractmethod
     def write_checkpoint(self, state: dict) -> None:
         """Save the runner's state together with the loop's `state`; every rank calls it."""
 
@@ -511,6 +516,9 @@ class PretrainLoop(ABC):
                "time": self._elapsed(), **extra}
         if kind == "step":
             rec["grad_norm_stage"] = values.grad_norm
+            if not all(map(self.model.plan.reconstructs, range(self.model.num_stages))):  # `mim` logs nothing
+                ranks = distributed.gather_objects(self.local_head_logs(), self.dist.world)
+                rec.update(head_log_fields(ranks, self.model.num_stages))
         if self.cfg.train.nonfinite == "skip":
             rec["skipped_steps"] = self.skipped_steps
         self.log.write(rec)
