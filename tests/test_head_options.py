@@ -116,7 +116,8 @@ def test_tables_name_registered_heads_that_take_options():
     with pytest.raises(ConfigError, match=r"model.head_options.vicrge: no head 'vicrge' is registered; valid heads: "
                                           r"classify, contrastive, mim; a head of your own: import its module"):
         isolocal.create_model(NANO, head_options={"vicrge": {"x": 1}})
-    with pytest.raises(ConfigError, match=r"model.head_options.mim.ratio: head 'mim' takes no options"):
+    with pytest.raises(ConfigError, match=r"model.head_options.mim: head 'mim' takes no options, got ratio; remove "
+                                          r"the table"):
         isolocal.create_model(NANO, head_options={"mim": {"ratio": 1}})
     with pytest.raises(ConfigError, match=r"model.head_options.classify: 3 has the wrong type; expected a table"):
         load_run_config(None, ["model.head_options.classify=3"])
@@ -129,7 +130,7 @@ def test_tables_name_registered_heads_that_take_options():
     assert plan.skipped == (0, 1, 2, 3) and plan.options == (None,) * 4
 
 
-def test_options_must_be_a_dataclass_with_defaults():
+def test_options_must_be_a_dataclass_with_defaults_and_build_must_take_them():
     @dataclass
     class NoDefault:
         width: int
@@ -139,6 +140,12 @@ def test_options_must_be_a_dataclass_with_defaults():
         register_head("bad", set(), lambda cfg, dim, options: None, options=NoDefault)
     with pytest.raises(ValueError, match=r"head 'bad': options must be a dataclass \(the class itself\)"):
         register_head("bad", set(), lambda cfg, dim, options: None, options=ScaleOptions())
+    with pytest.raises(ValueError, match=r"head 'bad': build\(cfg, dim\) cannot be called as build\(cfg, dim, "
+                                         r"options\); a head registered with options gets them as a third argument"):
+        register_head("bad", set(), lambda cfg, dim: None, options=ScaleOptions)
+    with pytest.raises(ValueError, match=r"head 'bad': build\(cfg, dim, options\) cannot be called as build\(cfg, "
+                                         r"dim\)$"):
+        register_head("bad", set(), lambda cfg, dim, options: None)
     assert "bad" not in HEADS and "bad" not in OPTIONS
     register_scale()
     register_head("scale", set(), lambda cfg, dim: ScaleHead(dim, ScaleOptions()))  # registered again, no options
@@ -155,7 +162,8 @@ def test_the_former_flat_keys_give_the_same_config_as_the_tables():
                                         "contrastive": {"head_hidden": 16, "proj_dim": 32, "temperature": 0.2}})
     assert flat == tables and to_dict(flat) == to_dict(tables)
     assert "proj_dim" not in to_dict(flat)
-    assert ModelConfig(head_hidden=8).head_options == {"classify": {"head_hidden": 8}, "contrastive": {"head_hidden": 8}}
+    both = {"classify": {"head_hidden": 8}, "contrastive": {"head_hidden": 8}}
+    assert ModelConfig(head_hidden=8).head_options == both
     # --set over a config file's table: the flat key wins
     run = load_run_config(None, ["model.head_options.contrastive.temperature=0.5", "model.temperature=0.3"])
     assert run.model.head_options == {"contrastive": {"temperature": 0.3}}

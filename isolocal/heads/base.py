@@ -19,6 +19,7 @@ head of one's own is registered by its module, which a run imports in each of it
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -129,8 +130,25 @@ def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHea
     if ("target" in needs) != (build is None):
         raise ValueError(f"head {name!r}: a head that needs 'target' is the model family's decoder (build=None); "
                          "any other head needs a build function")
+    if build is not None:
+        _check_build(name, build, options)
     register_options(name, options)
     HEADS[name] = HeadType(name, needs, build, options)
+
+
+def _check_build(name: str, build: Callable[..., StageHead], options: type | None) -> None:
+    """`build` must take what it will be given: (cfg, dim), and the options when the head has them."""
+    try:
+        signature = inspect.signature(build)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read, it fails at its first call
+        return
+    args = ("cfg", "dim", "options") if options is not None else ("cfg", "dim")
+    try:
+        signature.bind(*args)
+    except TypeError:
+        raise ValueError(f"head {name!r}: build{signature} cannot be called as build({', '.join(args)})"
+                         + ("; a head registered with options gets them as a third argument" if options else "")
+                         ) from None
 
 
 def load_entry_points() -> None:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from isolocal.config import Boundary, ConfigError, ModelConfig
-from isolocal.config.head_options import option_key, resolve_options
+from isolocal.config.head_options import resolve_options
 from isolocal.core.stages import parse_boundaries
 from isolocal.heads.base import HEADS, HeadType, find_head, parse_objectives, skipped_head
 
@@ -98,7 +97,7 @@ def check_option_tables(cfg: ModelConfig, skip_missing: bool = False) -> None:
                               f"{', '.join(sorted(HEADS))}; a head of your own: import its module with --import "
                               "MODULE_OR_PATH or imports = [...] in the run config")
         if head.options is None:
-            given = sorted(cfg.head_options[name])
-            raise ConfigError(f"{option_key(cfg, name, given[0]) if given else f'model.head_options.{name}'}: "
-                              f"head {name!r} takes no options; remove its table")
+            given = ", ".join(sorted(cfg.head_options[name])) or "an empty table"
+            raise ConfigError(f"model.head_options.{name}: head {name!r} takes no options, got {given}; remove "
+                              "the table")
         resolve_options(cfg, name)
