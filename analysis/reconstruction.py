@@ -59,7 +59,7 @@ def reconstruct(model: StagewiseEncoder, images: Tensor, mask: Tensor) -> list[S
             if not model.plan.reconstructs(k):  # a classify / contrastive head reconstructs nothing
                 x = model.stages[k](x, batch.ctx)
                 continue
-            x, loss, pred = model.stage_step(k, x, batch)
+            x, loss, pred, _ = model.stage_step(k, x, batch)
             out.append(StageReconstruction(k, tap.index, tap.cell, tap.out_grid, batch.targets[k],
                                            pred.float(), batch.weights[k], loss))
         return out

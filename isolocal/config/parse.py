@@ -19,18 +19,21 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected. `key` names
+    the value in errors."""
+    if isinstance(tp, dataclasses.InitVar):  # an init-only argument (a former key): its declared type
+        tp = tp.type
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         options = [o for o in typing.get_args(tp) if o is not type(None)]
         if value is None and len(options) < len(typing.get_args(tp)):
             return None
         if len(options) == 1:  # `X | None`: X's own error names the exact key (e.g. model.depth)
-            return _coerce(value, options[0], key)
+            return coerce(value, options[0], key)
         for option in options:
             try:
-                return _coerce(value, option, key)
+                return coerce(value, option, key)
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} has the wrong type; expected {tp}")
@@ -38,11 +41,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
         (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: {value!r} has the wrong type; expected a table")
-        return value
+        item_tp = (typing.get_args(tp) or (str, Any))[1]
+        return {k: coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
@@ -65,15 +69,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError. Init-only
+    arguments (`dataclasses.InitVar`: keys accepted but not stored, e.g. `ModelConfig`'s former keys) are
+    accepted too, and not listed among the valid keys."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    init_only = {name for name, tp in hints.items() if isinstance(tp, dataclasses.InitVar)}
+    unknown = sorted(set(data) - names - init_only)
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
         )
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+    return cls(**{k: coerce(v, hints[k], prefix + k) for k, v in data.items()})
 
 
 def to_dict(cfg: Any) -> dict:

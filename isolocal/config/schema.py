@@ -5,8 +5,10 @@ Plain dataclasses, so a run's resolved config is written next to its logs and re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Union
+
+from isolocal.config.head_options import FORMER_KEYS, resolve_options, set_former_key
 
 Boundary = Union[str, float, list]
 Objective = Union[str, list]
@@ -63,17 +65,53 @@ class ModelConfig:
     boundary: Boundary = "global"
     # Swin only: dense (SimMIM-style) encoders keep mask tokens inside the encoder.
     dense_encoder: bool = False
-    # Every family: local objective of each stage (isolocal.heads): "mim" | "classify" | "contrastive",
-    # or one per stage (a ResNet has no decoder, so no "mim"), and the fields of those heads.
+    # Every family: local objective of each stage (isolocal.heads): "mim" | "classify" | "contrastive" | a
+    # head of one's own, or one per stage (a ResNet has no decoder, so no "mim").
     objective: Objective = "mim"
-    num_classes: int = 10  # classify heads
-    head_hidden: int = 0  # hidden width of the classify / contrastive MLP; 0 = the stage's width
-    proj_dim: int = 128  # contrastive projection size
-    temperature: float = 0.1  # contrastive InfoNCE temperature
+    # Every family: each head's own options, one table per head, for every stage it trains
+    # ([model.head_options.contrastive] temperature = 0.2; isolocal.config.head_options).
+    head_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The shipped heads' options as 0.2's flat keys: accepted, moved into head_options (`FORMER_KEYS`).
+    num_classes: InitVar[Any] = None
+    head_hidden: InitVar[Any] = None
+    proj_dim: InitVar[Any] = None
+    temperature: InitVar[Any] = None
+
+    def __post_init__(self, num_classes: Any, head_hidden: Any, proj_dim: Any, temperature: Any) -> None:
+        given = {"num_classes": num_classes, "head_hidden": head_hidden, "proj_dim": proj_dim,
+                 "temperature": temperature}
+        for key, value in given.items():
+            if value is not None:
+                set_former_key(self, key, value)
 
 
-_EVERY_FAMILY = ("arch", "img_size", "in_chans", "drop_path_rate", "taps", "boundary", "objective", "num_classes",
-                 "head_hidden", "proj_dim", "temperature")
+class _FormerKey:
+    """A 0.2 flat key as a ModelConfig attribute: reading gives its first head's resolved option (the
+    head's module imported), setting writes every one of its heads' tables."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __get__(self, model: ModelConfig | None, owner: type | None = None) -> Any:
+        if model is None:
+            return None  # the class attribute: the init-only argument's default
+        head = FORMER_KEYS[self.key][0]
+        options = resolve_options(model, head)
+        if options is None:
+            raise AttributeError(f"model.{self.key} is an option of the {head!r} head "
+                                 f"(model.head_options.{head}.{self.key}), registered by importing isolocal.heads")
+        return getattr(options, self.key)
+
+    def __set__(self, model: ModelConfig, value: Any) -> None:
+        set_former_key(model, self.key, value)
+
+
+for _key in FORMER_KEYS:
+    setattr(ModelConfig, _key, _FormerKey(_key))
+
+# The former flat head keys are accepted by every family (into head_options).
+_EVERY_FAMILY = ("arch", "img_size", "in_chans", "drop_path_rate", "taps", "boundary", "objective", "head_options",
+                 *FORMER_KEYS)
 _TOKEN_FAMILIES = ("patch_size", "embed_dim", "mlp_ratio", "scales", "target", "hog_nbins", "hog_bias",
                    "hog_bias_seed", "decoder_dim", "decoder_depth", "decoder_heads", "decoder_mlp_ratio",
                    "mask_ratio", "mask_unit", "mask_per_batch")

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from isolocal.config.head_options import check_head_options, option_key
 from isolocal.config.schedule import check_schedule_value
 from isolocal.config.schema import (
     FAMILY_FIELDS,
@@ -54,7 +55,10 @@ def _lookup(cfg: Any, key: str | None) -> Any:
     """The value at a dotted key with optional [i] indices, e.g. 'train.betas[1]'."""
     value = cfg
     for part in re.findall(r"[^.\[\]]+", key or ""):
-        value = value[int(part)] if part.isdigit() else getattr(value, part)
+        if isinstance(value, dict):
+            value = value[part]
+        else:
+            value = value[int(part)] if part.isdigit() else getattr(value, part)
     return value
 
 
@@ -63,6 +67,11 @@ def _non_finite(value: Any, key: str) -> str | None:
     if dataclasses.is_dataclass(value):
         for f in dataclasses.fields(value):
             found = _non_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+            if found:
+                return found
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            found = _non_finite(item, f"{key}.{name}")
             if found:
                 return found
     elif isinstance(value, list):
@@ -76,7 +85,8 @@ def _non_finite(value: Any, key: str) -> str | None:
 
 
 def validate_model(m: ModelConfig) -> None:
-    """Ranges of the model's fields, and no field set that its family ignores."""
+    """Ranges of the model's fields, the options of the heads registered so far, and no field set that its
+    family ignores."""
     _one_of("model", m, "arch", sorted(FAMILY_FIELDS))
     _at_least("model", m, 1, ("img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_heads",
                               "window_size", "hog_nbins"))
@@ -95,10 +105,7 @@ def validate_model(m: ModelConfig) -> None:
            f"model.decoder_dim and model.decoder_heads need at least one value, got {m.decoder_dim}, "
            f"{m.decoder_heads}")
     _check(all(v > 0 for v in m.scales), f"model.scales entries must be > 0, got {m.scales}")
-    _check(m.num_classes >= 2, f"model.num_classes must be >= 2, got {m.num_classes}")
-    _at_least("model", m, 0, ("head_hidden",), note=" (0 = the stage's width)")
-    _at_least("model", m, 1, ("proj_dim",))
-    _positive("model", m, ("temperature",))
+    check_head_options(m)
     _family_fields(m)
 
 
@@ -177,10 +184,18 @@ def validate_eval(e: EvalConfig) -> None:
            f"eval.finetune_batch_size must be even with mixup/cutmix, got {e.finetune_batch_size}")
 
 
+def _as_given(cfg: RunConfig, key: str | None) -> str | None:
+    """A head option's key as the config gave it (a former flat key, `option_key`); any other key as is."""
+    parts = (key or "").split(".")
+    if len(parts) == 4 and parts[:2] == ["model", "head_options"]:
+        return option_key(cfg.model, parts[2], parts[3])
+    return key
+
+
 def validate_run(cfg: RunConfig) -> None:
     """Every float finite, then each section in range; the model's section only once it is resolved."""
     bad = _non_finite(cfg, "")
-    _check(bad is None, f"{bad} must be a finite number, got {_lookup(cfg, bad)}")
+    _check(bad is None, f"{_as_given(cfg, bad)} must be a finite number, got {_lookup(cfg, bad)}")
     if cfg.model is not None:
         validate_model(cfg.model)
     validate_train(cfg.train, cfg.model)

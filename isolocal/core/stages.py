@@ -64,16 +64,17 @@ def parse_boundaries(spec: Boundary, count: int) -> list[float]:
 
 class StageResult(NamedTuple):
     """One stage's step: its index, its output (what the next stage receives across the boundary),
-    its local loss and its head's prediction."""
+    its local loss, its head's prediction and its head's logs (scalars by name)."""
 
     index: int
     output: Tensor
     loss: Tensor
     pred: Any
+    logs: dict[str, Any]
 
 
-# (stage index, its input) -> (its output, its local loss, its head's prediction)
-RunStage = Callable[[int, Tensor], tuple[Tensor, Tensor, Any]]
+# (stage index, its input) -> (its output, its local loss, its head's prediction[, its head's logs])
+RunStage = Callable[[int, Tensor], tuple]
 
 
 def iter_stages(run_stage: RunStage, x: Tensor, alphas: Sequence[float], stages: Iterable[int],
@@ -88,5 +89,5 @@ def iter_stages(run_stage: RunStage, x: Tensor, alphas: Sequence[float], stages:
     for i, k in enumerate(stages):
         if k > 0:
             x = cross_boundary(x, alphas[k - 1], received=received and i == 0)
-        x, loss, pred = run_stage(k, x)
-        yield StageResult(k, x, loss, pred)
+        x, loss, pred, *logs = run_stage(k, x)
+        yield StageResult(k, x, loss, pred, logs[0] if logs else {})

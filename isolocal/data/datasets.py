@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -257,14 +257,16 @@ class MultiView(Dataset):
         return torch.stack([image for image, _ in items]), items[0][1]
 
 
-def check_labels(dataset: Dataset, name: str, num_classes: int, needed_by: str) -> None:
+def check_labels(dataset: Dataset, name: str, needed_by: str, num_classes: Mapping[str, int] | None = None) -> None:
     """Refuse, before any work, data whose labels a head cannot learn from: fewer than 2 classes (e.g. an
-    image folder with one class folder: unlabelled) or more classes than the head has (`num_classes`)."""
+    image folder with one class folder: unlabelled) or more classes than a head has (`num_classes`: the
+    config key of each head's class count -> that count)."""
     classes = list(getattr(dataset, "classes", []))
     if len(classes) < 2:
         raise ValueError(f"{needed_by} needs labels, but data.name={name!r} has {len(classes)} class(es) "
                          f"{classes}: it is unlabelled; use data with one folder per class (>= 2), or the "
                          "objectives 'mim' / 'contrastive', which need no labels")
-    if len(classes) > num_classes:
-        raise ValueError(f"model.num_classes ({num_classes}) is smaller than the {len(classes)} classes of "
-                         f"data.name={name!r}; set model.num_classes={len(classes)}")
+    for key, count in (num_classes or {}).items():
+        if len(classes) > count:
+            raise ValueError(f"{key} ({count}) is smaller than the {len(classes)} classes of "
+                             f"data.name={name!r}; set {key}={len(classes)}")

@@ -1,24 +1,29 @@
 """Local objectives as plug-ins: the stage-head contract (`base`), its registry, the shipped heads, and
 the per-stage plan a model resolves once from its config (`plan`).
 
-- `mim`: LocalMIM's decoder (HOG or pixels), built by the model family, masked-cell MSE;
-- `classify`: pooled features -> MLP -> cross-entropy (`classify`);
-- `contrastive`: pooled features -> projection -> InfoNCE between two views (`contrastive`).
+- `mim`: LocalMIM's decoder (HOG or pixels), built by the model family, masked-cell MSE (its settings are
+  the family's `decoder_*`, `target` and `scales` fields);
+- `classify`: pooled features -> MLP -> cross-entropy (`classify`; options `num_classes`, `head_hidden`);
+- `contrastive`: pooled features -> projection -> InfoNCE between two views (`contrastive`; options
+  `proj_dim`, `temperature`, `head_hidden`).
 
-Heads of one's own register in their own module, which a run imports in each of its processes (`imports` /
-`--import`), or in an installed package's `isolocal.heads` entry point (`base.find_head`).
+Heads of one's own register in their own module (`register_head`, which documents the contract; options
+with `option`), which a run imports in each of its processes (`imports` / `--import`), or in an installed
+package's `isolocal.heads` entry point (`base.find_head`). docs/extending.md works one through.
 """
 from __future__ import annotations
 
+from isolocal.config.head_options import option
 from isolocal.heads.base import (HEADS, NEEDS, HeadInputs, HeadOutput, HeadType, StageHead, parse_objectives, pool,
                                  register_head)
-from isolocal.heads.classify import ClassifyHead, build_classify
-from isolocal.heads.contrastive import ContrastiveHead, build_contrastive, info_nce
+from isolocal.heads.classify import ClassifyHead, ClassifyOptions, build_classify
+from isolocal.heads.contrastive import ContrastiveHead, ContrastiveOptions, build_contrastive, info_nce
 from isolocal.heads.plan import StagePlan
 
-register_head("mim", frozenset({"target", "mask"}), None)
-register_head("classify", ClassifyHead.needs, build_classify)
-register_head("contrastive", ContrastiveHead.needs, build_contrastive)
+register_head("mim", {"target", "mask"}, None)
+register_head("classify", {"labels"}, build_classify, options=ClassifyOptions)
+register_head("contrastive", {"views"}, build_contrastive, options=ContrastiveOptions)
 
-__all__ = ["HEADS", "NEEDS", "ClassifyHead", "ContrastiveHead", "HeadInputs", "HeadOutput", "HeadType", "StageHead",
-           "StagePlan", "info_nce", "parse_objectives", "pool", "register_head"]
+__all__ = ["HEADS", "NEEDS", "ClassifyHead", "ClassifyOptions", "ContrastiveHead", "ContrastiveOptions", "HeadInputs",
+           "HeadOutput", "HeadType", "StageHead", "StagePlan", "info_nce", "option", "parse_objectives", "pool",
+           "register_head"]

@@ -2,12 +2,15 @@
 
 A stage's head reads the stage's output (normalized tokens (B, N, C) with `prefix` leading non-grid
 tokens, e.g. ViT's CLS, or a feature map (B, C, H, W)) and returns its local loss. What else it needs
-it declares in `needs`, so that a run can check before any work that its data provides it, and a
-pipeline rank can be sent only what its own heads read:
+it declares once, in `register_head`'s `needs`, so that a run can check before any work that its data
+provides it, and a pipeline rank can be sent only what its own heads read:
 - "target": the reconstruction target at the head's scale (`isolocal.core.targets`);
 - "mask": the encoder runs on the visible tokens of an explicit, seeded mask;
 - "labels": one class index per image;
 - "views": two augmented views of every image, stacked along the batch as [view 1; view 2].
+
+Its settings are an options dataclass, set per head in `[model.head_options.<name>]`
+(`isolocal.config.head_options`); `register_head` documents the whole contract.
 
 Heads are looked up by name (`model.objective`) in a registry, one entry per stage or one for all. A
 head of one's own is registered by its module, which a run imports in each of its processes (`imports` /
@@ -16,16 +19,17 @@ head of one's own is registered by its module, which a run imports in each of it
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from isolocal.config import ConfigError, ModelConfig
+from isolocal.config.head_options import register_options, resolve_options
 
 NEEDS = ("target", "mask", "labels", "views")
 
@@ -41,15 +45,16 @@ class HeadInputs:
 
 @dataclass
 class HeadOutput:
-    loss: Tensor
+    """What a head's `loss` returns (see `register_head`)."""
+
+    loss: Tensor  # a scalar: what this stage's parameters are trained on
     pred: Tensor | None = None  # what the head predicts (logits, projections, reconstructions)
-    logs: dict[str, Tensor] = field(default_factory=dict)
+    logs: dict[str, Tensor | float] = field(default_factory=dict)  # scalars logged per stage (`log_<key>_stage`)
 
 
 class StageHead(nn.Module, ABC):
-    """A local objective reading one stage's output. Subclasses set `needs` (a subset of `NEEDS`)."""
-
-    needs: ClassVar[frozenset[str]] = frozenset()
+    """A local objective reading one stage's output; what it needs from the data is declared once, when it
+    is registered (`register_head`)."""
 
     @abstractmethod
     def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
@@ -58,17 +63,26 @@ class StageHead(nn.Module, ABC):
 
 @dataclass(frozen=True)
 class HeadType:
-    """A registry entry: the head's needs and how to build it for a stage of width `dim`. A head that needs
-    the reconstruction target (`mim`) is a decoder at the family's grid, which the family builds: its
-    `build` is None."""
+    """A registry entry (`register_head`): the head's name, needs, how to build it for a stage of width `dim`
+    and its options dataclass. A head that needs the reconstruction target (`mim`) is a decoder at the
+    family's grid, which the family builds: its `build` is None."""
 
+    name: str
     needs: frozenset[str]
-    build: Callable[[ModelConfig, int], StageHead] | None
+    build: Callable[..., StageHead] | None
+    options: type | None = None
 
     @property
     def reconstructs(self) -> bool:
         """Predicts the reconstruction target with the family's decoder (kept as `stage.decoder`)."""
         return "target" in self.needs
+
+    def make(self, cfg: ModelConfig, dim: int) -> StageHead:
+        """The head of one stage of width `dim`: `build(cfg, dim)`, or `build(cfg, dim, options)` for a head
+        registered with options (its `[model.head_options.<name>]`, resolved and checked)."""
+        if self.options is None:
+            return self.build(cfg, dim)
+        return self.build(cfg, dim, resolve_options(cfg, self.name))
 
 
 HEADS: dict[str, HeadType] = {}
@@ -76,15 +90,65 @@ ENTRY_POINT_GROUP = "isolocal.heads"  # installed packages' heads: `name = "modu
 _entry_points_loaded = False
 
 
-def register_head(name: str, needs: frozenset[str], build: Callable[[ModelConfig, int], StageHead] | None) -> None:
-    """Add a head type under `name` (a `model.objective` value)."""
-    unknown = set(needs) - set(NEEDS)
+def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHead] | None,
+                  options: type | None = None) -> None:
+    """Make head `name` a value of `model.objective` (for every stage, or in its per-stage list).
+
+    - `needs`: what the head reads besides its stage's output, a subset of `NEEDS` ("target", "mask",
+      "labels", "views"; see the module docstring). It is declared here and only here: a run checks before
+      any work that its data provides it (labels: a labelled dataset with at most the head's
+      `num_classes` classes, if its options have one; views: two augmented views of every image), and
+      a model with no head needing "mask" encodes whole images, so `model(images)` needs no mask.
+      A head needing "target" reconstructs: it is the family's decoder (`mim`), `build` is None, and the
+      registry's `reconstructs` says so.
+    - `build(cfg, dim)` -> a `StageHead` (an `nn.Module`) for one stage: `cfg` is the model's
+      `ModelConfig` (e.g. `cfg.arch`), `dim` the stage's output width (tokens (B, N, dim) or maps
+      (B, dim, H, W)). It is called once per stage the head trains, in stage order, under the model's seeded
+      initialisation; its parameters are the stage's (`stages.<k>.head.*` in checkpoints).
+    - `options`: a dataclass of the head's settings, every field with a default (`option(default,
+      at_least=..., above=..., at_most=..., below=..., one_of=...)` declares a range). A config sets them
+      in `[model.head_options.<name>]`, for every stage of this head; keys, types and ranges are checked
+      before any work (`isolocal.config.head_options`). With options, `build(cfg, dim, options)` receives
+      the resolved instance.
+
+    The head's `loss(features, inputs)` reads the stage's normalized output and a `HeadInputs` (`prefix`
+    non-grid tokens such as ViT's CLS, `labels` repeated over views, `views`) and returns a `HeadOutput`:
+    `loss`, a scalar tensor (the stage's local loss; isolated boundaries keep its gradient inside the
+    stage); `pred`, what it predicts (returned by `model(..., return_pred=True)`), or None; `logs`, a dict
+    of scalars (0-d tensors or floats, the same keys every call) that each training step logs per stage as
+    `log_<key>_stage` in `metrics.jsonl` (the mean over the step's micro-batches and processes; null for
+    stages whose head has no such key) and a study reports as the per-stage metric `log_<key>`. Keys are
+    letters, digits and underscores. Logs are read from the device only when a record is written.
+
+    Registering a name again replaces its entry. A module registering heads is imported by every process
+    of a run through `imports` / `--import` or an installed package's entry point (the module docstring).
+    """
+    needs = frozenset(needs)
+    unknown = needs - set(NEEDS)
     if unknown:
         raise ValueError(f"head {name!r} needs {sorted(unknown)}, which no runner provides; valid needs: {NEEDS}")
     if ("target" in needs) != (build is None):
         raise ValueError(f"head {name!r}: a head that needs 'target' is the model family's decoder (build=None); "
                          "any other head needs a build function")
-    HEADS[name] = HeadType(frozenset(needs), build)
+    if build is not None:
+        _check_build(name, build, options)
+    register_options(name, options)
+    HEADS[name] = HeadType(name, needs, build, options)
+
+
+def _check_build(name: str, build: Callable[..., StageHead], options: type | None) -> None:
+    """`build` must take what it will be given: (cfg, dim), and the options when the head has them."""
+    try:
+        signature = inspect.signature(build)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read, it fails at its first call
+        return
+    args = ("cfg", "dim", "options") if options is not None else ("cfg", "dim")
+    try:
+        signature.bind(*args)
+    except TypeError:
+        raise ValueError(f"head {name!r}: build{signature} cannot be called as build({', '.join(args)})"
+                         + ("; a head registered with options gets them as a third argument" if options else "")
+                         ) from None
 
 
 def load_entry_points() -> None:
@@ -141,7 +205,7 @@ class SkippedHead(StageHead):
 
 def skipped_head(name: str) -> HeadType:
     """The registry entry a stage gets when head `name` is skipped: a `SkippedHead`, needing nothing."""
-    return HeadType(frozenset(), lambda cfg, dim: SkippedHead(name))
+    return HeadType(name, frozenset(), lambda cfg, dim: SkippedHead(name))
 
 
 def pool(features: Tensor, prefix: int) -> Tensor:
@@ -175,4 +239,4 @@ def attach_head(stage: nn.Module, head: HeadType, cfg: ModelConfig, dim: int, de
     if head.reconstructs:
         stage.decoder = decoder()
     else:
-        stage.head = head.build(cfg, dim)
+        stage.head = head.make(cfg, dim)

@@ -7,17 +7,25 @@ stage's top classifier is also the end-to-end supervised baseline: one stage, gl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from torch import Tensor
 
 from isolocal.config import ModelConfig
+from isolocal.config.head_options import option
 from isolocal.heads.base import HeadInputs, HeadOutput, StageHead, mlp, pool
+
+@dataclass
+class ClassifyOptions:
+    """`[model.head_options.classify]`."""
+
+    num_classes: int = option(10, at_least=2)  # at least the data's classes (checked before a run)
+    head_hidden: int = option(0, at_least=0)  # hidden width of the MLP; 0 = the stage's width
 
 
 class ClassifyHead(StageHead):
-    needs = frozenset({"labels"})
-
     def __init__(self, dim: int, num_classes: int, hidden: int = 0, spatial: bool = False):
         super().__init__()
         if spatial:  # feature maps (B, dim, H, W): a conv before the pooling
@@ -39,5 +47,5 @@ class ClassifyHead(StageHead):
                           {"acc": (logits.argmax(1) == inputs.labels).float().mean()})  # argmax: no graph
 
 
-def build_classify(cfg: ModelConfig, dim: int) -> ClassifyHead:
-    return ClassifyHead(dim, cfg.num_classes, cfg.head_hidden, spatial=cfg.arch == "resnet")  # maps, not tokens
+def build_classify(cfg: ModelConfig, dim: int, options: ClassifyOptions) -> ClassifyHead:
+    return ClassifyHead(dim, options.num_classes, options.head_hidden, spatial=cfg.arch == "resnet")  # maps, not tokens

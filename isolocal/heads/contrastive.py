@@ -7,12 +7,23 @@ a pipeline micro-batch's own, not gathered across processes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from isolocal.config import ModelConfig
+from isolocal.config.head_options import option
 from isolocal.heads.base import HeadInputs, HeadOutput, StageHead, mlp, pool
+
+@dataclass
+class ContrastiveOptions:
+    """`[model.head_options.contrastive]`."""
+
+    proj_dim: int = option(128, at_least=1)  # projection size
+    temperature: float = option(0.1, above=0)  # InfoNCE temperature
+    head_hidden: int = option(0, at_least=0)  # hidden width of the projection MLP; 0 = the stage's width
 
 
 def info_nce(z: Tensor, temperature: float) -> Tensor:
@@ -27,8 +38,6 @@ def info_nce(z: Tensor, temperature: float) -> Tensor:
 
 
 class ContrastiveHead(StageHead):
-    needs = frozenset({"views"})
-
     def __init__(self, dim: int, proj_dim: int, temperature: float, hidden: int = 0):
         super().__init__()
         self.proj = mlp(dim, hidden, proj_dim)
@@ -42,5 +51,5 @@ class ContrastiveHead(StageHead):
         return HeadOutput(info_nce(z, self.temperature), z)
 
 
-def build_contrastive(cfg: ModelConfig, dim: int) -> ContrastiveHead:
-    return ContrastiveHead(dim, cfg.proj_dim, cfg.temperature, cfg.head_hidden)
+def build_contrastive(cfg: ModelConfig, dim: int, options: ContrastiveOptions) -> ContrastiveHead:
+    return ContrastiveHead(dim, options.proj_dim, options.temperature, options.head_hidden)

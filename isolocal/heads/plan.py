@@ -1,17 +1,19 @@
-"""Each stage's local head and the boundary in front of it, resolved once from a ModelConfig.
+"""Each stage's local head, its options and the boundary in front of it, resolved once from a ModelConfig.
 
-`model.objective` and `model.boundary` are parsed here and nowhere else: a model keeps its plan
-(`model.plan`), and code that has only a config (the data checks before a run, a study report) builds
-one. Bad values fail here, naming the value and what is valid, before any weights exist.
+`model.objective`, `model.head_options` and `model.boundary` are parsed here and nowhere else: a model
+keeps its plan (`model.plan`), and code that has only a config (the data checks before a run, a study
+report) builds one. Bad values fail here, naming the value and what is valid, before any weights exist.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from isolocal.config import Boundary, ConfigError, ModelConfig
+from isolocal.config.head_options import resolve_options
 from isolocal.core.stages import parse_boundaries
-from isolocal.heads.base import HEADS, HeadType, parse_objectives, skipped_head
+from isolocal.heads.base import HEADS, HeadType, find_head, parse_objectives, skipped_head
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class StagePlan:
     alphas: tuple[float, ...]  # gradient scale per boundary (`model.boundary`): 1 global, 0 isolated
     # Stages whose head is not registered here, built without it (`skipped_head`): a model loaded for its encoder.
     skipped: tuple[int, ...] = ()
+    options: tuple[Any, ...] = ()  # each stage's head options (`[model.head_options.<head>]`), None for none
     heads: tuple[HeadType, ...] = field(init=False, repr=False)  # the registry entry per stage
     needs: frozenset[str] = field(init=False)  # what the heads need from the data, together
     views: int = field(init=False)  # images per sample: 2 (stacked [view 1; view 2]) when a head contrasts views
@@ -39,8 +42,10 @@ class StagePlan:
         count = len(cfg.taps)
         alphas = parse_boundaries(cfg.boundary, count - 1)
         objectives = parse_objectives(cfg.objective, count, skip_missing)
+        check_option_tables(cfg, skip_missing)
         skipped = tuple(k for k, name in enumerate(objectives) if name not in HEADS)
-        return cls(tuple(objectives), tuple(alphas), skipped)
+        options = tuple(None if k in skipped else resolve_options(cfg, name) for k, name in enumerate(objectives))
+        return cls(tuple(objectives), tuple(alphas), skipped, options)
 
     def with_boundary(self, spec: Boundary) -> StagePlan:
         """The same heads behind other boundaries."""
@@ -76,3 +81,23 @@ class StagePlan:
     def heads_needing(self, need: str) -> list[str]:
         """The names of the heads that need `need`, quoted, for error messages."""
         return sorted({repr(name) for name, head in zip(self.objectives, self.heads) if need in head.needs})
+
+
+def check_option_tables(cfg: ModelConfig, skip_missing: bool = False) -> None:
+    """Every `[model.head_options.<head>]` names a registered head that takes options, and holds valid ones
+    (for every registered head, whether or not a stage trains it: a study's base may set them for its
+    variants). `skip_missing`: tables of heads not registered here are left alone (a model loaded for its
+    encoder)."""
+    for name in cfg.head_options:
+        head = find_head(name)
+        if head is None:
+            if skip_missing:
+                continue
+            raise ConfigError(f"model.head_options.{name}: no head {name!r} is registered; valid heads: "
+                              f"{', '.join(sorted(HEADS))}; a head of your own: import its module with --import "
+                              "MODULE_OR_PATH or imports = [...] in the run config")
+        if head.options is None:
+            given = ", ".join(sorted(cfg.head_options[name])) or "an empty table"
+            raise ConfigError(f"model.head_options.{name}: head {name!r} takes no options, got {given}; remove "
+                              "the table")
+        resolve_options(cfg, name)

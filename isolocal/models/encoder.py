@@ -1,4 +1,5 @@
-"""The stage-wise encoder: stages + local heads + targets + boundaries; forward(images, mask) -> per-stage losses.
+"""The stage-wise encoder: stages + local heads + targets + boundaries; forward(images, mask) -> per-stage losses
+(the mask only when a head needs one: `model(images)` otherwise).
 
 Any family (ViT, Swin, ResNet) split into stages, each trained by its own local head: LocalMIM, MAE,
 MaskFeat and SimMIM-style baselines, and supervised or contrastive local learning, are configs of this
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -36,8 +37,9 @@ class StageOutput:
 
     loss: Tensor  # sum of the per-stage losses
     losses: list[Tensor]  # one per stage
-    mask: Tensor  # (B, L) bool, True = masked
+    mask: Tensor | None  # (B, L) bool, True = masked; None when no head needs one and none was given
     preds: list[Tensor] | None = None  # (B, cells_k, dim_k) per stage, on request
+    logs: list[dict[str, Tensor | float]] = field(default_factory=list)  # each stage's head logs (`HeadOutput.logs`)
 
 
 MIMOutput = StageOutput  # the former name, kept for existing code
@@ -236,12 +238,12 @@ class StagewiseEncoder(nn.Module):
         _require(mask.any(1).all() & (~mask).any(1).all(),
                  "every mask row needs at least one visible (False) and one masked (True) token")
 
-    def prepare(self, images: Tensor, mask: Tensor, stages: Sequence[int] | None = None,
+    def prepare(self, images: Tensor, mask: Tensor | None = None, stages: Sequence[int] | None = None,
                 labels: Tensor | None = None) -> Batch:
         """Targets and loss weights for every stage (or only for `stages`, None for the others: what a
         pipeline rank owns), and the token selection for the encoder. Only reconstructing (`mim`) stages
-        get targets; when no head needs the mask the encoder sees every token. `labels` (one per sample, i.e. per
-        B / views images) are required when a head needs them.
+        get targets; when no head needs the mask the encoder sees every token, and `mask` may be None.
+        `labels` (one per sample, i.e. per B / views images) are required when a head needs them.
 
         Made for the hot loop: no host sync. A host mask reaches the device with a non-blocking copy
         (Swin plans its windows from the host copy first); token selection is sized by the config's
@@ -249,8 +251,10 @@ class StagewiseEncoder(nn.Module):
         in fp32 whatever the caller's autocast (CUDA autocast would run the pixel target's einsum in bf16).
         """
         self.check_images(images)
-        self.check_mask(mask, images.shape[0])
         labels = as_labels(labels, images.shape[0], self.views) if "labels" in self.needs else None
+        if mask is None:
+            return self._prepare_unmasked(images, labels)
+        self.check_mask(mask, images.shape[0])
         stages = self.target_stages(stages)
         host = mask if mask.device.type == "cpu" else None
         (mask,) = to_device([mask], images.device)
@@ -262,35 +266,45 @@ class StagewiseEncoder(nn.Module):
             mask = host = None
         return Batch(self.family.context(self.cfg, mask, host), targets, weights, labels, self.views)
 
-    def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Run stage k on its input: (output tokens, local loss, prediction). A reconstructing (`mim`)
-        stage's head is its decoder (`predict`, compiled with the stage); any other reads the stage's
-        normalized output."""
+    def _prepare_unmasked(self, images: Tensor, labels: Tensor | None) -> Batch:
+        """`prepare` without a mask: whole images, which only heads that need no mask can train on."""
+        if "mask" in self.needs or self.plan.target_stages:
+            names = sorted({*self.plan.heads_needing("mask"), *self.plan.heads_needing("target")})
+            raise ValueError(f"model.objective {' / '.join(names)} needs a mask: pass "
+                             "one (model.random_mask(batch_size)); only a model whose heads need none runs without")
+        none = [None] * self.num_stages
+        return Batch(self.family.context(self.cfg, None, None), none, none, labels, self.views)
+
+    def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """Run stage k on its input: (output tokens, local loss, prediction, the head's logs). A
+        reconstructing (`mim`) stage's head is its decoder (`predict`, compiled with the stage); any other
+        reads the stage's normalized output."""
         stage = self.stages[k]
         x = stage(x, batch.ctx)
         if not self.plan.reconstructs(k):
             out = stage.head.loss(stage.features(x), HeadInputs(int(self.family.has_cls), batch.labels, batch.views))
-            return x, out.loss, out.pred
+            return x, out.loss, out.pred, out.logs
         pred = stage.predict(x, batch.ctx)
-        return x, masked_mse(pred, batch.targets[k], batch.weights[k]), pred
+        return x, masked_mse(pred, batch.targets[k], batch.weights[k]), pred, {}
 
     def stages_of(self, x: Tensor, batch: Batch, stages: Sequence[int] | None = None, received: bool = False,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                   ) -> Iterator[StageResult]:
         """The stage loop (`iter_stages`) over `stages` (None: all) from their first one's input `x`, each
         `stage_step` run under `autocast()`; `received`: that input came from another pipeline rank."""
-        def run(k: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def run(k: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
             with autocast():
                 return self.stage_step(k, x, batch)
 
         return iter_stages(run, x, self.plan.alphas, range(self.num_stages) if stages is None else stages, received)
 
-    def forward(self, images: Tensor, mask: Tensor, return_pred: bool = False,
+    def forward(self, images: Tensor, mask: Tensor | None = None, return_pred: bool = False,
                 labels: Tensor | None = None) -> StageOutput:
+        """Every stage's local loss on `images` under `mask` (None, or left out, when no head needs one)."""
         results = list(self.stages_of(images, self.prepare(images, mask, labels=labels)))
         losses = [r.loss for r in results]
         preds = [r.pred for r in results] if return_pred else None
-        return StageOutput(torch.stack(losses).sum(), losses, mask, preds)
+        return StageOutput(torch.stack(losses).sum(), losses, mask, preds, [r.logs for r in results])
 
     def encode(self, images: Tensor) -> list[Tensor]:
         """Full unmasked images -> each stage's normalized output tokens."""

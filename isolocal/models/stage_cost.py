@@ -31,7 +31,7 @@ def stage_table(cfg: RunConfig, repeats: int = 5) -> pd.DataFrame:
     with torch.no_grad():
         for k, (stage, tap) in enumerate(zip(model.stages, model.taps)):
             with FlopCounterMode(display=False) as counter:
-                out, _, _ = model.stage_step(k, x, batch)
+                out = model.stage_step(k, x, batch)[0]
             times = []
             for _ in range(repeats + 1 if repeats else 0):  # the first call warms up and is not counted
                 t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from isolocal.study.job import PRETRAIN, RUN_SPEC, read_json
 from isolocal.study.schema import Run, Study
 from isolocal.study.stats import mean_ci
 from isolocal.study.summary import read_metrics
-from isolocal.study.tables import FORMAT
+from isolocal.study.tables import metric_format
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -42,7 +42,7 @@ def plot_depth(summary: pd.DataFrame, variants: list[str], metric: str, path: Pa
         _band(ax, np.array(layers, dtype=float), [sub[sub["layer"] == l]["value"].to_numpy() for l in layers],
               variant, f"C{i}")
     ax.set_xlabel("layer")
-    ax.set_ylabel(FORMAT[metric][1])
+    ax.set_ylabel(metric_format(metric)[1])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)

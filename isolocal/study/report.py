@@ -15,7 +15,7 @@ import pandas as pd
 from isolocal.heads import StagePlan
 from isolocal.study.job import FINETUNE, LOG, PRETRAIN, PROBES, read_json
 from isolocal.study.plots import plot_depth, plot_losses, plot_online_knn
-from isolocal.study.schema import Run, Study, resolve_run
+from isolocal.study.schema import HEAD_LOG, Run, Study, resolve_run
 from isolocal.study.stats import CONFIDENCE
 from isolocal.study.summary import final_losses, online_knn, read_metrics, run_status, summary_frame
 from isolocal.study.tables import claim_rows, metric_table, paired_table, time_to_accuracy
@@ -55,6 +55,10 @@ def build_report(study: Study) -> Path:
                 ("Query/key NMI per encoder layer", ["nmi"]),
                 ("Mean attention distance per encoder layer (pixels)", ["attention_distance"]),
                 ("Cost of pre-training", ["pretrain_s", "epoch_s", "img_per_s", "peak_mem_mb"])]
+    head_logs = [(f"Head log `{metric.removeprefix('log_')}` per stage (by its tap layer; at the last logged "
+                  "training step)", [metric]) for metric in sorted(summary["metric"].unique())
+                 if HEAD_LOG.fullmatch(metric)]
+    families[1:1] = head_logs  # right after the losses
     for title, metrics in families:
         if not summary["metric"].isin(metrics).any():
             continue

@@ -56,6 +56,8 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # per encoder layer), "run" (one value). Accuracies are on the test split unless named `*_val`
 # (the validation split carved out of the labelled training images); `*_sel` is the test accuracy
 # of the stage chosen on validation, `*_sel_stage` that stage, `*_top` the last stage's (matched depth).
+# Besides these, every log a head returns (`HeadOutput.logs`) is a metric `log_<key>` (`HEAD_LOG`,
+# `metric_info`): per stage, at the last logged training step.
 METRICS: dict[str, tuple[str, str]] = {
     "loss": ("stage", "pretrain"),
     "loss_total": ("run", "pretrain"),
@@ -81,6 +83,16 @@ METRICS: dict[str, tuple[str, str]] = {
     "img_per_s": ("run", "pretrain"),
     "peak_mem_mb": ("run", "pretrain"),
 }
+HEAD_LOG = re.compile(r"log_[A-Za-z0-9_]+")  # a head's log `<key>` as a metric: `log_<key>`, per stage
+
+
+def metric_info(metric: str) -> tuple[str, str] | None:
+    """(where, what it needs) of a summary metric (see `METRICS`), None for a name that is not one."""
+    if metric in METRICS:
+        return METRICS[metric]
+    return ("stage", "pretrain") if HEAD_LOG.fullmatch(metric) else None
+
+
 # Accuracy metrics a floor applies to -> the floor variant's metric it must beat: a k-NN number the
 # floor's k-NN, a trained classifier (probe, head, fine-tuned encoder) a linear probe on the floor's
 # features; both floors' numbers are their validation-selected stage's on test.
@@ -276,9 +288,10 @@ def check_claim(name: str, claim: Claim, study: Study) -> None:
                               f"variants: {', '.join(study.variants)}")
     if claim.a == claim.b:
         raise ConfigError(f"{where}: a and b are both {claim.a!r}; a claim compares two variants")
-    if claim.metric not in METRICS:
-        raise ConfigError(f"{where}.metric {claim.metric!r} is unknown; metrics: {', '.join(METRICS)}")
-    kind, needs = METRICS[claim.metric]
+    if metric_info(claim.metric) is None:
+        raise ConfigError(f"{where}.metric {claim.metric!r} is unknown; metrics: {', '.join(METRICS)}, and "
+                          "log_<key> for a head's log <key>")
+    kind, needs = metric_info(claim.metric)
     if needs in EVALS and needs not in study.evals:
         raise ConfigError(f"{where}.metric {claim.metric!r} needs {needs!r} in study.evals ({study.evals})")
     if needs == "pretrain" and not (study.pretrain[claim.a] and study.pretrain[claim.b]):

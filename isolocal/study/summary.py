@@ -4,11 +4,13 @@
 stage index for per-stage metrics; `layer`: the 1-based encoder layer the number reads, i.e. the
 stage's tap layer (0: the input, for the pixel floor), or the layer of NMI / attention distance; both
 empty for run-level numbers). Which split a number comes from is in its metric's name
-(`isolocal.study.schema.METRICS`).
+(`isolocal.study.schema.METRICS`). A head's logs (`log_<key>_stage` in metrics.jsonl) are the per-stage
+metrics `log_<key>`, read from the last logged step.
 `pandas.read_csv` reads it as is.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from isolocal.study.schema import Run
 from isolocal.study.stats import PairedDifference, paired_difference
 
 COLUMNS = ["variant", "seed", "metric", "stage", "layer", "value"]
+HEAD_LOG_COLUMN = re.compile(r"(log_[A-Za-z0-9_]+)_stage")  # a step record's `log_<key>_stage` (train.logs)
 
 
 def read_metrics(run_dir: Path) -> pd.DataFrame:
@@ -32,6 +35,20 @@ def final_losses(metrics: pd.DataFrame) -> pd.Series:
     epoch's mean losses (`kind` "epoch") when the run ended with an epoch, else the last logged step's
     ("step": `train.max_steps` stopped it mid-epoch; the trainer always logs the final step)."""
     return metrics[metrics["kind"].isin(["step", "epoch"])].iloc[-1]
+
+
+def head_logs(steps: pd.DataFrame) -> dict[str, dict[int, float]]:
+    """The heads' logs of a run's last logged step, {`log_<key>`: {stage: value}} (stages without the key
+    left out)."""
+    if steps.empty:
+        return {}
+    last = steps.iloc[-1]
+    logs = {}
+    for column in steps.columns:
+        match = HEAD_LOG_COLUMN.fullmatch(column)
+        if match and isinstance(last[column], list):
+            logs[match.group(1)] = {k: v for k, v in enumerate(last[column]) if v is not None and not np.isnan(v)}
+    return logs
 
 
 def run_status(run: Run) -> dict:
@@ -69,6 +86,9 @@ def run_rows(run: Run) -> list[dict]:
         for k, loss in enumerate(last["loss_stage"]):
             add("loss", loss, k, taps[k] + 1)
         add("loss_total", last["loss"])
+        for metric, per_stage in head_logs(steps).items():
+            for k, value in per_stage.items():
+                add(metric, value, k, taps[k] + 1)
     if (run.dir / PROBES).exists():
         probes = read_json(run.dir / PROBES)
         results = probes["results"]

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from isolocal.study.claims import ClaimResult, judge_claims
-from isolocal.study.schema import METRICS, Claim, Study
+from isolocal.study.schema import Claim, Study, metric_info
 from isolocal.study.stats import MAX_SEEDS, POWER, Interval, mean_ci
 from isolocal.study.summary import paired, values
 
@@ -25,6 +25,12 @@ FORMAT = {"loss": (4, "loss"), "loss_total": (4, "total loss"),
           "head": (2, "classify head test top-1 %"), "head_val": (2, "classify head val top-1 %"), "head_top": (2, "top classify head test top-1 %"),
           "nmi": (4, "NMI"), "attention_distance": (2, "attention distance (px)"),
           "pretrain_s": (0, "pre-training s"), "epoch_s": (1, "s per epoch"), "img_per_s": (0, "img/s"), "peak_mem_mb": (0, "peak MB")}
+
+
+def metric_format(metric: str) -> tuple[int, str]:
+    """(decimals, label) of a metric in tables and figures; a head's log `log_<key>` reads "head log <key>"."""
+    return FORMAT.get(metric) or (4, f"head log {metric.removeprefix('log_')}")
+
 
 def fmt(x: float, digits: int) -> str:
     return DASH if x is None or math.isnan(x) else f"{x:.{digits}f}"
@@ -43,8 +49,8 @@ def metric_table(summary: pd.DataFrame, variants: list[str], metrics: list[str],
     """Rows: variants; columns: per-layer entries of each metric (by tap or encoder layer), then run-level ones."""
     table = pd.DataFrame({"variant": variants})
     for metric in metrics:
-        kind = METRICS[metric][0]
-        digits, label = FORMAT[metric]
+        kind = metric_info(metric)[0]
+        digits, label = metric_format(metric)
         sub = summary[summary["metric"] == metric]
         if kind == "run":
             table[label] = [ci_cell(mean_ci(values(summary, v, metric).to_numpy()), digits, seeds) for v in variants]
@@ -62,7 +68,7 @@ def paired_table(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
     selections += [(m, None) for m in ("pretrain_s", "epoch_s", "peak_mem_mb")]
     rows = []
     for metric, layer in selections:
-        digits, label = FORMAT[metric]
+        digits, label = metric_format(metric)
         for variant in study.variants:
             if variant == study.baseline:
                 continue
@@ -89,7 +95,7 @@ def claim_rows(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in judge_claims(study, summary):
         claim, d = r.claim, r.diff
-        digits = FORMAT[claim.metric][0] + 1
+        digits = metric_format(claim.metric)[0] + 1
         rows.append({"claim": r.name, "statement": claim.statement or DASH, "measure": claim_measure(claim),
                      "direction, margin": claim_direction(claim), "a − b": fmt(d.mean, digits),
                      "95% CI": DASH if d.n < 2 else f"[{fmt(d.low, digits)}, {fmt(d.high, digits)}]",
@@ -104,7 +110,7 @@ def plan_table(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
     and the seeds that would decide it with 80% power."""
     rows = []
     for r in judge_claims(study, summary):
-        digits = FORMAT[r.claim.metric][0] + 1
+        digits = metric_format(r.claim.metric)[0] + 1
         rows.append({"claim": r.name, "seeds": r.diff.n, "mean a − b": fmt(r.diff.mean, digits),
                      "sd": fmt(r.sd, digits), "threshold": fmt(r.claim.threshold, digits),
                      "verdict": r.verdict, SEEDS_TO_DECIDE: seeds_cell(r)})

@@ -1,5 +1,9 @@
 """Run-directory outputs: metrics as JSON lines (and, with `train.tensorboard`, as TensorBoard
-scalars), the resolved config as TOML, peak memory.
+scalars), the heads' own logs in them, the resolved config as TOML, peak memory.
+
+The heads' logs (`HeadOutput.logs`) of a training step go into its `step` record as one list per key,
+`log_<key>_stage`, like `loss_stage`: per stage the mean over the step's micro-batches and processes,
+null for a stage whose head has no such key (a `mim` stage logs nothing).
 
 Peak memory is what the training loop adds, in MiB:
 - CUDA: `torch.cuda.max_memory_allocated` since the loop started minus what was allocated at that
@@ -15,11 +19,15 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 import resource
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from isolocal.config import ConfigError, RunConfig, to_dict
 from isolocal.config.toml import dumps_toml
@@ -34,6 +42,62 @@ def write_config(cfg: RunConfig, out_dir: Path) -> Path:
     path = out_dir / CONFIG
     path.write_text(dumps_toml(to_dict(cfg)))
     return path
+
+
+LOG_KEY = re.compile(r"[A-Za-z0-9_]+")  # a head log's name, as it appears in `log_<key>_stage`
+
+
+class HeadLogs:
+    """The heads' logs (`HeadOutput.logs`) since the last `clear`: per (key, stage), the mean over the calls
+    of `add`, kept on the device until `read` (a host read, done only when a record is written)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], Tensor] = {}
+        self.counts: dict[tuple[str, int], int] = {}
+
+    def add(self, stage: int, logs: Mapping[str, Tensor | float]) -> None:
+        """One forward's logs of `stage`'s head: scalars (0-d or one-element tensors, or numbers)."""
+        for key, value in logs.items():
+            if not isinstance(key, str) or not LOG_KEY.fullmatch(key):
+                raise ValueError(f"stage {stage}'s head logged {key!r}: a log's name holds only letters, digits "
+                                 "and underscores")
+            value = torch.as_tensor(value).detach()
+            if value.numel() != 1:
+                raise ValueError(f"stage {stage}'s head logged {key!r} of shape {tuple(value.shape)}: a log is "
+                                 "one number")
+            value = value.reshape(()).float()
+            at = (key, stage)
+            self.sums[at] = self.sums[at] + value if at in self.sums else value
+            self.counts[at] = self.counts.get(at, 0) + 1
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def read(self) -> dict[str, dict[int, float]]:
+        """{key: {stage: mean}}, read in one host transfer."""
+        if not self.sums:
+            return {}
+        device = next(iter(self.sums.values())).device
+        totals = torch.stack([value.to(device) for value in self.sums.values()]).tolist()
+        means: dict[str, dict[int, float]] = {}
+        for (key, stage), total in zip(self.sums, totals):
+            means.setdefault(key, {})[stage] = total / self.counts[(key, stage)]
+        return means
+
+
+def head_log_fields(ranks: Sequence[Mapping[str, Mapping[int, float]]], num_stages: int) -> dict[str, list]:
+    """Every process's `HeadLogs.read()` -> a step record's `log_<key>_stage` lists: per stage, the mean over
+    the processes that hold it (data-parallel replicas; a pipeline rank holds only its own stages), None
+    where the stage's head has no such key."""
+    found: dict[str, list[list[float]]] = {}
+    for rank in ranks:
+        for key, stages in rank.items():
+            per_stage = found.setdefault(key, [[] for _ in range(num_stages)])
+            for stage, value in stages.items():
+                per_stage[stage].append(value)
+    return {f"log_{key}_stage": [statistics.fmean(values) if values else None for values in per_stage]
+            for key, per_stage in sorted(found.items())}
 
 
 def _rss_kib() -> int:

@@ -64,7 +64,8 @@ from tqdm import tqdm
 from isolocal.core.progress import progress_bar
 from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, init_state, load_state,
                                  remove_stale_temps, run_state)
-from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
+from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from isolocal.config.head_options import option_key
 from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
 from isolocal.heads import StagePlan
@@ -73,7 +74,7 @@ from isolocal.io.paths import check_writable_dir
 from isolocal.models.encoder import StagewiseEncoder
 from isolocal.train import distributed
 from isolocal.train.distributed import DistInfo
-from isolocal.train.logs import MetricsLog, PeakMemory, check_tensorboard, write_config
+from isolocal.train.logs import MetricsLog, PeakMemory, check_tensorboard, head_log_fields, write_config
 from isolocal.train.step import is_stagewise
 
 MASK_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2  # the keys of a run's independent random streams
@@ -101,8 +102,15 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
             raise ConfigError(f"data.train_subset ({d.train_subset}) exceeds the {len(dataset)} training images")
         dataset = Subset(dataset, range(d.train_subset))
     if "labels" in plan.needs:
-        check_labels(base, d.name, m.num_classes, f"model.objective {' / '.join(plan.heads_needing('labels'))}")
+        check_labels(base, d.name, f"model.objective {' / '.join(plan.heads_needing('labels'))}", class_counts(plan, m))
     return MultiView(dataset, plan.views) if plan.views > 1 else dataset
+
+
+def class_counts(plan: StagePlan, m: ModelConfig) -> dict[str, int]:
+    """The class count of every head that needs labels and has a `num_classes` option, by its config key."""
+    return {option_key(m, name, "num_classes"): options.num_classes
+            for name, head, options in zip(plan.objectives, plan.heads, plan.options)
+            if "labels" in head.needs and hasattr(options, "num_classes")}
 
 
 def model_inputs(batch: list[Tensor], needs: frozenset[str]) -> tuple[Tensor, ...]:
@@ -153,8 +161,13 @@ def check_resume(saved: dict, cfg: RunConfig, world: int, fixed: Sequence[str]) 
         raise ValueError("cannot resume: the checkpoint predates the per-rank run state of the shared loop "
                          "(RNG states, epoch sums); start a new run from its weights with --init")
     before, now = saved["config"], to_dict(cfg)
-    defaults = to_dict(ModelConfig())  # a field added since the checkpoint was written held its default there
-    diff = [f"model.{k}" for k in now["model"] if before["model"].get(k, defaults.get(k)) != now["model"][k]]
+    # Read as this version reads it: a field added since the checkpoint was written held its default there,
+    # 0.2's flat head keys are head options. Head options compare as each stage resolves them.
+    old = from_dict(ModelConfig, before["model"])
+    before = {**before, "model": to_dict(old)}
+    diff = [f"model.{k}" for k, value in before["model"].items() if k != "head_options" and value != now["model"][k]]
+    if StagePlan.from_config(old, skip_missing=True).options != StagePlan.from_config(cfg.model).options:
+        diff.append("model.head_options")
     diff += [key for key in fixed if _setting(before, key) != _setting(now, key)]
     if diff:
         was = ", ".join(repr(_setting(before, key)) for key in diff)
@@ -391,6 +404,11 @@ class PretrainLoop(ABC):
         every rank calls it (it may reduce over ranks)."""
 
     @abstractmethod
+    def local_head_logs(self) -> dict[str, dict[int, float]]:
+        """This process's heads' logs of the last step, {key: {stage: mean over its micro-batches}}
+        (`HeadLogs.read`, a host read)."""
+
+    @abstractmethod
     def write_checkpoint(self, state: dict) -> None:
         """Save the runner's state together with the loop's `state`; every rank calls it."""
 
@@ -498,6 +516,9 @@ class PretrainLoop(ABC):
                "time": self._elapsed(), **extra}
         if kind == "step":
             rec["grad_norm_stage"] = values.grad_norm
+            if not all(map(self.model.plan.reconstructs, range(self.model.num_stages))):  # `mim` logs nothing
+                ranks = distributed.gather_objects(self.local_head_logs(), self.dist.world)
+                rec.update(head_log_fields(ranks, self.model.num_stages))
         if self.cfg.train.nonfinite == "skip":
             rec["skipped_steps"] = self.skipped_steps
         self.log.write(rec)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from isolocal.models.encoder import StagewiseEncoder
+from isolocal.train.logs import HeadLogs
 
 Scale = Callable[[Tensor], Tensor]
 
@@ -25,18 +26,23 @@ def is_stagewise(model: StagewiseEncoder) -> bool:
     return model.isolated and model.num_stages > 1
 
 
-def backward_step(model: StagewiseEncoder, images: Tensor, mask: Tensor, scale: Scale = lambda x: x, accum: int = 1,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  stage_done: Callable[[int], None] | None = None, labels: Tensor | None = None) -> Tensor:
+def backward_step(model: StagewiseEncoder, images: Tensor, mask: Tensor | None, scale: Scale = lambda x: x,
+                  accum: int = 1, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  stage_done: Callable[[int], None] | None = None, labels: Tensor | None = None,
+                  logs: HeadLogs | None = None) -> Tensor:
     """Accumulate gradients of one micro-batch (losses divided by `accum`, then `scale`d, e.g. by a
     GradScaler); returns the detached per-stage losses divided by `accum`. Stage-wise, `stage_done(k)`
     runs right after stage k's backward, when its gradients are final for this micro-batch (the
     trainer launches that stage's data-parallel all-reduce there, overlapping the later stages).
-    `labels`: one per sample, for heads that need them (`StagewiseEncoder.prepare`)."""
+    `labels`: one per sample, for heads that need them (`StagewiseEncoder.prepare`); `mask`: None when no
+    head needs one. `logs` collects the heads' logs."""
     if not is_stagewise(model):
         with autocast():
             out = model(images, mask, labels=labels)
         scale(out.loss / accum).backward()
+        if logs is not None:
+            for k, stage_logs in enumerate(out.logs):
+                logs.add(k, stage_logs)
         return torch.stack(out.losses).detach().float() / accum
     with autocast():
         batch = model.prepare(images, mask, labels=labels)
@@ -45,6 +51,8 @@ def backward_step(model: StagewiseEncoder, images: Tensor, mask: Tensor, scale: 
         scale(stage.loss / accum).backward()  # frees this stage's graph before the next one runs
         if stage_done is not None:
             stage_done(stage.index)
+        if logs is not None:
+            logs.add(stage.index, stage.logs)
         losses.append(stage.loss.detach().float())
     return torch.stack(losses) / accum
 

@@ -23,6 +23,7 @@ from isolocal.io.checkpoint import LAST, check_fits, save_checkpoint
 from isolocal.config import RunConfig
 from isolocal.core.device import resolve_amp, resolve_device
 from isolocal.train import distributed
+from isolocal.train.logs import HeadLogs
 from isolocal.train.loop import MicroBatches, PretrainLoop, StageValues, build_model, micro_batch_size
 from isolocal.train.optim import build_optimizers, build_scheduler
 from isolocal.train.probes import Probes
@@ -69,6 +70,7 @@ class Trainer(PretrainLoop):
         self.schedulers = [build_scheduler(opt, t, self.steps_per_epoch) for opt in self.optimizers]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.grad_norms = torch.zeros(self.model.num_stages, device=self.device)  # of the last step, before clipping
+        self.head_logs = HeadLogs()  # of the last step
         self._start(saved, replica=self.dist.rank, loads_data=True, loss_device=self.device)
         wanted = t.analysis_every or t.knn_every_epochs
         self.probes = Probes(cfg, self.model) if wanted and self.dist.main else None
@@ -87,6 +89,7 @@ class Trainer(PretrainLoop):
             sched.step_update(self.step)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        self.head_logs.clear()
         losses = torch.zeros(self.model.num_stages, device=self.device)
         # Data parallel: a stage's all-reduce starts right after its backward of the last micro-batch
         # (isolated mode; global mode launches all of them after the one backward).
@@ -98,7 +101,7 @@ class Trainer(PretrainLoop):
                 self.on_batch(images, mask)
             stage_done = averager.launch if averager is not None and i == len(micro) - 1 else None
             losses += backward_step(self.model, images, mask, self.scaler.scale, len(micro), self._autocast,
-                                    stage_done, labels)
+                                    stage_done, labels, self.head_logs)
         if averager is not None:
             averager.finish()
         for opt in self.optimizers:
@@ -121,6 +124,9 @@ class Trainer(PretrainLoop):
         per_stage = {g["stage"]: g["lr"] for opt in self.optimizers for g in opt.param_groups}
         return StageValues(distributed.mean_over_ranks(losses, self.dist.world).tolist(), self.grad_norms.tolist(),
                            [per_stage[k] for k in sorted(per_stage)])
+
+    def local_head_logs(self) -> dict[str, dict[int, float]]:
+        return self.head_logs.read()
 
     def step_grad_norms(self) -> Tensor:
         """An fp16 GradScaler skips steps with inf gradients itself: then only losses are watched."""

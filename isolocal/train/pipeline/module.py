@@ -30,6 +30,7 @@ from deepspeed.runtime.utils import partition_balanced
 from torch import Tensor
 
 from isolocal.models.encoder import StagewiseEncoder
+from isolocal.train.logs import HeadLogs
 from isolocal.train.pipeline.timing import RankTimes
 
 
@@ -77,6 +78,7 @@ class StagePipe(PipelineModule):
         self.register_buffer("loss_sums", torch.zeros(model.num_stages), persistent=False)
         self.register_buffer("stage_index", torch.arange(model.num_stages), persistent=False)
         self.pending_loss: Tensor | None = None
+        self.head_logs = HeadLogs()  # this rank's heads' logs since the runner last cleared them
         self.host_masks: deque[Tensor] = deque()  # the first rank's loader masks, in load order (`batches`)
         self.times: RankTimes | None = None  # set by a profiled run: target computation is timed
 
@@ -109,6 +111,7 @@ class StagePipe(PipelineModule):
                                           autocast=lambda: self._autocast(images.device.type)):
             k = stage.index
             self.loss_sums[k] += stage.loss.detach()
+            self.head_logs.add(k, stage.logs)
             losses = losses.index_add(0, self.stage_index[k:k + 1], stage.loss.reshape(1))
             if backward is not None and k != self.stage_ids[-1]:
                 backward(stage.loss)

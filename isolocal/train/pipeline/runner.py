@@ -206,6 +206,7 @@ class PipelineRun(PretrainLoop):
         self.scheduler.step_update(self.step)
         if self.times is not None and self.step >= PROFILE_FROM_STEP:
             self.times.mark()
+        self.pipe.head_logs.clear()
         self.engine.train_batch(self._feed(micro))
         return self.pipe.pop_loss_sums()
 
@@ -242,6 +243,9 @@ class PipelineRun(PretrainLoop):
         dist.all_reduce(owned)
         loss, grad_norm, lr = owned.tolist()
         return StageValues(loss, grad_norm, lr)
+
+    def local_head_logs(self) -> dict[str, dict[int, float]]:
+        return self.pipe.head_logs.read()
 
     def step_grad_norms(self) -> Tensor:
         return self.engine.grad_norms if self.engine.grad_norms is not None else torch.zeros(self.model.num_stages)

@@ -65,7 +65,7 @@ def measure_stage_costs(model: StagewiseEncoder, micro_batch: int, repeats: int 
                 def forward(inp: torch.Tensor = inp) -> tuple:
                     return model.stage_step(k, inp, model.prepare(images, mask, [k], labels=labels))
 
-                t_fwd, (out, loss, _) = _timed(forward, device)
+                t_fwd, (out, loss, *_) = _timed(forward, device)
                 t_bwd, _ = _timed(loss.backward, device)
                 fwd.append(t_fwd)
                 bwd.append(t_bwd)
