@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from isolocal.config.load import load_run_config
-from isolocal.eval import TestSplitReadTwice, eval_splits, knn_accuracy
+from isolocal.eval import SplitReadTwice, eval_splits, knn_accuracy
 from isolocal.eval.protocols import evaluate, select_stage
 from isolocal.eval.splits import val_indices
 from isolocal.io.load import load_model
@@ -35,7 +35,7 @@ def test_splits_partition_the_labelled_images_and_test_is_read_once():
     assert splits.sizes == {"train_images": 90, "val_images": 10, "test_images": 40}
     assert not set(splits.train.indices) & set(splits.val().indices)
     splits.test()
-    with pytest.raises(TestSplitReadTwice, match="read once per evaluation"):
+    with pytest.raises(SplitReadTwice, match="read once per evaluation"):
         splits.test()
     assert splits.reads == ["val", "test"]
 

@@ -18,7 +18,7 @@ from isolocal.config import ModelConfig, RunConfig
 from isolocal.data import build_dataset
 
 
-class TestSplitReadTwice(RuntimeError):
+class SplitReadTwice(RuntimeError):
     """A protocol asked for the test split a second time: its selection may have seen test accuracy."""
 
 
@@ -38,7 +38,7 @@ class EvalSplits:
     def test(self) -> Dataset:
         """The test split, once: read it after every selection is made."""
         if "test" in self.reads:
-            raise TestSplitReadTwice("the test split is read once per evaluation, after every selection on the "
+            raise SplitReadTwice("the test split is read once per evaluation, after every selection on the "
                                      "validation split; this protocol asked for it again")
         self.reads.append("test")
         return self._test
