@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from isolocal.heads import StagePlan
+from isolocal.io.load import PIXELS
 from isolocal.study.job import FINETUNE, LOG, PRETRAIN, PROBES, read_json
 from isolocal.study.plots import plot_depth, plot_losses, plot_online_knn
 from isolocal.study.schema import HEAD_LOG, Run, Study, resolve_run
@@ -91,7 +92,7 @@ def _preamble(study: Study, runs: list[Run], ok: list[Run], status: dict) -> lis
     lines = [f"Variants: {', '.join(study.variants)}; baseline: {study.baseline}; evaluations: "
              f"{', '.join(study.evals)}. Runs with the same seed share the initialisation seed, data order "
              f"and masks; controls ({', '.join(v for v, p in study.pretrain.items() if not p) or 'none'}) are "
-             f"evaluated at that initialisation without pre-training.", ""]
+             f"evaluated at that initialisation without pre-training (`{PIXELS}`: the raw pixels, no encoder).", ""]
     lines += _heads_section(study)
     if seeds is None or len(seeds) < 2:
         lines += ["**One seed per variant: values below have no confidence intervals and claims stay "
@@ -132,6 +133,8 @@ def _splits_lines(ok: list[Run]) -> list[str]:
 
 def heads_per_stage(study: Study, variant: str) -> str:
     """Which head (`model.objective`) trained which stages of a variant, and across which boundaries."""
+    if variant == PIXELS:
+        return "no encoder: the probes read the raw, normalized pixels"
     model = resolve_run(study, variant).model
     stages: dict[str, list[int]] = {}
     for k, name in enumerate(StagePlan.from_config(model).objectives):

@@ -16,11 +16,11 @@ DASH = "–"
 # metric -> (decimals, label) in tables; every accuracy names its split
 FORMAT = {"loss": (4, "loss"), "loss_total": (4, "total loss"),
           "knn": (2, "k-NN test top-1 %"), "knn_val": (2, "k-NN val top-1 %"),
-          "knn_sel": (2, "k-NN test top-1 %, stage chosen on val"), "knn_sel_stage": (1, "k-NN stage chosen on val"),
+          "knn_sel": (2, "k-NN test top-1 %, stage chosen on val"), "knn_sel_stage": (0, "k-NN stage chosen on val, per seed"),
           "knn_top": (2, "k-NN test top-1 %, last stage"),
           "linear": (2, "linear test top-1 %"), "linear_val": (2, "linear val top-1 %"),
           "linear_sel": (2, "linear test top-1 %, stage chosen on val"),
-          "linear_sel_stage": (1, "linear stage chosen on val"), "linear_top": (2, "linear test top-1 %, last stage"),
+          "linear_sel_stage": (0, "linear stage chosen on val, per seed"), "linear_top": (2, "linear test top-1 %, last stage"),
           "finetune": (2, "fine-tune test top-1 %"), "finetune_val": (2, "fine-tune val top-1 %"),
           "head": (2, "classify head test top-1 %"), "head_val": (2, "classify head val top-1 %"), "head_top": (2, "top classify head test top-1 %"),
           "nmi": (4, "NMI"), "attention_distance": (2, "attention distance (px)"),
@@ -52,6 +52,9 @@ def metric_table(summary: pd.DataFrame, variants: list[str], metrics: list[str],
         kind = metric_info(metric)[0]
         digits, label = metric_format(metric)
         sub = summary[summary["metric"] == metric]
+        if metric.endswith("_sel_stage"):  # which stage each seed chose: a choice, not a quantity to average
+            table[label] = [", ".join(str(int(s)) for s in values(summary, v, metric)) or DASH for v in variants]
+            continue
         if kind == "run":
             table[label] = [ci_cell(mean_ci(values(summary, v, metric).to_numpy()), digits, seeds) for v in variants]
             continue
