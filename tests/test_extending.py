@@ -1,6 +1,6 @@
 """docs/extending.md's worked example, end to end: the VICReg-style head of examples/vicreg_head/ (a file outside
 isolocal, with its own options and logs) trained from the command line with `--import` on two data-parallel
-processes, compared global vs isolated in the example's own study (shrunk by `--set`: synthetic images, one
+processes and across a two-rank DeepSpeed pipeline, compared global vs isolated in the example's own study (shrunk by `--set`: synthetic images, one
 seed, k-NN, 2 steps), analysed (NMI) and exported to timm from a study run's checkpoint, which recorded the
 import. Every command runs in a fresh process, as a user's would, so no head is registered in this one."""
 from __future__ import annotations
@@ -76,3 +76,18 @@ def test_the_vicreg_example_trains_compares_analyses_and_exports(tmp_path):
     vit = timm.create_model(spec["timm_model"], **spec["kwargs"]).eval()
     vit.load_state_dict(torch.load(tmp_path / "vit.pt", weights_only=True))
     assert vit(torch.randn(2, 1, 32, 32)).shape == (2, 64)
+
+
+@pytest.mark.slow
+def test_the_vicreg_example_trains_in_a_two_rank_pipeline(tmp_path):
+    """The example head across a DeepSpeed pipeline (stages 0-1 | 2-3 on two ranks started by `--nproc`):
+    both ranks import the file, and every stage's loss and logs reach the run's metrics."""
+    run = tmp_path / "pipe"
+    proc = isolocal_cli("pretrain", "--nproc", "2", "--pipeline-stages", "2", "--import", str(HEAD_FILE),
+                        "--set", "model.objective=vicreg", "model.head_options.vicreg.proj_dim=16",
+                        "pipeline.micro_batches=2", "pipeline.timeout_s=60", *TINY_DATA, "--out", str(run))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert len(steps) == 2 and all(len(r["loss_stage"]) == 4 for r in steps)
+    for key in LOGS:
+        assert all(len(r[f"log_{key}_stage"]) == 4 and all(v >= 0 for v in r[f"log_{key}_stage"]) for r in steps)
