@@ -372,3 +372,18 @@ def test_loss_heading_says_whether_a_run_ended_with_an_epoch_or_a_max_steps_stop
     assert loss_heading([i]).startswith("Pre-training losses (the last logged step's: train.max_steps stopped every")
     both = loss_heading([g, i])
     assert "mean over the last epoch; the last logged step's for i seed 0, which train.max_steps stopped" in both
+
+
+def test_a_run_gets_the_study_evaluations_that_apply_to_it():
+    """`head` scores only models with a classify head, and the pixel floor gets its probes only: a study that
+    asks for `head` next to mim variants and the floors runs every variant."""
+    from isolocal.study.job import run_evals
+
+    def spec(variant: str, objective: object) -> dict:
+        return {"variant": variant, "evals": ["knn", "linear", "head", "finetune"],
+                "config": {"model": {"objective": objective}}}
+
+    assert run_evals(spec("mim_global", "mim")) == ["knn", "linear", "finetune"]
+    assert run_evals(spec("classify", "classify")) == ["knn", "linear", "head", "finetune"]
+    assert run_evals(spec("mixed", ["mim", "classify", "mim", "contrastive"])) == ["knn", "linear", "head", "finetune"]
+    assert run_evals(spec("pixels", "classify")) == ["knn", "linear"]

@@ -94,10 +94,18 @@ def step_plan(spec: dict) -> tuple[int, int]:
     return step_counts(t, _IMAGES[key], 1, t.batch_size // t.accum_steps, t.accum_steps)
 
 
+def run_evals(spec: dict) -> list[str]:
+    """The study's evaluations that apply to this run: the pixel floor has no heads and nothing to
+    fine-tune (its k-NN and linear probes only), and `head` scores only a model with a classify head."""
+    objective = spec["config"]["model"]["objective"]
+    classifies = "classify" in (objective if isinstance(objective, list) else [objective])
+    return [m for m in spec["evals"]
+            if not (spec["variant"] == PIXELS and m in ("head", "finetune")) and not (m == "head" and not classifies)]
+
+
 def _probe_modes(spec: dict) -> list[list[str]]:
-    """The `evaluate` calls of a run: the feature protocols together, fine-tuning alone (the pixel floor
-    has no heads and nothing to fine-tune: its k-NN and linear probes only)."""
-    evals = [m for m in spec["evals"] if spec["variant"] != PIXELS or m in ("knn", "linear")]
+    """The `evaluate` calls of a run: the feature protocols together, fine-tuning alone."""
+    evals = run_evals(spec)
     probes = [m for m in evals if m != "finetune"]
     return ([probes] if probes else []) + ([["finetune"]] if "finetune" in evals else [])
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from isolocal.core.progress import progress_bar
 from isolocal.config import ConfigError
-from isolocal.study.job import FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, check_run, read_json, step_plan, write_json
+from isolocal.study.job import (FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, check_run, read_json, run_evals,
+                                step_plan, write_json)
 from isolocal.study.schema import Run, Study, run_spec
 from isolocal.study.summary import run_status
 
@@ -80,7 +81,7 @@ class Progress:
         return steps[-1] + 1 if steps else 0
 
     def phase(self) -> str:
-        d, evals = self.run.dir, self.spec["evals"]
+        d, evals = self.run.dir, run_evals(self.spec)
         if self.spec["pretrain"] and not (d / PRETRAIN).exists():
             return "pretrain"
         probes = [m for m in evals if m != "finetune"]
