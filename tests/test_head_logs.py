@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.config.head_options import OPTIONS
 from isolocal.config.load import load_run_config
-from isolocal.heads import HEADS, HeadInputs, HeadOutput, StageHead, pool, register_head
+from isolocal.heads import HeadInputs, HeadOutput, StageHead, pool, register_head
 from isolocal.study.job import ANALYSIS, PRETRAIN, RUN_SPEC
 from isolocal.study.schema import Run, metric_info
 from isolocal.study.summary import run_rows
@@ -27,14 +26,7 @@ TINY = ["data.name=synthetic", "data.synthetic_size=16", "train.batch_size=8", "
         "train.log_every=1", "train.max_steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def _own_registry():
-    heads, options = dict(HEADS), dict(OPTIONS)
-    yield
-    HEADS.clear()
-    HEADS.update(heads)
-    OPTIONS.clear()
-    OPTIONS.update(options)
+pytestmark = pytest.mark.usefixtures("own_head_registry")  # tests register heads of their own
 
 
 class Counting(StageHead):

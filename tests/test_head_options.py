@@ -21,15 +21,7 @@ from isolocal.train.loop import check_resume
 NANO = "localmim_vit_nano"
 
 
-@pytest.fixture(autouse=True)
-def _own_registry():
-    """Heads and options registered by a test are gone afterwards."""
-    heads, options = dict(HEADS), dict(OPTIONS)
-    yield
-    HEADS.clear()
-    HEADS.update(heads)
-    OPTIONS.clear()
-    OPTIONS.update(options)
+pytestmark = pytest.mark.usefixtures("own_head_registry")  # tests register heads of their own
 
 
 @dataclass
