@@ -115,3 +115,23 @@ def test_progress_lines_off_a_terminal_and_an_incomplete_run_is_reported_then_re
         in report
     assert compare() == 0 and (run / "probes.json").exists()
     assert "1 of 1 runs finished" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_line_written_while_two_plain_bars_are_open(capsys):
+    """`study.parallel = 2` off a terminal: a run's start line is written while the other run's bar is
+    open; tqdm clears every open bar first, which a plain bar must allow (it has nothing to erase)."""
+    import io
+
+    from tqdm import tqdm
+
+    from isolocal.core.progress import progress_bar
+
+    log = io.StringIO()
+    bars = [progress_bar(total=10, desc=f"run {i}", unit="step", file=log) for i in range(2)]
+    tqdm.write("[compare] run 2/2 starts", file=log)
+    bars[0].update(10)
+    for bar in bars:
+        bar.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[compare] run 2/2 starts" and "\r" not in log.getvalue()
+    assert any(line.startswith("run 0: 10/10 step (100%)") for line in lines), lines

@@ -45,6 +45,10 @@ class PlainProgress(tqdm):
         desc = (d["prefix"] or "progress").removesuffix(": ")  # set_description() appends ": "
         return f"{desc}: {d['n']}{total} {d['unit']}{pct}{speed}{eta}{postfix}"
 
+    def clear(self, nolock: bool = False) -> None:
+        """Nothing to erase: a printed line stays. (`tqdm.write` clears every open bar first, so two
+        runs' bars at once, `study.parallel = 2`, reach here.)"""
+
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         decile = int(10 * self.n / self.total) if self.total else None
         now = self._time()
