@@ -21,7 +21,6 @@ The per-rank breakdown of the fastest pipeline follows the table (`--figure`: it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics

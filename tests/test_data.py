@@ -15,6 +15,7 @@ from isolocal.data import (
     DatasetError,
     FashionMNIST,
     ImageFolderDataset,
+    MultiView,
     SyntheticImages,
     build_dataset,
     build_loader,
@@ -186,12 +187,50 @@ def test_same_seed_same_batches_with_workers():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@needs_fmnist
+@pytest.mark.parametrize("views", [1, 2])
+def test_prefetch_gives_the_in_process_batches(views):
+    """The background process draws the in-process stream: the same crops and flips, epoch after
+    epoch (a loader is iterated once per epoch), two views included, and the caller's RNG untouched."""
+    ds, _, _ = build_dataset("fashion_mnist", None, False, 32, 1, transform_train=True)
+    ds = torch.utils.data.Subset(ds, range(96))
+    ds = MultiView(ds, views) if views > 1 else ds
+    runs = []
+    for prefetch in (False, True):
+        loader = build_loader(ds, 16, shuffle=True, seed=11, prefetch=prefetch)
+        torch.manual_seed(5)
+        runs.append(([b for _ in range(2) for b in loader], torch.rand(3)))
+    (a, after_a), (b, after_b) = runs
+    assert len(a) == len(b) == 12
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(after_a, after_b), "the prefetching loader moved the global RNG"
+    assert not torch.equal(a[0][0], a[6][0]), "the two epochs should differ"
+
+
+@needs_fmnist
+@pytest.mark.parametrize("in_chans, pad", [(1, 0), (3, 2)])
+def test_a_deterministic_transform_runs_on_the_whole_batch_with_the_same_values(in_chans, pad):
+    ds, _, _ = build_dataset("fashion_mnist", None, False, 32, in_chans, transform_train=False, pad=pad)
+    assert ds.deterministic
+    indices = [5, 0, 999, 17, 4321]
+    together = ds.__getitems__(indices)
+    one_by_one = [ds[i] for i in indices]
+    assert [y for _, y in together] == [y for _, y in one_by_one]
+    for (xa, _), (xb, _) in zip(together, one_by_one):
+        assert torch.equal(xa, xb)
+    augmented, _, _ = build_dataset("fashion_mnist", None, False, 32, in_chans, transform_train=True)
+    assert not augmented.deterministic  # random draws stay one image at a time, in order
+
+
 def test_loader_rejects_empty_and_conflicting_options():
     ds = SyntheticImages(8, 8, 1, 2, seed=0)
     with pytest.raises(ValueError, match="no batch"):
         build_loader(ds, 16, shuffle=True, seed=0)
     with pytest.raises(ValueError, match="sampler"):
         build_loader(ds, 4, shuffle=True, seed=0, sampler=torch.utils.data.SequentialSampler(ds))
+    with pytest.raises(ValueError, match="num_workers=0"):
+        build_loader(ds, 4, shuffle=True, seed=0, num_workers=2, prefetch=True)
 
 
 def test_synthetic_is_deterministic_and_class_dependent():

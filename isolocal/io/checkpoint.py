@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from isolocal.config import ConfigError, RunConfig, from_dict
 from isolocal.config.imports import import_modules
 from isolocal.errors import CheckpointError, CheckpointWriteError
+from isolocal.io.paths import shared_mode
 from isolocal.models.encoder import StagewiseEncoder
 
 LAST = "last.pt"
@@ -65,7 +66,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's private 0600 would outlive the rename
+        os.fchmod(fd, shared_mode())  # mkstemp's private 0600 would outlive the rename
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

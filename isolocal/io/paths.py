@@ -5,6 +5,10 @@ instead of as an OSError after minutes of training or evaluation.
 that does not exist yet, in its nearest existing parent, where it would be created): the same write
 permission a file or directory there needs, nothing left behind whether the check passes or fails, and
 no collision between processes of one run that check the same directory at once.
+
+`shared_mode` and `atomic_write_text`: files written through a temporary file (`mkstemp` makes it
+0600) get the mode a plain `open` would give them under the user's umask (0644 under umask 022), so
+collaborators on a shared file system can read a study's results.
 """
 from __future__ import annotations
 
@@ -42,3 +46,24 @@ def check_writable_file(path: str | os.PathLike, what: str = "output file") -> N
     if path.is_dir():
         raise OutputError(f"the {what} {path} is a directory; name a file")
     check_writable_dir(path.parent, f"directory of the {what}")
+
+
+def shared_mode() -> int:
+    """0666 less the process's umask: the mode `open(path, "w")` gives a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a killed process never leaves half a file; the file
+    gets the umask's mode, not the temporary file's private one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, shared_mode())
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

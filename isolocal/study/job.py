@@ -24,15 +24,14 @@ This module is the only one of the study package that imports the training, eval
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from analysis.capture import capture_attention, encoder_depth, is_windowed, token_layout
@@ -45,6 +44,7 @@ from isolocal.config.imports import import_modules
 from isolocal.eval.protocols import check_evaluation, evaluate
 from isolocal.io.checkpoint import LAST, run_state
 from isolocal.io.load import PIXELS, RANDOM, load_model
+from isolocal.io.paths import atomic_write_text as write_text
 from isolocal.models.encoder import FAMILIES
 from isolocal.train import train
 from isolocal.train.loop import build_train_dataset, step_counts
@@ -56,14 +56,6 @@ FINETUNE = "finetune.json"
 ANALYSIS = "analysis.csv"
 RESULT = "result.json"
 LOG = "run.log"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a killed run never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -162,14 +154,16 @@ def _stamp_knn_steps(metrics: Path, steps_per_epoch: int) -> None:
 
 
 def pretrain(spec: dict, cfg: RunConfig, run_dir: Path) -> dict:
-    """Train (resuming from last.pt when a previous attempt left one); the summary gains the step it resumed from."""
+    """Train (resuming from last.pt when a previous attempt left one); the summary gains the step it resumed
+    from and the threads it trained with (on a CPU the thread count changes the last bits of a sum, so a
+    rerun matches a run bit for bit only with the same count)."""
     resumed = 0
     if (run_dir / LAST).exists():
         resumed = int(run_state(run_dir / LAST)["step"])
         print(f"resuming pre-training from {run_dir / LAST} (step {resumed})", flush=True)
         _stamp_knn_steps(run_dir / "metrics.jsonl", step_plan(spec)[0])
     summary = train(cfg, resume=(run_dir / LAST).exists())
-    return {**summary, "resumed_from_step": resumed}
+    return {**summary, "resumed_from_step": resumed, "threads": torch.get_num_threads()}
 
 
 def encoder_source(spec: dict, run_dir: Path) -> str:

@@ -28,7 +28,7 @@ from isolocal.core.progress import progress_bar
 from isolocal.config import ConfigError
 from isolocal.study.job import (FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, check_run, read_json, run_evals,
                                 step_plan, write_json)
-from isolocal.study.schema import Run, Study, run_spec
+from isolocal.study.schema import Run, Study, resolve_run, run_spec
 from isolocal.study.summary import run_status
 
 POLL_S = 1.0
@@ -39,12 +39,17 @@ def is_finished(run: Run) -> bool:
     return run_status(run)["status"] == "ok"
 
 
+# Settings that change how fast a run goes, never its numbers: a run made with either value is current.
+SPEED_ONLY = frozenset({"config.data.prefetch"})
+
+
 def _first_difference(old: object, new: object, key: str = "") -> str | None:
     """The first key whose value differs; keys only one side has (a config field added to or
-    removed from isolocal since the run was made) are not differences."""
+    removed from isolocal since the run was made) and `SPEED_ONLY` settings are not differences."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) & set(new)):
-            found = _first_difference(old[k], new[k], f"{key}.{k}" if key else k)
+            path = f"{key}.{k}" if key else k
+            found = None if path in SPEED_ONLY else _first_difference(old[k], new[k], path)
             if found:
                 return found
         return None
@@ -120,6 +125,16 @@ def finish_line(run: Run, seconds: float) -> str:
     return f"{run.label} done in {_fmt_duration(seconds)}: {numbers} (test %; k-NN / linear: stage chosen on validation)"
 
 
+def speed_line(study: Study, todo: list[Run]) -> str:
+    """What makes this study's runs fast, and how to turn it off (the numbers are the same either way)."""
+    configs = [resolve_run(study, run.variant, run.seed if study.seeded else None) for run in todo if study.pretrain[run.variant]]
+    prefetched = [c for c in configs if c.data.prefetch and not c.data.num_workers]
+    fetch = (f"pre-training batches prefetched in a background process ({len(prefetched)} of {len(configs)} "
+             "pre-training runs; the same batches; [base.data] prefetch = false turns it off)") if prefetched else \
+        "pre-training batches prepared in the training process (data.prefetch = false or data.num_workers set)"
+    return f"{fetch}; evaluation images transformed a batch at a time; {study.parallel} run(s) at a time"
+
+
 class StudyRunner:
     """Launches the missing runs of a study, `parallel` at a time, and reports progress."""
 
@@ -138,6 +153,7 @@ class StudyRunner:
         done = len(self.runs) - len(todo)
         tqdm.write(f"[compare] {self.study.name}: {len(self.runs)} runs selected, {done} already finished, "
                    f"{len(todo)} to run; logs in {self.study.root / 'runs'}/<variant>/.../{LOG}")
+        tqdm.write(f"[compare] {speed_line(self.study, todo)}")
         with ThreadPoolExecutor(max_workers=self.study.parallel) as pool:
             futures = [pool.submit(self._launch, run, i + 1, len(todo)) for i, run in enumerate(todo)]
             try:

@@ -379,7 +379,8 @@ class PretrainLoop(ABC):
             sampler.set_epoch(self.epoch)
         loader = build_loader(self.dataset, self.micro_batch, shuffle=sampler is None,
                               seed=derive_seed(t.seed, DATA_STREAM, self.epoch, self.replica),
-                              num_workers=self.cfg.data.num_workers, drop_last=True, sampler=sampler)
+                              num_workers=self.cfg.data.num_workers, drop_last=True, sampler=sampler,
+                              prefetch=self.cfg.data.prefetch and not self.cfg.data.num_workers)
         inputs = (model_inputs(batch, self.model.needs) for batch in loader)
         for step in range(self.steps_per_epoch):
             group = [next(inputs) for _ in range(self.micro_per_step)]
