@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE = "e33a5a6"  # the last commit before prefetching and batched evaluation transforms
+BASELINE = "bf922b8"  # the last commit before prefetching and batched evaluation transforms
 PATHS = {"today": ("baseline", 1), "today_p2": ("baseline", 2), "new": ("checkout", 1), "new_p2": ("checkout", 2)}
 
 STUDIES = {

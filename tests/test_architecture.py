@@ -23,6 +23,7 @@ ROOTS = ("isolocal", "analysis")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("isolocal",),  # the public facade (isolocal/__init__.py) and `python -m isolocal`
     ("isolocal.cli", "isolocal.testing"),
+    ("isolocal.cluster",),
     ("isolocal.study",),
     ("isolocal.train.pipeline",),
     ("isolocal.train",),

@@ -20,11 +20,11 @@ import signal
 import sys
 import time
 
-from isolocal.cli import analyze, eval, study, train
+from isolocal.cli import analyze, eval, study, submit, train
 from isolocal.config import ConfigError
 from isolocal.errors import NonFiniteError, RunInterrupted
 
-SUBCOMMANDS = (train, eval, analyze, study)  # pretrain, export, info | eval | analyze | compare
+SUBCOMMANDS = (train, eval, analyze, study, submit)  # pretrain, export, info | eval | analyze | compare | submit
 FIRST_RANK_GRACE_S = 30.0
 
 

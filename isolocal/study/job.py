@@ -24,6 +24,7 @@ This module is the only one of the study package that imports the training, eval
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import traceback
@@ -41,6 +42,7 @@ from analysis.measure import measure_attention
 from analysis.reconstruction_figure import write_reconstruction
 from isolocal.config import ConfigError, RunConfig, from_dict
 from isolocal.config.imports import import_modules
+from isolocal.errors import RunInterrupted
 from isolocal.eval.protocols import check_evaluation, evaluate
 from isolocal.io.checkpoint import LAST, run_state
 from isolocal.io.load import PIXELS, RANDOM, load_model
@@ -246,11 +248,22 @@ def run_job(run_dir: Path) -> dict:
             "figures": figures, "job_s": time.perf_counter() - start}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}; the finished phases are kept and the "
+                         "next start of this run goes on from them")
+
+
 def main(run_dir: str) -> int:
-    """Run one job and write result.json, failure included (the other runs of the study go on)."""
+    """Run one job and write result.json, failure included (the other runs of the study go on); a run
+    interrupted by a signal after saving its state writes none and exits 130."""
     path = Path(run_dir)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # outside pre-training (which saves first) stop at once
+        signal.signal(sig, _interrupt)
     try:
         result = run_job(path)
+    except RunInterrupted as err:  # state saved: not a result, the next start resumes (a requeued Slurm task)
+        print(f"isolocal: {err}", file=sys.stderr)
+        return 130
     except BaseException as err:  # recorded in the report
         spec = read_json(path / RUN_SPEC) if (path / RUN_SPEC).exists() else {}
         result = {"variant": spec.get("variant"), "seed": spec.get("seed"), "status": "failed",

@@ -125,6 +125,25 @@ def finish_line(run: Run, seconds: float) -> str:
     return f"{run.label} done in {_fmt_duration(seconds)}: {numbers} (test %; k-NN / linear: stage chosen on validation)"
 
 
+def runs_to_do(study: Study, runs: list[Run]) -> list[Run]:
+    """The runs not finished yet, after every check that needs no training (stale run directories,
+    `job.check_run`): a bad setting fails the study before its first run starts."""
+    check_stale(study, runs)
+    todo = [r for r in runs if not is_finished(r)]
+    for run in todo:
+        check_run(run_spec(study, run))
+    return todo
+
+
+def open_run(study: Study, run: Run) -> dict:
+    """Write the run's `run.json` (what its job process reads) and drop an old result; returns the spec."""
+    spec = run_spec(study, run)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    write_json(run.dir / RUN_SPEC, spec)
+    (run.dir / RESULT).unlink(missing_ok=True)
+    return spec
+
+
 def speed_line(study: Study, todo: list[Run]) -> str:
     """What makes this study's runs fast, and how to turn it off (the numbers are the same either way)."""
     configs = [resolve_run(study, run.variant, run.seed if study.seeded else None) for run in todo if study.pretrain[run.variant]]
@@ -146,10 +165,7 @@ class StudyRunner:
 
     def run(self) -> list[Run]:
         """Run what is missing; returns the runs that were launched."""
-        check_stale(self.study, self.runs)
-        todo = [r for r in self.runs if not is_finished(r)]
-        for run in todo:
-            check_run(run_spec(self.study, run))
+        todo = runs_to_do(self.study, self.runs)
         done = len(self.runs) - len(todo)
         tqdm.write(f"[compare] {self.study.name}: {len(self.runs)} runs selected, {done} already finished, "
                    f"{len(todo)} to run; logs in {self.study.root / 'runs'}/<variant>/.../{LOG}")
@@ -167,10 +183,7 @@ class StudyRunner:
     def _launch(self, run: Run, index: int, count: int) -> None:
         if self.stopping.is_set():
             return
-        spec = run_spec(self.study, run)
-        run.dir.mkdir(parents=True, exist_ok=True)
-        write_json(run.dir / RUN_SPEC, spec)
-        (run.dir / RESULT).unlink(missing_ok=True)
+        spec = open_run(self.study, run)
         with self.lock:
             slot = self.slots.pop(0)
         tqdm.write(f"[compare] run {index}/{count}: {run.label} -> {run.dir}")

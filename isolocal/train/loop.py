@@ -33,7 +33,7 @@ When things go wrong (both runners get all of this from here):
   are never saved). `"skip"` reads the flag every step (one host read per step, on the trainer only):
   that step's update is dropped, counted in the log (`skipped_steps`), and `train.nonfinite_max_skips`
   consecutive skips stop the run.
-- SIGINT / SIGTERM: the handler only sets a flag; the current step finishes, `save` writes the
+- SIGINT / SIGTERM / SIGUSR1 (Slurm's warning before a time limit): the handler only sets a flag; the current step finishes, `save` writes the
   checkpoint atomically, and `RunInterrupted` (exit 130) says how to resume. Several processes agree
   on the step to stop at (and on time-based saves) with one two-value all-reduce per step, which is a
   host read per step; a single process needs none.
@@ -472,7 +472,8 @@ class PretrainLoop(ABC):
         return True
 
     def _catch_signals(self) -> dict:
-        """SIGINT/SIGTERM only set a flag (the loop saves and stops after the step); the old handlers."""
+        """SIGINT, SIGTERM and SIGUSR1 (what Slurm sends before a time limit) only set a flag (the loop
+        saves and stops after the step); the old handlers."""
         if threading.current_thread() is not threading.main_thread():
             return {}
 
@@ -481,7 +482,7 @@ class PretrainLoop(ABC):
                 raise KeyboardInterrupt
             self._signal = signal.Signals(signum).name
 
-        return {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def _poll(self) -> tuple[bool, bool]:
         """(stop for a signal, a step- or time-based checkpoint is due), the same on every rank."""

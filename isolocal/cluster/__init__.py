@@ -1,0 +1,1 @@
+"""Runs on a cluster: Slurm batch scripts that save, requeue and resume (`isolocal submit`)."""
