@@ -4,10 +4,11 @@ A quickstart run (`localmim_vit_nano` isolated, batch 128, Fashion-MNIST) is bui
 itself and stepped by hand: the time the loop waits for its next batch (data), then `train_step`
 under torch.profiler. Each op's own time goes to one family: targets (everything under the target
 bank), optimizer (under `Optimizer.step`), matmul, attention, convolution, other (elementwise,
-norms, copies, masking). Before = batches prepared in the training process, after = prefetched by
-a background process (`data.prefetch`); the step itself is the same code.
+norms, copies, masking). Measured with every thread (one run at a time, as a study ran before) and
+with one (each of one-per-core runs, a study's default now): what scales with threads and what does
+not is why two one-thread runs train more images per second than one two-thread run.
 
-    python -m benchmarks.step_profile            # both, 8 profiled steps
+    python -m benchmarks.step_profile            # 2 threads and 1, 8 profiled steps
 """
 from __future__ import annotations
 
@@ -60,12 +61,13 @@ def _in_region(call: Callable, name: str) -> Callable:
     return wrapped
 
 
-def step_profile(prefetch: bool, steps: int) -> dict[str, float]:
-    """ms per step by family, the unprofiled step and data wait, and the matmul family's GFLOP/s."""
+def step_profile(threads: int, steps: int) -> dict[str, float]:
+    """ms per step by family at `threads` threads, the unprofiled step and data wait, and the matmul
+    family's GFLOP/s."""
+    torch.set_num_threads(threads)
     study = load_study("experiments/quickstart.toml")
     cfg = resolve_run(study, "localmim_isolated", 0)
     cfg.out_dir = tempfile.mkdtemp(prefix="isolocal-profile-")
-    cfg.data.prefetch = prefetch
     trainer = Trainer(cfg)
     bank = trainer.model.target_bank
     bank.forward = _in_region(bank.forward, "targets")
@@ -117,10 +119,13 @@ def narrow_matmul_rate(repeats: int = 50) -> float:
 
 
 def profile_report(steps: int, threads: int) -> pd.DataFrame:
+    before, after = f"{threads} threads", "1 thread"
+    table = pd.DataFrame({before: step_profile(threads, steps), after: step_profile(1, steps)})
     torch.set_num_threads(threads)
-    table = pd.DataFrame({"before": step_profile(False, steps), "after": step_profile(True, steps)})
-    table.loc["narrow matmul GFLOP/s"] = narrow_matmul_rate()
-    table["after / before"] = table["after"] / table["before"]
+    table.loc["narrow matmul GFLOP/s"] = [narrow_matmul_rate(), None]
+    torch.set_num_threads(1)
+    table.loc["narrow matmul GFLOP/s", after] = narrow_matmul_rate()
+    table[f"{after} / {before}"] = table[after] / table[before]
     return table
 
 

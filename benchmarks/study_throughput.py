@@ -8,21 +8,21 @@ probes selected on the validation split, one read of the test split, analysis, r
 
 Paths (`--paths`):
 - `today`: the code of `--baseline` (a git revision, default the last commit before the fast path),
-  unpacked with `git archive`, one run at a time (study.parallel = 1) with 2 threads;
+  unpacked with `git archive`, one run at a time (study.parallel = 1) with every thread;
 - `today_p2`: the same code, two runs at a time with one thread each (study.parallel = 2);
-- `new`: this checkout, its defaults (pre-training batches prefetched by a background process that
-  draws the in-process augmentations; evaluation images transformed a batch at a time), one run at a
-  time with 2 threads;
-- `new_p2`: this checkout, two runs at a time with one thread each.
+- `new`: this checkout with its defaults: one run per core with an even share of the threads
+  (study.parallel = 0), evaluation images transformed a batch at a time;
+- `new_p1`: this checkout, one run at a time with every thread (the batched evaluation alone).
 
 Printed per study and path: the whole `compare` wall-clock, pre-training images/s summed over all runs
 (every image of every run over the time any run was pre-training), and the ratios against `today`;
-then whether every run's final loss and test accuracies equal today's (the paths must give the same
-numbers). Last, the step's profile by op family (matmul, attention, convolution, other elementwise,
-targets, optimizer, data wait) before (in-process data) and after (prefetch), and the matmul share's
-rate against a narrow matmul's (2048 x 64 x 256) measured in the same run.
+then whether every run's final loss and test accuracies equal those of today's path with the same
+threads per run (a CPU sum's last bits depend on the thread count, nothing else may change them).
+Last, the step's profile by op family (matmul, attention, convolution, other elementwise, targets,
+optimizer, data wait) with every thread (one run at a time) and with one (one run per core), and the
+matmul share's rate against a narrow matmul's (2048 x 64 x 256) measured in the same run.
 
-Run from the repository root of a git checkout, with nothing else running (about 45 minutes with
+Run from the repository root of a git checkout, with nothing else running (about 40 minutes with
 the defaults on 2 CPU cores):
 
     python -m benchmarks.study_throughput
@@ -43,7 +43,8 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "bf922b8"  # the last commit before prefetching and batched evaluation transforms
-PATHS = {"today": ("baseline", 1), "today_p2": ("baseline", 2), "new": ("checkout", 1), "new_p2": ("checkout", 2)}
+# path -> (code, study.parallel); 0 is the checkout's default (one run per core)
+PATHS = {"today": ("baseline", 1), "today_p2": ("baseline", 2), "new": ("checkout", 0), "new_p1": ("checkout", 1)}
 
 STUDIES = {
     "vit": """
@@ -153,7 +154,10 @@ def run_numbers(study_dir: Path) -> dict[str, dict]:
 def run_path(name: str, study: str, tree: Path, parallel: int, work: Path, args: argparse.Namespace) -> dict:
     config = work / f"{study}.toml"
     out = work / f"{study}_{name}"
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(max(1, args.threads // parallel))}
+    runs_at_once = parallel or args.threads
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "PYTHONPATH": str(tree)}
+    if parallel:  # 0: the checkout's runner splits the threads itself
+        env["OMP_NUM_THREADS"] = str(max(1, args.threads // parallel))
     command = [sys.executable, "-m", "isolocal", "compare", "-c", str(config), "--set", f"study.out_dir={out}",
                f"study.parallel={parallel}"]
     print(f"[bench] {study} / {name}: {' '.join(command[2:])}", flush=True)
@@ -163,19 +167,23 @@ def run_path(name: str, study: str, tree: Path, parallel: int, work: Path, args:
     if done.returncode:
         sys.exit(f"[bench] {study} / {name} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     rate, images = pretrain_rate(out)
-    return {"study": study, "path": name, "parallel": parallel, "wall_s": wall, "pretrain_img_s": rate,
+    return {"study": study, "path": name, "runs_at_once": runs_at_once,
+            "threads_per_run": max(1, args.threads // runs_at_once), "wall_s": wall, "pretrain_img_s": rate,
             "images": images, "numbers": run_numbers(out)}
 
 
 def compare_paths(rows: list[dict]) -> pd.DataFrame:
-    """Ratios against `today` of the same study, and whether every run's numbers equal today's."""
+    """Ratios against `today` of the same study, and whether every run's numbers equal those of today's
+    path with the same threads per run."""
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "numbers"} for r in rows])
     today = {r["study"]: r for r in rows if r["path"] == "today"}
+    same_threads = {(r["study"], r["threads_per_run"]): r for r in rows if r["path"].startswith("today")}
     table["wall_vs_today"] = [today[r["study"]]["wall_s"] / r["wall_s"] if r["study"] in today else None for r in rows]
     table["img_s_vs_today"] = [r["pretrain_img_s"] / today[r["study"]]["pretrain_img_s"] if r["study"] in today
                                else None for r in rows]
-    table["same_numbers_as_today"] = [r["numbers"] == today[r["study"]]["numbers"] if r["study"] in today else None
-                                      for r in rows]
+    table["same_numbers_as"] = [
+        f"{ref['path']}: {r['numbers'] == ref['numbers']}" if (ref := same_threads.get((r["study"], r["threads_per_run"])))
+        else "" for r in rows]
     return table
 
 
@@ -205,7 +213,7 @@ def main() -> None:
           f"{args.baseline}; {time.strftime('%Y-%m-%d')})\n")
     print(compare_paths(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     from benchmarks.step_profile import profile_report  # deferred: the studies above run in their own processes
-    print("\n# Where a step goes: localmim_vit_nano isolated, batch 128 (ms per step)\n")
+    print("\n# Where a step goes: localmim_vit_nano isolated, batch 128 (ms per step of one run)\n")
     print(profile_report(args.profile_steps, args.threads).to_string(float_format=lambda v: f"{v:.3g}"))
 
 

@@ -2,6 +2,7 @@
 a hard kill mid-study, resume, then the report's numbers against scipy on the runs' own files."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_changed_study_file_is_refused_before_any_work(study):
     changed = load_study(study["path"], ["base.train.epochs=4"])
     with pytest.raises(ConfigError, match=r"seed0 was run with a different config: config.train.epochs \(3 -> 4\)"):
         check_stale(changed, changed.runs())
-    faster = load_study(study["path"], ["base.data.prefetch=false"])  # how fast, not what: the runs stay current
+    faster = load_study(study["path"], ["base.data.prefetch=true"])  # how fast, not what: the runs stay current
     check_stale(faster, faster.runs())
 
 
@@ -276,7 +277,7 @@ train = {{ base_lr = 1e9, batch_size = 16, epochs = 1 }}
     captured = capsys.readouterr()
     out = captured.out
     assert "random seed 0 done" in out and "broken seed 0 FAILED" in out and "non-finite values at step" in out
-    assert "pre-training batches prefetched in a background process (1 of 1 pre-training runs" in out
+    assert re.search(r"\[compare\] \d+ run\(s\) at a time(, \d+ thread\(s\) each)? \(study.parallel = 0: one per core", out)
     assert "isolocal compare: 1 of 2 runs failed (broken seed 0); see the report" in captured.err
     root = tmp_path / "out"
     assert (root / "runs" / "random" / "result.json").exists()
@@ -326,3 +327,14 @@ test_subset = 32
             "report.md", "summary.csv"} <= names
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o640"}, modes
+
+
+def test_parallel_runs_share_the_cores_unless_told(monkeypatch):
+    from isolocal.study.runner import run_env, run_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert run_threads(1) is None and "OMP_NUM_THREADS" not in run_env(1)
+    assert run_threads(2) == share and run_env(2)["OMP_NUM_THREADS"] == str(share)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert run_threads(2) is None and run_env(2)["OMP_NUM_THREADS"] == "3"

@@ -22,8 +22,8 @@ from isolocal.testing.slurm import LocalSlurm
 from isolocal.train import train
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
-# Long enough (about 20 s at one thread) to be signalled twice while it trains.
-RUN = ["data.name=synthetic", "data.synthetic_size=64", "train.batch_size=8", "train.epochs=60", "train.log_every=1",
+# 320 steps: long enough (about 15 s at one thread) to be signalled twice while it trains.
+RUN = ["data.name=synthetic", "data.synthetic_size=64", "train.batch_size=8", "train.epochs=40", "train.log_every=1",
        "train.warmup_epochs=1", "model.boundary='isolated'"]
 
 
@@ -54,9 +54,9 @@ def test_a_preempted_and_warned_job_resumes_bit_identical(local_slurm: LocalSlur
     job = submit(local_slurm, "--set", *RUN, f"out_dir={out}", "--time", "10", cwd=tmp_path)
     log = out / f"slurm-{job}.out"
 
-    local_slurm.until(lambda: steps_logged(out) >= 40, 90, "40 steps", job)
+    local_slurm.until(lambda: steps_logged(out) >= 30, 90, "30 steps", job)
     local_slurm.run("scontrol", "requeue", job)  # a preemption: SIGTERM to every task, Slurm requeues
-    local_slurm.until(lambda: local_slurm.job(job).get("Restarts") == "1" and steps_logged(out) >= 240, 120,
+    local_slurm.until(lambda: local_slurm.job(job).get("Restarts") == "1" and steps_logged(out) >= 140, 120,
                       "the requeued job to train on", job)
     local_slurm.run("scancel", "--signal=USR1", job)  # the time-limit warning: the script requeues itself
     assert local_slurm.wait(job, 240) == "COMPLETED", local_slurm.describe(job)

@@ -132,8 +132,9 @@ class DataConfig:
     synthetic_size: int = 512
     num_workers: int = 0
     # With num_workers = 0: the next batches are prepared in one background process that draws the
-    # same augmentations as in-process, so the batches are identical; no effect with workers
-    prefetch: bool = True
+    # same augmentations as in-process, so the batches are identical; for a core the training leaves
+    # free (a GPU run). Off: on a CPU whose cores all train it costs more than it saves
+    prefetch: bool = False
     crop_scale_min: float = 0.2
     train_subset: int = 0  # > 0: pre-train on the first N training images only (quick CPU recipes)
     pad: int = 0  # zero pixels added on every side before the resize/crop (Fashion-MNIST 28 + 2 * 2 = 32 px)

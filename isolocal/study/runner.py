@@ -16,6 +16,7 @@ Each child's full output goes to its `run.log`.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -28,7 +29,7 @@ from isolocal.core.progress import progress_bar
 from isolocal.config import ConfigError
 from isolocal.study.job import (FINETUNE, LOG, PRETRAIN, PROBES, RESULT, RUN_SPEC, check_run, read_json, run_evals,
                                 step_plan, write_json)
-from isolocal.study.schema import Run, Study, resolve_run, run_spec
+from isolocal.study.schema import Run, Study, run_spec
 from isolocal.study.summary import run_status
 
 POLL_S = 1.0
@@ -144,14 +145,34 @@ def open_run(study: Study, run: Run) -> dict:
     return spec
 
 
-def speed_line(study: Study, todo: list[Run]) -> str:
-    """What makes this study's runs fast, and how to turn it off (the numbers are the same either way)."""
-    configs = [resolve_run(study, run.variant, run.seed if study.seeded else None) for run in todo if study.pretrain[run.variant]]
-    prefetched = [c for c in configs if c.data.prefetch and not c.data.num_workers]
-    fetch = (f"pre-training batches prefetched in a background process ({len(prefetched)} of {len(configs)} "
-             "pre-training runs; the same batches; [base.data] prefetch = false turns it off)") if prefetched else \
-        "pre-training batches prepared in the training process (data.prefetch = false or data.num_workers set)"
-    return f"{fetch}; evaluation images transformed a batch at a time; {study.parallel} run(s) at a time"
+def runs_at_a_time(parallel: int) -> int:
+    """`study.parallel`, or for 0 one run per core this process may use."""
+    return parallel or len(os.sched_getaffinity(0))
+
+
+def run_threads(parallel: int) -> int | None:
+    """Threads per run when `parallel` runs share this machine's cores and OMP_NUM_THREADS does not say:
+    the cores split evenly (two runs of two threads each on two cores fight over them); None for one run
+    at a time or a set OMP_NUM_THREADS (torch's own default, or the user's choice, stands)."""
+    if parallel == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // parallel)
+
+
+def run_env(parallel: int) -> dict[str, str]:
+    threads = run_threads(parallel)
+    return {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+
+def speed_line(study: Study) -> str:
+    """How many runs go at once and with how many threads, and how to change it (a run's numbers depend
+    on its thread count in their last bits, never on the other runs)."""
+    parallel = runs_at_a_time(study.parallel)
+    threads = run_threads(parallel)
+    each = f", {threads} thread(s) each" if threads else ""
+    why = " (study.parallel = 0: one per core; set it to 1 for one run at a time with every core)" \
+        if not study.parallel else ""
+    return f"{parallel} run(s) at a time{each}{why}; evaluation images transformed a batch at a time"
 
 
 class StudyRunner:
@@ -159,7 +180,8 @@ class StudyRunner:
 
     def __init__(self, study: Study, runs: list[Run]):
         self.study, self.runs = study, runs
-        self.slots = list(range(study.parallel))
+        self.parallel = runs_at_a_time(study.parallel)
+        self.slots = list(range(self.parallel))
         self.lock = threading.Lock()
         self.stopping = threading.Event()
 
@@ -169,8 +191,8 @@ class StudyRunner:
         done = len(self.runs) - len(todo)
         tqdm.write(f"[compare] {self.study.name}: {len(self.runs)} runs selected, {done} already finished, "
                    f"{len(todo)} to run; logs in {self.study.root / 'runs'}/<variant>/.../{LOG}")
-        tqdm.write(f"[compare] {speed_line(self.study, todo)}")
-        with ThreadPoolExecutor(max_workers=self.study.parallel) as pool:
+        tqdm.write(f"[compare] {speed_line(self.study)}")
+        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
             futures = [pool.submit(self._launch, run, i + 1, len(todo)) for i, run in enumerate(todo)]
             try:
                 for future in futures:
@@ -194,7 +216,7 @@ class StudyRunner:
                 log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} isolocal.study.job {run.dir}\n")
                 log.flush()
                 proc = subprocess.Popen([sys.executable, "-m", "isolocal.study.job", str(run.dir)],
-                                        stdout=log, stderr=subprocess.STDOUT)
+                                        stdout=log, stderr=subprocess.STDOUT, env=run_env(self.parallel))
                 while proc.poll() is None:
                     progress.poll()
                     time.sleep(POLL_S)

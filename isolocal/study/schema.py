@@ -136,7 +136,7 @@ class Study:
     images: str = "fmnist:0,1,2,3,4,5,6,7"
     query: list[list[int]] = field(default_factory=lambda: [[4, 4], [1, 6]])
     attention_image: int = 0
-    parallel: int = 1
+    parallel: int = 0  # runs at a time; 0: one per core, each with an even share of the threads
 
     @property
     def root(self) -> Path:
@@ -238,8 +238,8 @@ def _validate(study: Study) -> None:
     bad = [e for e in study.evals if e not in EVALS]
     if bad or len(set(study.evals)) != len(study.evals):
         raise ConfigError(f"study.evals may hold each of {', '.join(EVALS)} once, got {study.evals}")
-    if study.parallel < 1:
-        raise ConfigError(f"study.parallel must be >= 1, got {study.parallel}")
+    if study.parallel < 0:
+        raise ConfigError(f"study.parallel must be >= 0 (0: one run per core), got {study.parallel}")
     if study.seeds is not None and (not study.seeds or len(set(study.seeds)) != len(study.seeds)
                                     or min(study.seeds) < 0):
         raise ConfigError(f"study.seeds must be distinct integers >= 0, got {study.seeds}")
