@@ -1,7 +1,7 @@
 """`isolocal submit` on a real Slurm (the `local_slurm` fixture): a pre-training job that is preempted
 (`scontrol requeue`: SIGTERM) and warned before its time limit (`scancel --signal=USR1`) saves at a
 step boundary, comes back and ends bit-identical to an uninterrupted run; a job past its requeues says
-so in one line; two ranks under srun train data parallel; a study runs as a job array that
+so in one line; two ranks under srun train like two torchrun ranks; a study runs as a job array that
 `compare --report-only` collects. Bad submissions fail before anything is written."""
 from __future__ import annotations
 
@@ -90,18 +90,21 @@ def test_a_job_past_its_requeues_says_so(local_slurm: LocalSlurm, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_two_ranks_under_srun_train_data_parallel(local_slurm: LocalSlurm, tmp_path: Path):
-    """srun gives each task torchrun's variables: two ranks over half batches end with the parameters
-    of one process over the whole batch (gloo, averaged gradients)."""
+def test_two_ranks_under_srun_train_like_two_torchrun_ranks(local_slurm: LocalSlurm, tmp_path: Path):
+    """srun gives each task torchrun's variables: two ranks under Slurm form one data-parallel group and
+    end with the log and parameters of the same two ranks started by `pretrain --nproc 2` (torchrun's API)."""
     run = ["data.name=synthetic", "data.synthetic_size=32", "train.batch_size=8", "train.epochs=1", "train.log_every=1"]
     out = tmp_path / "dp"
     job = submit(local_slurm, "--set", *run, f"out_dir={out}", "--tasks-per-node", "2", cwd=tmp_path)
     assert local_slurm.wait(job, 120) == "COMPLETED", local_slurm.describe(job)
-    one = tmp_path / "one"
-    train(load_run_config(None, [*run, f"out_dir={one}"]))
-    a, b = load_state(one / LAST)["model"], load_state(out / LAST)["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert load_state(out / LAST)["world_size"] == 2
+    local = tmp_path / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "isolocal", "pretrain", "--nproc", "2", "--set", *run, f"out_dir={local}"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_state(out / LAST)["world_size"] == 2 and untimed(out) == untimed(local)
+    a, b = load_state(local / LAST)["model"], load_state(out / LAST)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
