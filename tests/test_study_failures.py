@@ -102,7 +102,7 @@ def test_progress_lines_off_a_terminal_and_an_incomplete_run_is_reported_then_re
     assert compare() == 0, log.read_text()[-3000:]
     text = log.read_text()
     progress = re.findall(r"good seed 0: \w[\w ]*: (\d+)/16 step \(\d+%\), [\d.]+ step/s(, ETA \w+)?", text)
-    assert len(progress) >= 2 and "\r" not in text, text  # a line per 10 % the parent saw, no redraws
+    assert progress and "\r" not in text, text  # a line per 10 % the parent saw (how many: the poll's timing), no redraws
     assert [int(n) for n, _ in progress] == sorted(int(n) for n, _ in progress)
     assert re.search(r"pretrain \(global\): \d+/16 step \(\d+%\), [\d.]+ step/s, ETA", (tmp_path / "out" / "runs" / "good" /
                                                                               "run.log").read_text())
