@@ -2,7 +2,6 @@
 with one line; resuming ends bit-identical to an uninterrupted run (weights, optimizer, RNG states)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,10 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import isolocal
 from isolocal.io.checkpoint import LAST, load_state
+from isolocal.testing.runs import (
+    assert_equal_state,
+    assert_same_run,
+    steps_logged,
+    untimed,
+)
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
 # 12 steps per epoch (96 images, batch 8), 2 epochs: an interrupt after a few steps lands mid-epoch.
@@ -28,37 +32,10 @@ def pretrain(out: Path, *extra: str) -> subprocess.Popen:
                              str(out)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def step_records(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return sum('"kind": "step"' in line for line in path.read_text().splitlines()) if path.exists() else 0
-
-
-def untimed(out: Path) -> list[dict]:
-    clock = {"time", "img_per_s", "peak_mem_mb", "epoch_time"}
-    return [{k: v for k, v in json.loads(line).items() if k not in clock}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_equal_state(a, b, where: str = "") -> None:
-    """Every tensor, number and nested entry equal (weights, optimizer moments, RNG states)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def interrupt_after(out: Path, steps: int, sig: int, *extra: str) -> tuple[int, str]:
     proc = pretrain(out, *extra)
     deadline = time.time() + 300
-    while step_records(out) < steps and proc.poll() is None and time.time() < deadline:
+    while steps_logged(out) < steps and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
@@ -83,12 +60,7 @@ def test_an_interrupt_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, sig)
                               "--resume"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert pretrain(whole).wait(timeout=300) == 0
-    a, b = load_state(whole / LAST), load_state(cut / LAST)
-    for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "step_in_epoch", "last_loss_stage"):
-        assert_equal_state(a[key], b[key], key)
-    for key in ("mask_generator", "torch", "epoch_loss_sum"):
-        assert_equal_state(a["ranks"][0][key], b["ranks"][0][key], key)
-    assert untimed(whole) == untimed(cut)
+    assert_same_run(whole, cut)
 
 
 @pytest.mark.slow
@@ -159,7 +131,7 @@ def test_a_two_stage_pipeline_interrupted_by_sigint_resumes_exactly(tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     procs = pipeline_ranks(cut)
     deadline = time.time() + 300
-    while step_records(cut) < 3 and all(p.poll() is None for p in procs) and time.time() < deadline:
+    while steps_logged(cut) < 3 and all(p.poll() is None for p in procs) and time.time() < deadline:
         time.sleep(0.05)
     for p in procs:  # Ctrl-C reaches every process of the foreground group
         p.send_signal(signal.SIGINT)

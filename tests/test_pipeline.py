@@ -26,14 +26,15 @@ import pytest
 import torch
 
 import isolocal
-from isolocal.io.checkpoint import LAST, load_model_state, pipeline_state_dict
 from isolocal.config import RunConfig, from_dict, to_dict
+from isolocal.config.load import load_run_config
+from isolocal.io.checkpoint import LAST, load_model_state, pipeline_state_dict
+from isolocal.testing.runs import assert_close_states
+from isolocal.train import train
 from isolocal.train.pipeline.engine import (ENGINES, IsolatedSchedule, IsolatedScheduleEngine, LocalBackward,
                                             build_engine)
-from isolocal.train.pipeline.timing import CATEGORIES
 from isolocal.train.pipeline.runner import eval_batches
-from isolocal.config.load import load_run_config
-from isolocal.train import train
+from isolocal.train.pipeline.timing import CATEGORIES
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_worker import PRESET, STEPS, case_data, make_optimizer, parse_case  # noqa: E402
@@ -106,11 +107,7 @@ def assert_pipeline_equals_single_process(tmp_path: Path, overrides: list[str]) 
     launch(2, tmp_path / "launch", {"runs": runs})
     for boundary in ("isolated", "global"):
         expected = states[boundary] = load_model_state(tmp_path / f"single_{boundary}" / LAST)[1]
-        got = load_model_state(tmp_path / f"pipe_{boundary}")[1]
-        assert expected.keys() == got.keys()
-        for key, value in expected.items():
-            diff, scale = (got[key] - value).double().norm(), max(float(value.double().norm()), 1e-30)
-            assert float(diff) <= 1e-5 * scale, (boundary, key)
+        assert_close_states(expected, load_model_state(tmp_path / f"pipe_{boundary}")[1], where=boundary)
         logs = [pd.read_json(tmp_path / f"{run}_{boundary}" / "metrics.jsonl", lines=True).query("kind == 'step'")
                 for run in ("single", "pipe")]
         single_losses, pipe_losses = (np.array(log["loss_stage"].tolist()) for log in logs)

@@ -18,6 +18,7 @@ import isolocal
 from isolocal.cli import main
 from isolocal.config.load import load_run_config
 from isolocal.io.checkpoint import LAST, load_state
+from isolocal.testing.runs import steps_logged, untimed
 from isolocal.testing.slurm import LocalSlurm
 from isolocal.train import train
 
@@ -35,17 +36,6 @@ def submit(slurm: LocalSlurm, *args: str, cwd: Path) -> str:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.split("submitted job ")[1].split(":")[0]
-
-
-def steps_logged(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return sum('"kind": "step"' in line for line in path.read_text().splitlines()) if path.exists() else 0
-
-
-def untimed(out: Path) -> list[dict]:
-    clock = {"time", "img_per_s", "peak_mem_mb", "epoch_time"}
-    return [{k: v for k, v in json.loads(line).items() if k not in clock}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

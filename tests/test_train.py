@@ -15,12 +15,13 @@ import timm
 import torch
 
 import isolocal
-from isolocal.testing.launch import free_port, torchrun_two
-from isolocal.io.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
 from isolocal.config import ConfigError, RunConfig
-from isolocal.models.encoder import StagewiseEncoder
-from isolocal.train import Trainer, distributed, train
 from isolocal.config.load import load_run_config
+from isolocal.io.checkpoint import LAST, atomic_save, epoch_checkpoints, load_state, save_checkpoint
+from isolocal.models.encoder import StagewiseEncoder
+from isolocal.testing.launch import free_port, torchrun_two
+from isolocal.testing.runs import untimed
+from isolocal.train import Trainer, distributed, train
 from isolocal.train.optim import build_optimizers, build_scheduler
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
@@ -37,13 +38,6 @@ def tiny(out: Path, *overrides: str) -> RunConfig:
 def records(out: Path, kind: str = "step") -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def untimed(out: Path) -> list[dict]:
-    """Every log record without its wall-clock fields (all that is left must be reproducible)."""
-    clock = {"time", "img_per_s", "peak_mem_mb", "epoch_time"}
-    return [{k: v for k, v in json.loads(line).items() if k not in clock}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

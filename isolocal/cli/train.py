@@ -1,10 +1,12 @@
-"""`isolocal pretrain | export | info`: run a recipe, export its encoder to timm, inspect its stages.
+"""`isolocal pretrain | torchrun | export | info`: run a recipe (on this machine or, under `torchrun`'s
+arguments, on several nodes), export its encoder to timm, inspect its stages.
 
 Parsing and printing only: the work is `isolocal.train.train` (or, with `pipeline.stages` > 0, the
 DeepSpeed pipeline runner `isolocal.train.pipeline.runner.pretrain_pipeline`, which runs the same
 loop), `isolocal.io.export.write_timm_export`, `isolocal.models.stage_cost.stage_report` and
 `isolocal.train.pipeline.plan.plan_run`. `pretrain --nproc N` checks the launch, then starts N workers
-(`isolocal.train.launch.launch_local`), each running this same command without `--nproc`.
+(`isolocal.train.launch.launch_local`), each running this same command without `--nproc`; `isolocal
+torchrun ARGS` is `torchrun ARGS` with signals handled for training (`isolocal.train.launch.launch_torchrun`).
 """
 from __future__ import annotations
 
@@ -41,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "pipeline ranks with --pipeline-stages, else data-parallel replicas")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.set_defaults(func=pretrain)
+
+    p = subparsers.add_parser(
+        "torchrun", add_help=False, usage="isolocal torchrun [torchrun's arguments] -m isolocal.cli pretrain ...",
+        help="torchrun (same arguments, e.g. --nnodes, --node-rank, --rdzv-endpoint) that forwards SIGUSR1, "
+             "gives workers time to save and exits 130 after a signal")
+    p.set_defaults(func=torchrun, passthrough=True)
 
     p = subparsers.add_parser("export", help="export a checkpoint's encoder as a timm state dict")
     p.add_argument("--ckpt", required=True, help="isolocal checkpoint or run directory (single-process or pipeline)")
@@ -112,14 +120,21 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         return _launch(args, cfg)
     summary = _pretrain(cfg, args.resume, args.init)
-    if summary.get("rank", 0) == 0 and summary.get("already_finished"):
+    rank_zero = os.environ.get("RANK", "0") == "0"  # one line for the whole launch
+    if rank_zero and summary.get("already_finished"):
         print(f"{summary['out_dir']} is already finished: {summary['steps']} steps, {summary['epochs_completed']} "
               f"epochs, final loss {summary['final_loss']:.4f}; nothing to resume (raise train.epochs to go on)")
-    elif summary.get("rank", 0) == 0:
+    elif rank_zero:
         print(f"{summary['mode']} run: {summary['steps']} steps, {summary['epochs_completed']} epochs, "
               f"final loss {summary['final_loss']:.4f}, {summary['time']:.0f} s; "
               f"logs and checkpoints in {summary['out_dir']}")
     return 0
+
+
+def torchrun(args: argparse.Namespace) -> int:
+    from isolocal.train.launch import launch_torchrun  # deferred: --help runs without torch
+
+    return launch_torchrun(args.rest)
 
 
 def export(args: argparse.Namespace) -> int:

@@ -11,12 +11,18 @@ optimizer step, which is what DDP's `no_sync` + accumulation would do anyway.
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from isolocal.config import ConfigError
+from isolocal.io.paths import atomic_write_text
 
 TIMEOUT = timedelta(minutes=10)  # long enough for rank 0 to write a ViT-L checkpoint
 
@@ -61,6 +67,29 @@ def teardown(info: DistInfo, barrier: bool = True) -> None:
             shutdown()
         else:
             dist.destroy_process_group()
+
+
+def check_shared_dir(out_dir: Path, info: DistInfo) -> None:
+    """Every rank must see what rank 0 writes in `out_dir`: a resume reads the checkpoint on every node.
+    Rank 0 writes a token file, each rank reads it back; a ConfigError on every rank, naming the ranks
+    (and hosts) that could not, before any training."""
+    if info.world == 1:
+        return
+    token = [uuid.uuid4().hex if info.main else None]
+    dist.broadcast_object_list(token)
+    probe = out_dir / f".shared-{token[0]}"
+    if info.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(probe, token[0])
+    dist.barrier()
+    seen = probe.is_file() and probe.read_text() == token[0]
+    views = gather_objects((seen, socket.gethostname()), info.world)  # also waits for every rank's read
+    if info.main:
+        probe.unlink()
+    blind = [f"rank {rank} (on {host})" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise ConfigError(f"{', '.join(blind)} cannot see what rank 0 wrote to out_dir {out_dir}: every node "
+                          "needs the same out_dir, on a file system they share")
 
 
 def broadcast_parameters(model: nn.Module) -> None:

@@ -34,7 +34,8 @@ When things go wrong (both runners get all of this from here):
   that step's update is dropped, counted in the log (`skipped_steps`), and `train.nonfinite_max_skips`
   consecutive skips stop the run.
 - SIGINT / SIGTERM / SIGUSR1 (Slurm's warning before a time limit): the handler only sets a flag; the current step finishes, `save` writes the
-  checkpoint atomically, and `RunInterrupted` (exit 130) says how to resume. Several processes agree
+  checkpoint atomically, and `RunInterrupted` (exit 130) says how to resume. A second Ctrl-C stops at
+  once, unsaved, except under torchrun's agent, which forwards the terminal's Ctrl-C a second time. Several processes agree
   on the step to stop at (and on time-based saves) with one two-value all-reduce per step, which is a
   host read per step; a single process needs none.
 - Mid-epoch checkpoints: `train.ckpt_every_steps` and `train.ckpt_every_minutes` save `last.pt`
@@ -45,6 +46,7 @@ When things go wrong (both runners get all of this from here):
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -477,8 +479,10 @@ class PretrainLoop(ABC):
         if threading.current_thread() is not threading.main_thread():
             return {}
 
+        forwarded = "TORCHELASTIC_RUN_ID" in os.environ  # the agent repeats the terminal's Ctrl-C
+
         def flag(signum: int, frame: Any) -> None:
-            if self._signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+            if self._signal is not None and signum == signal.SIGINT and not forwarded:  # stop now, unsaved
                 raise KeyboardInterrupt
             self._signal = signal.Signals(signum).name
 

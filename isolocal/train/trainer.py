@@ -57,6 +57,7 @@ class Trainer(PretrainLoop):
         micro_batch_size(t, t.accum_steps, world, ("train.accum_steps", "processes"))  # before any file is read
         self.resume_path = Path(cfg.out_dir) / LAST
         saved = self._open(resume, world)
+        distributed.check_shared_dir(self.out_dir, self.dist)
         self._prepare_data(world, t.accum_steps, ("train.accum_steps", "processes"))
 
         self.model = build_model(cfg, init).to(self.device).train()

@@ -51,7 +51,7 @@ from isolocal.train.pipeline.module import StagePipe
 from isolocal.train.pipeline.partition import cost_parts, describe
 from isolocal.train.pipeline.timing import (RankTimes, breakdown_table, measure_stage_costs, plot_timeline,
                                            write_trace)
-from isolocal.train.distributed import DistInfo, gather_objects, shutdown
+from isolocal.train.distributed import DistInfo, check_shared_dir, gather_objects, shutdown
 from isolocal.train.launch import SPLIT, check_launch
 from isolocal.train.loop import (EVAL_STREAM, MicroBatches, PretrainLoop, StageValues, build_model, derive_seed,
                                  model_inputs)
@@ -104,6 +104,7 @@ class PipelineRun(PretrainLoop):
 
         init_distributed(self.device, p.timeout_s)
         self.dist = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
+        check_shared_dir(self.out_dir, self.dist)
 
         self.model = build_model(cfg, init)  # every rank builds the same full model: the single-process init
         parts = saved.get("pipeline_parts") if saved is not None else None  # a resume keeps its partition
