@@ -31,8 +31,8 @@ from isolocal.heads.plan import StagePlan
 register_head("mim", {"target", "mask"}, None)
 register_head("classify", {"labels"}, build_classify, options=ClassifyOptions)
 register_head("contrastive", {"views"}, build_contrastive, options=ContrastiveOptions)
-register_head("dgl", {"labels"}, build_dgl, options=DGLOptions)
-register_head("infopro", {"labels", "image"}, build_infopro, options=InfoProOptions)
+register_head("dgl", {"labels", "grid"}, build_dgl, options=DGLOptions)
+register_head("infopro", {"labels", "image", "grid"}, build_infopro, options=InfoProOptions)
 
 __all__ = ["HEADS", "NEEDS", "ClassifyHead", "ClassifyOptions", "ContrastiveHead", "ContrastiveOptions", "DGLHead",
            "DGLOptions", "HeadInputs", "HeadOutput", "HeadType", "InfoProHead", "InfoProOptions", "StageHead",

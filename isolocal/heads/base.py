@@ -8,7 +8,9 @@ provides it, and a pipeline rank can be sent only what its own heads read:
 - "mask": the encoder runs on the visible tokens of an explicit, seeded mask;
 - "labels": one class index per image;
 - "views": two augmented views of every image, stacked along the batch as [view 1; view 2];
-- "image": the images the encoder reads, normalized as the loader gives them (to reconstruct them).
+- "image": the images the encoder reads, normalized as the loader gives them (to reconstruct them);
+- "grid": every token of the stage's grid (to lay them out as a map): no head of the model may need the
+  mask, under which the encoder reads the visible tokens only.
 
 Its settings are an options dataclass, set per head in `[model.head_options.<name>]`
 (`isolocal.config.head_options`); `register_head` documents the whole contract.
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from isolocal.config import ConfigError, ModelConfig
 from isolocal.config.head_options import register_options, resolve_options
 
-NEEDS = ("target", "mask", "labels", "views", "image")
+NEEDS = ("target", "mask", "labels", "views", "image", "grid")
 
 
 @dataclass
@@ -97,11 +99,11 @@ def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHea
     """Make head `name` a value of `model.objective` (for every stage, or in its per-stage list).
 
     - `needs`: what the head reads besides its stage's output, a subset of `NEEDS` ("target", "mask",
-      "labels", "views", "image"; see the module docstring). It is declared here and only here: a run
-      checks before any work that its data provides it (labels: a labelled dataset with at most the
+      "labels", "views", "image", "grid"; see the module docstring). It is declared here and only here: a
+      run checks before any work that its data provides it (labels: a labelled dataset with at most the
       head's `num_classes` classes, if its options have one; views: two augmented views of every image;
-      the image: every data set), and a model with no head needing "mask" encodes whole images, so
-      `model(images)` needs no mask.
+      the image: every data set) and that no head needs the mask where one needs the whole grid; a model
+      with no head needing "mask" encodes whole images, so `model(images)` needs no mask.
       A head needing "target" reconstructs: it is the family's decoder (`mim`), `build` is None, and the
       registry's `reconstructs` says so.
     - `build(cfg, dim)` -> a `StageHead` (an `nn.Module`) for one stage: `cfg` is the model's

@@ -13,7 +13,7 @@ Where it departs from the paper: the MLP's hidden width is the stage's (`head_hi
 top stage is trained through its auxiliary net like every other (the paper's last module ends in the
 network's own classifier, which the top stage's dgl head plays here); DGL's asynchronous variant
 (a replay buffer between modules) is not a head: isolated boundaries give its synchronous form.
-Tokens need the whole grid, so a model whose other heads need a mask (`mim`) is refused.
+Tokens need the whole grid ("grid"), so a model whose other heads need a mask (`mim`) is refused.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from isolocal.config import ModelConfig
 from isolocal.config.head_options import option
 from isolocal.heads.base import HeadInputs, HeadOutput, StageHead
-from isolocal.heads.grid import as_map, require_whole_grid
+from isolocal.heads.grid import as_map
 
 
 @dataclass
@@ -72,5 +72,4 @@ class DGLHead(StageHead):
 
 
 def build_dgl(cfg: ModelConfig, dim: int, options: DGLOptions) -> DGLHead:
-    require_whole_grid(cfg, "dgl")
     return DGLHead(dim, options)

@@ -22,8 +22,8 @@ the linear one above, an option set, where the authors' published commands set `
 towards the last one, which their network's own classifier trains; every stage here is trained by its
 head, the top one by its task term); `decoder_width` (12) and `temperature` (0.07) are this head's
 choices. The contrastive form's positives are the batch's same-label images, as in the paper, so it needs
-labels and one view (not `contrastive`'s two augmented views). Tokens need the whole grid, so a model whose
-other heads need a mask (`mim`) is refused.
+labels and one view (not `contrastive`'s two augmented views). Tokens need the whole grid ("grid"), so a
+model whose other heads need a mask (`mim`) is refused.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from isolocal.config.head_options import option
 from isolocal.heads.base import HeadInputs, HeadOutput, StageHead
 from isolocal.heads.classify import ClassifyHead
 from isolocal.heads.contrastive import supervised_nce
-from isolocal.heads.grid import as_map, require_whole_grid
+from isolocal.heads.grid import as_map
 
 
 @dataclass
@@ -114,5 +114,4 @@ class InfoProHead(StageHead):
 
 def build_infopro(cfg: ModelConfig, dim: int, options: InfoProOptions, stage: int) -> InfoProHead:
     """Stage `stage`'s head: its weights from its depth among the model's `len(cfg.taps)` stages."""
-    require_whole_grid(cfg, "infopro")
     return InfoProHead(dim, cfg.in_chans, options, stage, len(cfg.taps), spatial=cfg.arch == "resnet")
