@@ -71,7 +71,8 @@ def test_tokens_are_laid_out_on_their_patch_grid_in_raster_order():
     """A CLS token and 4 x 4 patch tokens in raster order give the head the map they came from."""
     head = DGLHead(4, DGLOptions(num_classes=3, convs=1))
     maps, labels = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
-    tokens = torch.cat([torch.randn(2, 1, 4), torch.stack([maps[:, :, i, j] for i in range(4) for j in range(4)], 1)], 1)
+    raster = torch.stack([maps[:, :, i, j] for i in range(4) for j in range(4)], 1)  # (2, 16, 4)
+    tokens = torch.cat([torch.randn(2, 1, 4), raster], 1)
     torch.testing.assert_close(head.loss(tokens, HeadInputs(prefix=1, labels=labels)).pred,
                                head.loss(maps, HeadInputs(labels=labels)).pred)
     with pytest.raises(ValueError, match="got 15 tokens after 1 non-grid ones, which is not a square"):
@@ -138,7 +139,8 @@ def test_every_stage_predicts_and_logs_on_resnet_vit_and_swin(preset, case):
     width = 8 if case == "infopro_contrastive" else 10
     assert [tuple(p.shape) for p in out.preds] == [(4, width)] * model.num_stages
     assert all(torch.isfinite(loss) and loss > 0 for loss in out.losses)
-    keys = {"dgl": {"acc"}, "dgl_cnn": {"acc"}, "infopro": {"acc", "task", "recon"}, "infopro_contrastive": {"task", "recon"}}
+    keys = {"dgl": {"acc"}, "dgl_cnn": {"acc"}, "infopro": {"acc", "task", "recon"},
+            "infopro_contrastive": {"task", "recon"}}
     assert all(logs.keys() == keys[case] for logs in out.logs)
 
 
@@ -154,7 +156,7 @@ def test_a_stages_head_reaches_its_own_blocks_and_no_earlier_stage_when_isolated
         own = torch.autograd.grad(out.losses[k], list(model.stages[k].blocks.parameters()), retain_graph=True)
         assert any(g.abs().sum() > 0 for g in own)
     model.set_boundary("global")
-    first = [p for p in model.stages[0].blocks.parameters()]
+    first = list(model.stages[0].blocks.parameters())
     grads = torch.autograd.grad(model(images, labels=labels).losses[-1], first, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -196,8 +198,6 @@ def test_a_head_needing_the_image_reads_what_the_encoder_reads_and_its_build_get
 
 
 def test_grid_heads_beside_a_masked_head_are_refused_before_any_weights():
-    import isolocal.heads  # noqa: F401  (the heads' option tables)
-
     cfg = dataclasses.replace(isolocal.preset_config(VIT), objective=["mim", "mim", "dgl", "infopro"])
     with pytest.raises(ConfigError, match=r"'dgl' / 'infopro' reads every token of its stage's grid, but 'mim' "
                                           r"\(stages \[0, 1\]\) needs a mask"):
@@ -207,8 +207,10 @@ def test_grid_heads_beside_a_masked_head_are_refused_before_any_weights():
 @pytest.mark.parametrize("override, message", [
     ("model.head_options.dgl.pooled=0", "model.head_options.dgl.pooled must be >= 1, got 0"),
     ("model.head_options.dgl.mlp_layers=0", "model.head_options.dgl.mlp_layers must be >= 1, got 0"),
-    ("model.head_options.infopro.task='mse'", "model.head_options.infopro.task must be one of 'ce', 'contrastive'; got 'mse'"),
-    ("model.head_options.infopro.recon_weight_first=-1", "model.head_options.infopro.recon_weight_first must be >= 0, got -1.0"),
+    ("model.head_options.infopro.task='mse'",
+     "model.head_options.infopro.task must be one of 'ce', 'contrastive'; got 'mse'"),
+    ("model.head_options.infopro.recon_weight_first=-1",
+     "model.head_options.infopro.recon_weight_first must be >= 0, got -1.0"),
     ("model.head_options.infopro.task_weight_last=0", "task_weight_last and recon_weight_last are both 0"),
     ("model.head_options.infopro.temperature=0", "model.head_options.infopro.temperature must be > 0, got 0"),
 ])

@@ -18,6 +18,7 @@ Tokens need the whole grid ("grid"), so a model whose other heads need a mask (`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch.nn.functional as F
 from timm.layers import ConvNormAct
@@ -43,7 +44,7 @@ class DGLOptions:
 def relu_mlp(widths: list[int]) -> nn.Sequential:
     """Linear layers from widths[0] to widths[-1], ReLU between them."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(pairwise(widths)):
         if i:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(a, b))
