@@ -107,9 +107,9 @@ def _resolve(cfg: ModelConfig, skip_missing_heads: bool = False) -> tuple[Family
     plan = StagePlan.from_config(cfg, skip_missing_heads)
     if not family.decoders and plan.target_stages:
         names = " / ".join(sorted({repr(plan.objectives[k]) for k in plan.target_stages}))
-        valid = " or ".join(repr(name) for name, head in sorted(HEADS.items()) if not head.reconstructs)
+        valid = ", ".join(repr(name) for name, head in sorted(HEADS.items()) if not head.reconstructs)
         raise ValueError(f"model.objective {names} (stages {plan.target_stages}) needs a token grid and a decoder, "
-                         f"which a {cfg.arch} stage does not have; use {valid}")
+                         f"which a {cfg.arch} stage does not have; use one of {valid}")
     return family, taps, plan
 
 
