@@ -5,7 +5,13 @@ the per-stage plan a model resolves once from its config (`plan`).
   the family's `decoder_*`, `target` and `scales` fields);
 - `classify`: pooled features -> MLP -> cross-entropy (`classify`; options `num_classes`, `head_hidden`);
 - `contrastive`: pooled features -> projection -> InfoNCE between two views (`contrastive`; options
-  `proj_dim`, `temperature`, `head_hidden`).
+  `proj_dim`, `temperature`, `head_hidden`);
+- `dgl`: DGL's auxiliary net, features pooled to 2x2 -> MLP -> cross-entropy (`dgl`; options `num_classes`,
+  `head_hidden`, `pooled`, `mlp_layers`, `convs`);
+- `infopro`: InfoPro's loss, a task term (cross-entropy or supervised contrastive) plus a reconstruction
+  of the input image, weighted by the stage's depth (`infopro`; options `task`, the weights' ends, ...).
+
+docs/heads.md describes each, with its options and cost.
 
 Heads of one's own register in their own module (`register_head`, which documents the contract; options
 with `option`), which a run imports in each of its processes (`imports` / `--import`), or in an installed
@@ -17,13 +23,17 @@ from isolocal.config.head_options import option
 from isolocal.heads.base import (HEADS, NEEDS, HeadInputs, HeadOutput, HeadType, StageHead, parse_objectives, pool,
                                  register_head)
 from isolocal.heads.classify import ClassifyHead, ClassifyOptions, build_classify
-from isolocal.heads.contrastive import ContrastiveHead, ContrastiveOptions, build_contrastive, info_nce
+from isolocal.heads.contrastive import ContrastiveHead, ContrastiveOptions, build_contrastive, info_nce, supervised_nce
+from isolocal.heads.dgl import DGLHead, DGLOptions, build_dgl
+from isolocal.heads.infopro import InfoProHead, InfoProOptions, build_infopro
 from isolocal.heads.plan import StagePlan
 
 register_head("mim", {"target", "mask"}, None)
 register_head("classify", {"labels"}, build_classify, options=ClassifyOptions)
 register_head("contrastive", {"views"}, build_contrastive, options=ContrastiveOptions)
+register_head("dgl", {"labels", "grid"}, build_dgl, options=DGLOptions)
+register_head("infopro", {"labels", "image", "grid"}, build_infopro, options=InfoProOptions)
 
-__all__ = ["HEADS", "NEEDS", "ClassifyHead", "ClassifyOptions", "ContrastiveHead", "ContrastiveOptions", "HeadInputs",
-           "HeadOutput", "HeadType", "StageHead", "StagePlan", "info_nce", "option", "parse_objectives", "pool",
-           "register_head"]
+__all__ = ["HEADS", "NEEDS", "ClassifyHead", "ClassifyOptions", "ContrastiveHead", "ContrastiveOptions", "DGLHead",
+           "DGLOptions", "HeadInputs", "HeadOutput", "HeadType", "InfoProHead", "InfoProOptions", "StageHead",
+           "StagePlan", "info_nce", "option", "parse_objectives", "pool", "register_head", "supervised_nce"]

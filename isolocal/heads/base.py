@@ -7,7 +7,10 @@ provides it, and a pipeline rank can be sent only what its own heads read:
 - "target": the reconstruction target at the head's scale (`isolocal.core.targets`);
 - "mask": the encoder runs on the visible tokens of an explicit, seeded mask;
 - "labels": one class index per image;
-- "views": two augmented views of every image, stacked along the batch as [view 1; view 2].
+- "views": two augmented views of every image, stacked along the batch as [view 1; view 2];
+- "image": the images the encoder reads, normalized as the loader gives them (to reconstruct them);
+- "grid": every token of the stage's grid (to lay them out as a map): no head of the model may need the
+  mask, under which the encoder reads the visible tokens only.
 
 Its settings are an options dataclass, set per head in `[model.head_options.<name>]`
 (`isolocal.config.head_options`); `register_head` documents the whole contract.
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from isolocal.config import ConfigError, ModelConfig
 from isolocal.config.head_options import register_options, resolve_options
 
-NEEDS = ("target", "mask", "labels", "views")
+NEEDS = ("target", "mask", "labels", "views", "image", "grid")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class HeadInputs:
     prefix: int = 0  # leading tokens that are not on the token grid (ViT's CLS)
     labels: Tensor | None = None  # (B,) class indices, repeated over views
     views: int = 1  # images per sample, stacked along the batch: [view 1; view 2; ...]
+    images: Tensor | None = None  # (B, C, H, W) the normalized input images, one per row of the features
 
 
 @dataclass
@@ -77,12 +81,12 @@ class HeadType:
         """Predicts the reconstruction target with the family's decoder (kept as `stage.decoder`)."""
         return "target" in self.needs
 
-    def make(self, cfg: ModelConfig, dim: int) -> StageHead:
-        """The head of one stage of width `dim`: `build(cfg, dim)`, or `build(cfg, dim, options)` for a head
-        registered with options (its `[model.head_options.<name>]`, resolved and checked)."""
-        if self.options is None:
-            return self.build(cfg, dim)
-        return self.build(cfg, dim, resolve_options(cfg, self.name))
+    def make(self, cfg: ModelConfig, dim: int, stage: int = 0) -> StageHead:
+        """The head of stage `stage`, of width `dim`: `build(cfg, dim)`, or `build(cfg, dim, options)` for a
+        head registered with options (its `[model.head_options.<name>]`, resolved and checked); a build
+        that takes a `stage` argument also gets `stage=` (see `register_head`)."""
+        args = (cfg, dim) if self.options is None else (cfg, dim, resolve_options(cfg, self.name))
+        return self.build(*args, **({"stage": stage} if takes_stage(self.build) else {}))
 
 
 HEADS: dict[str, HeadType] = {}
@@ -95,16 +99,19 @@ def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHea
     """Make head `name` a value of `model.objective` (for every stage, or in its per-stage list).
 
     - `needs`: what the head reads besides its stage's output, a subset of `NEEDS` ("target", "mask",
-      "labels", "views"; see the module docstring). It is declared here and only here: a run checks before
-      any work that its data provides it (labels: a labelled dataset with at most the head's
-      `num_classes` classes, if its options have one; views: two augmented views of every image), and
-      a model with no head needing "mask" encodes whole images, so `model(images)` needs no mask.
+      "labels", "views", "image", "grid"; see the module docstring). It is declared here and only here: a
+      run checks before any work that its data provides it (labels: a labelled dataset with at most the
+      head's `num_classes` classes, if its options have one; views: two augmented views of every image;
+      the image: every data set) and that no head needs the mask where one needs the whole grid; a model
+      with no head needing "mask" encodes whole images, so `model(images)` needs no mask.
       A head needing "target" reconstructs: it is the family's decoder (`mim`), `build` is None, and the
       registry's `reconstructs` says so.
     - `build(cfg, dim)` -> a `StageHead` (an `nn.Module`) for one stage: `cfg` is the model's
       `ModelConfig` (e.g. `cfg.arch`), `dim` the stage's output width (tokens (B, N, dim) or maps
       (B, dim, H, W)). It is called once per stage the head trains, in stage order, under the model's seeded
-      initialisation; its parameters are the stage's (`stages.<k>.head.*` in checkpoints).
+      initialisation; its parameters are the stage's (`stages.<k>.head.*` in checkpoints). A build that
+      declares a parameter `stage` is also given the index of the stage it builds for (of
+      `len(cfg.taps)` stages): a head whose objective changes with depth (`infopro`).
     - `options`: a dataclass of the head's settings, every field with a default (`option(default,
       at_least=..., above=..., at_most=..., below=..., one_of=...)` declares a range). A config sets them
       in `[model.head_options.<name>]`, for every stage of this head; keys, types and ranges are checked
@@ -112,7 +119,8 @@ def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHea
       the resolved instance.
 
     The head's `loss(features, inputs)` reads the stage's normalized output and a `HeadInputs` (`prefix`
-    non-grid tokens such as ViT's CLS, `labels` repeated over views, `views`) and returns a `HeadOutput`:
+    non-grid tokens such as ViT's CLS, `labels` repeated over views, `views`, `images` when it needs "image")
+    and returns a `HeadOutput`:
     `loss`, a scalar tensor (the stage's local loss; isolated boundaries keep its gradient inside the
     stage); `pred`, what it predicts (returned by `model(..., return_pred=True)`), or None; `logs`, a dict
     of scalars (0-d tensors or floats, the same keys every call) that each training step logs per stage as
@@ -144,11 +152,19 @@ def _check_build(name: str, build: Callable[..., StageHead], options: type | Non
         return
     args = ("cfg", "dim", "options") if options is not None else ("cfg", "dim")
     try:
-        signature.bind(*args)
+        signature.bind(*args, **({"stage": 0} if "stage" in signature.parameters else {}))
     except TypeError:
         raise ValueError(f"head {name!r}: build{signature} cannot be called as build({', '.join(args)})"
                          + ("; a head registered with options gets them as a third argument" if options else "")
                          ) from None
+
+
+def takes_stage(build: Callable[..., StageHead]) -> bool:
+    """Whether `build` declares a `stage` parameter (the stage index it builds a head for)."""
+    try:
+        return "stage" in inspect.signature(build).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: it takes what every build takes
+        return False
 
 
 def load_entry_points() -> None:
@@ -233,10 +249,12 @@ def as_labels(labels: Tensor | None, batch: int, views: int) -> Tensor | None:
     return labels.repeat(views)
 
 
-def attach_head(stage: nn.Module, head: HeadType, cfg: ModelConfig, dim: int, decoder: Callable[[], nn.Module]) -> None:
-    """Give a stage of width `dim` its head: a reconstructing head (`mim`) is the family's `decoder()`, kept
-    as `stage.decoder` (the keys of every checkpoint); any other is the registry's head, `stage.head`."""
+def attach_head(stage: nn.Module, head: HeadType, cfg: ModelConfig, dim: int, decoder: Callable[[], nn.Module],
+                index: int) -> None:
+    """Give stage `index`, of width `dim`, its head: a reconstructing head (`mim`) is the family's
+    `decoder()`, kept as `stage.decoder` (the keys of every checkpoint); any other is the registry's head,
+    `stage.head`."""
     if head.reconstructs:
         stage.decoder = decoder()
     else:
-        stage.head = head.make(cfg, dim)
+        stage.head = head.make(cfg, dim, index)

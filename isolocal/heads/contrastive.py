@@ -26,15 +26,33 @@ class ContrastiveOptions:
     head_hidden: int = option(0, at_least=0)  # hidden width of the projection MLP; 0 = the stage's width
 
 
+def similarities(z: Tensor, temperature: float) -> Tensor:
+    """(m, m) cosine similarities / temperature of (m, d) projections, in fp32; -inf on the diagonal (an
+    image is never its own positive or negative)."""
+    z = F.normalize(z.float(), dim=1)
+    sim = z @ z.T / temperature
+    return sim.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), float("-inf"))
+
+
 def info_nce(z: Tensor, temperature: float) -> Tensor:
     """NT-Xent of (2n, d) projections [view 1; view 2]: cross-entropy of each row's cosine
     similarities / temperature (itself excluded) against the index of its other view."""
     n = z.shape[0] // 2
-    z = F.normalize(z.float(), dim=1)
-    sim = z @ z.T / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     positives = torch.arange(2 * n, device=z.device).roll(n)
-    return F.cross_entropy(sim, positives)
+    return F.cross_entropy(similarities(z, temperature), positives)
+
+
+def supervised_nce(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """The supervised contrastive loss as InfoPro writes it, over a batch of (m, d) projections: every
+    ordered pair i != j of the same label is a positive,
+
+        -1 / |P| * sum_{(i, j) in P} log(exp(s_ij) / sum_{k != i} exp(s_ik)),   s = cosine / temperature,
+
+    0 when no two images share a label. With each image's other view as its only same-label image it is
+    `info_nce`."""
+    log_prob = similarities(z, temperature).log_softmax(dim=1)
+    same = (labels[:, None] == labels[None, :]).fill_diagonal_(False)
+    return -log_prob.masked_fill(~same, 0.0).sum() / same.sum().clamp(min=1)
 
 
 class ContrastiveHead(StageHead):

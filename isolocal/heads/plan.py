@@ -34,6 +34,12 @@ class StagePlan:
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "needs", needs)
         object.__setattr__(self, "views", 2 if "views" in needs else 1)
+        if {"grid", "mask"} <= needs:
+            masked = [k for k, head in enumerate(heads) if "mask" in head.needs]
+            raise ConfigError(f"model.objective {' / '.join(self.heads_needing('grid'))} reads every token of its "
+                              f"stage's grid, but {' / '.join(self.heads_needing('mask'))} (stages {masked}) needs a "
+                              "mask, under which the encoder reads the visible tokens only; train it beside heads that "
+                              "need no mask")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, skip_missing: bool = False) -> StagePlan:

@@ -54,6 +54,7 @@ class Batch:
     weights: list[Tensor | None]  # the mask at each tap's output grid (1 = masked, fractional when pooled)
     labels: Tensor | None  # (B,) class indices, repeated over views, when a head needs them (else None)
     views: int  # images per sample, stacked along the batch as [view 1; view 2]
+    images: Tensor | None = None  # the input images, when a head needs them ("image"), else None
 
 
 def masked_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
@@ -106,9 +107,9 @@ def _resolve(cfg: ModelConfig, skip_missing_heads: bool = False) -> tuple[Family
     plan = StagePlan.from_config(cfg, skip_missing_heads)
     if not family.decoders and plan.target_stages:
         names = " / ".join(sorted({repr(plan.objectives[k]) for k in plan.target_stages}))
-        valid = " or ".join(repr(name) for name, head in sorted(HEADS.items()) if not head.reconstructs)
+        valid = ", ".join(repr(name) for name, head in sorted(HEADS.items()) if not head.reconstructs)
         raise ValueError(f"model.objective {names} (stages {plan.target_stages}) needs a token grid and a decoder, "
-                         f"which a {cfg.arch} stage does not have; use {valid}")
+                         f"which a {cfg.arch} stage does not have; use one of {valid}")
     return family, taps, plan
 
 
@@ -264,7 +265,8 @@ class StagewiseEncoder(nn.Module):
                        for t, target in zip(self.taps, targets)]
         if "mask" not in self.needs:  # no head reconstructs: the encoder reads whole images
             mask = host = None
-        return Batch(self.family.context(self.cfg, mask, host), targets, weights, labels, self.views)
+        return Batch(self.family.context(self.cfg, mask, host), targets, weights, labels, self.views,
+                     self._head_images(images))
 
     def _prepare_unmasked(self, images: Tensor, labels: Tensor | None) -> Batch:
         """`prepare` without a mask: whole images, which only heads that need no mask can train on."""
@@ -273,7 +275,12 @@ class StagewiseEncoder(nn.Module):
             raise ValueError(f"model.objective {' / '.join(names)} needs a mask: pass "
                              "one (model.random_mask(batch_size)); only a model whose heads need none runs without")
         none = [None] * self.num_stages
-        return Batch(self.family.context(self.cfg, None, None), none, none, labels, self.views)
+        return Batch(self.family.context(self.cfg, None, None), none, none, labels, self.views,
+                     self._head_images(images))
+
+    def _head_images(self, images: Tensor) -> Tensor | None:
+        """The images the heads read (`HeadInputs.images`): only when a head needs them ("image")."""
+        return images if "image" in self.needs else None
 
     def stage_step(self, k: int, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor, dict]:
         """Run stage k on its input: (output tokens, local loss, prediction, the head's logs). A
@@ -282,7 +289,8 @@ class StagewiseEncoder(nn.Module):
         stage = self.stages[k]
         x = stage(x, batch.ctx)
         if not self.plan.reconstructs(k):
-            out = stage.head.loss(stage.features(x), HeadInputs(int(self.family.has_cls), batch.labels, batch.views))
+            out = stage.head.loss(stage.features(x), HeadInputs(int(self.family.has_cls), batch.labels, batch.views,
+                                                                batch.images))
             return x, out.loss, out.pred, out.logs
         pred = stage.predict(x, batch.ctx)
         return x, masked_mse(pred, batch.targets[k], batch.weights[k]), pred, {}

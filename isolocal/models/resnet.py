@@ -102,7 +102,7 @@ class ResNetStage(nn.Module):
             self.bn1 = nn.BatchNorm2d(width)
             self.act1 = nn.ReLU(inplace=True)
         self.blocks = nn.Sequential(*[block for _, block in blocks])
-        attach_head(self, head, cfg, tap.dim, _no_decoder)
+        attach_head(self, head, cfg, tap.dim, _no_decoder, k)
 
     def forward(self, x: Tensor, ctx: None = None) -> Tensor:
         """Images (first stage) or the previous stage's map -> this stage's map."""

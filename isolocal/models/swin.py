@@ -177,7 +177,7 @@ class SwinStage(nn.Module):
             tap.dim, per_tap(cfg.decoder_dim, k), cfg.decoder_depth, per_tap(cfg.decoder_heads, k),
             cfg.decoder_mlp_ratio, tap.grid, tap.scale, target_dim(cfg.target, tap.cell, cfg.in_chans, cfg.hog_nbins),
             has_cls=False,
-        ))
+        ), k)
 
     def embed(self, images: Tensor, ctx: SwinContext) -> Tensor:
         """Patch tokens in raster order: visible ones only, or all with mask tokens (dense encoder)."""

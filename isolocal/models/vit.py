@@ -53,7 +53,7 @@ class ViTStage(nn.Module):
         attach_head(self, head, cfg, dim, lambda: LocalDecoder(
             dim, per_tap(cfg.decoder_dim, k), cfg.decoder_depth, per_tap(cfg.decoder_heads, k),
             cfg.decoder_mlp_ratio, grid, tap.scale, target_dim(cfg.target, tap.cell, cfg.in_chans, cfg.hog_nbins),
-        ))
+        ), k)
 
     def embed(self, images: Tensor, ctx: ViTContext | None) -> Tensor:
         """Patch tokens + positions, visible ones only, CLS prepended."""

@@ -10,9 +10,10 @@ What travels between pipeline ranks (DeepSpeed's rules for it are in docs/pipeli
 - losses: one slot per stage, each stage adds its local loss; the last rank's loss is their sum,
   which is how every local loss reaches the optimizer under DeepSpeed's default schedule;
 - images: int32 bit view of the float images, so DeepSpeed neither asks for their gradient nor
-  corrupts them; each rank computes its own stages' targets from them (smaller than carrying targets);
+  corrupts them; each rank computes its own stages' targets from them (smaller than carrying targets)
+  and hands them to its heads that need the image (`infopro`);
 - mask: uint8;
-- labels: int64, one per sample, only when a head needs them (`model.objective` "classify").
+- labels: int64, one per sample, only when a head needs them (`classify`, `dgl`, `infopro`).
 Float tensors come first: with 3+ ranks DeepSpeed indexes gradient buffers among float tensors
 only, and a float tensor after an int one receives garbage. The first rank's input is
 (images, mask) straight from the loader.
