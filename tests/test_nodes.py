@@ -219,7 +219,7 @@ def test_a_signal_under_a_launcher_saves_every_rank_and_ends_in_one_line(tmp_pat
     assert len(our_lines(output)) == 1 and "Traceback" not in output, output[-3000:]
     assert f"interrupted by {sig.name} after step" in our_lines(output)[0]
     assert 3 <= load_state(out / LAST)["step"] < 24  # the checkpoint written at the signal is whole
-
-    resumed = one_node(out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(one_node_run, out)
+    if twice:  # the save the second signal could have cut short resumes exactly (the others save alike)
+        resumed = one_node(out, "--resume")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_same_run(one_node_run, out)
