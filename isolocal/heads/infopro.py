@@ -95,6 +95,12 @@ class InfoProHead(StageHead):
         self.task_net = ClassifyHead(dim, out, options.head_hidden, spatial)  # its `logits` are projections too
         self.decoder = ImageDecoder(dim, options.decoder_width, in_chans)
 
+    @property
+    def logits(self):
+        """The task net's class scores, `logits(features, prefix)`, for the task "ce"; None for "contrastive",
+        whose outputs are projections (`isolocal eval head` scores only heads that predict classes)."""
+        return self.task_net.logits if self.task == "ce" else None
+
     def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
         if inputs.labels is None or inputs.images is None:
             raise ValueError("the infopro head needs labels and the input images: pass labels= (one class index "
