@@ -286,10 +286,10 @@ def test_a_resumed_run_continues_identically_and_the_checkpoint_holds_the_ema(tm
 # ---------------------------------------------------------------------------------------- refusals and contracts
 
 @pytest.mark.parametrize("head, message", [
-    ("auglocal", "model.objective 'auglocal' builds copies of the backbone's later layers, which the swin family "
-                 "does not offer; use it on a resnet or vit model"),
-    ("man", "model.objective 'man' reads the next stage's live layers, which the swin family does not offer; use "
-            "it on a resnet or vit model")])
+    ("auglocal", ("model.objective 'auglocal' builds copies of the backbone's later layers, which the swin family "
+                  "does not offer; use it on a resnet or vit model")),
+    ("man", ("model.objective 'man' reads the next stage's live layers, which the swin family does not offer; use "
+             "it on a resnet or vit model"))])
 def test_swin_is_refused_by_name(head, message):
     with pytest.raises(ConfigError, match=message):
         isolocal.create_model(SWIN, objective=head)
@@ -307,7 +307,7 @@ def test_man_refuses_a_pipeline_in_one_line_before_any_work(tmp_path):
 
 def test_the_view_gives_copies_of_later_layers_only_and_the_live_next_stage_only_to_heads_needing_it():
     model = model_of(RESNET, "auglocal")
-    view = model.view(1)
+    view = model.head_view(1)
     assert view.stage_layers == (range(0, 4), range(4, 8), range(8, 12), range(12, 15))
     assert view.later_layers == range(8, 15)
     for layers in ([], [7, 9], [9, 8], [9, 9], [15]):
@@ -317,9 +317,9 @@ def test_the_view_gives_copies_of_later_layers_only_and_the_live_next_stage_only
     with pytest.raises(ValueError, match="head 'auglocal' reads the next stage's layers without needing 'next_stage'"):
         view.next_stage()
     man = model_of(RESNET, "man")
-    assert man.view(0).next_stage()[0] is man.stages[1].blocks[0]
+    assert man.head_view(0).next_stage()[0] is man.stages[1].blocks[0]
     with pytest.raises(ValueError, match="stage 3 is the last one: it has no next stage"):
-        man.view(3).next_stage()
+        man.head_view(3).next_stage()
     assert not any(p is q for p in man.stages[0].head.parameters() for q in man.stages[1].parameters())
 
 

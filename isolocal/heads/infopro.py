@@ -27,6 +27,7 @@ model whose other heads need a mask (`mim`) is refused.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ class InfoProHead(StageHead):
         self.decoder = ImageDecoder(dim, options.decoder_width, in_chans)
 
     @property
-    def logits(self):
+    def logits(self) -> Callable[[Tensor, int], Tensor] | None:
         """The task net's class scores, `logits(features, prefix)`, for the task "ce"; None for "contrastive",
         whose outputs are projections (`isolocal eval head` scores only heads that predict classes)."""
         return self.task_net.logits if self.task == "ce" else None

@@ -33,6 +33,7 @@ name.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ class MANHead(StageHead):
         return functional_call(self.ema, buffers, (features,)) + self.bias(features)
 
     @property
-    def logits(self):
+    def logits(self) -> Callable[[Tensor, int], Tensor] | None:
         """The head's class scores on the auxiliary net's output, `logits(features, prefix)`, when its head
         predicts classes (None for `infopro`'s contrastive task)."""
         scores = getattr(self.inner, "logits", None)

@@ -130,9 +130,9 @@ class StagewiseEncoder(nn.Module):
                 nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for k, stage in enumerate(self.stages):  # heads that read beyond their stage see it initialised
             if hasattr(stage, "head"):
-                stage.head.bind(self.view(k))
+                stage.head.bind(self.head_view(k))
 
-    def view(self, k: int) -> ModelView:
+    def head_view(self, k: int) -> ModelView:
         """What stage k's head may read of the model beyond its stage (`StageHead.bind`): the family's copies
         of later layers, and the next stage's live layers when the head needs "next_stage"."""
         starts = [0] + [t.index + 1 for t in self.taps[:-1]]
