@@ -18,7 +18,8 @@ from isolocal.eval.features import cuda_eval_precision
 def classify_stages(model: nn.Module) -> list[int]:
     """Indices of the stages whose head predicts classes: it has a `logits(features, prefix)` method (a
     head whose `logits` is None, `infopro`'s contrastive task, does not)."""
-    return [k for k, stage in enumerate(model.stages) if callable(getattr(getattr(stage, "head", None), "logits", None))]
+    heads = [getattr(stage, "head", None) for stage in model.stages]
+    return [k for k, head in enumerate(heads) if callable(getattr(head, "logits", None))]
 
 
 @torch.no_grad()

@@ -138,10 +138,11 @@ class StagewiseEncoder(nn.Module):
         starts = [0] + [t.index + 1 for t in self.taps[:-1]]
         copier, live = self.family.copy_layers, self.family.live_layers
         needs_next = "next_stage" in self.plan.heads[k].needs
+        given = needs_next and live is not None and k + 1 < self.num_stages
         return ModelView(self.plan.objectives[k], self.cfg.arch, k,
                          tuple(range(s, t.index + 1) for s, t in zip(starts, self.taps)),
                          partial(copier, self.cfg) if copier is not None else None, needs_next,
-                         live(self.stages[k + 1]) if needs_next and live and k + 1 < self.num_stages else None)
+                         live(self.stages[k + 1]) if given else None)
 
     @staticmethod
     def check_config(cfg: ModelConfig) -> None:
