@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import isolocal
 
-HEADS = ("mim", "classify", "contrastive", "dgl", "infopro")
+HEADS = ("mim", "classify", "contrastive", "dgl", "infopro", "auglocal", "man")
 
 
 def flops(fn, *args) -> tuple[object, int]:

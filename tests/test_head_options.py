@@ -106,7 +106,8 @@ def test_bad_options_are_refused_before_any_weights_naming_the_key(table, messag
 
 def test_tables_name_registered_heads_that_take_options():
     with pytest.raises(ConfigError, match=r"model.head_options.vicrge: no head 'vicrge' is registered; valid heads: "
-                                          r"classify, contrastive, dgl, infopro, mim; a head of your own: import its module"):
+                                          r"auglocal, classify, contrastive, dgl, infopro, man, mim; a head of your "
+                                          r"own: import its module"):
         isolocal.create_model(NANO, head_options={"vicrge": {"x": 1}})
     with pytest.raises(ConfigError, match=r"model.head_options.mim: head 'mim' takes no options, got ratio; remove "
                                           r"the table"):

@@ -144,7 +144,8 @@ def test_the_stage_plan_is_resolved_once_from_the_config(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("objective", "byol", "model.objective 'byol' is not a head; valid heads: classify, contrastive, dgl, infopro, mim"),
+    ("objective", "byol",
+     "model.objective 'byol' is not a head; valid heads: auglocal, classify, contrastive, dgl, infopro, man, mim"),
     ("boundary", "half", r"boundary 'half' is not valid; use 'global', 'isolated' or an alpha in \[0, 1\]"),
     ("boundary", [0.5, 0.5], r"boundary list must have one entry per boundary \(3\), got 2"),
 ])
@@ -334,8 +335,8 @@ def test_the_cli_trains_a_classify_model_on_fashion_mnist(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- validation
 
 def test_bad_objectives_are_refused_naming_the_value_and_the_valid_heads(tmp_path):
-    with pytest.raises(ValueError, match=r"model.objective 'supervised' is not a head; valid heads: classify, "
-                                         r"contrastive, dgl, infopro, mim"):
+    with pytest.raises(ValueError, match=r"model.objective 'supervised' is not a head; valid heads: auglocal, "
+                                         r"classify, contrastive, dgl, infopro, man, mim"):
         isolocal.create_model(NANO, objective="supervised")
     with pytest.raises(ValueError, match=r"model.objective must have one entry per stage \(4\), got 2"):
         isolocal.create_model(NANO, objective=["mim", "classify"])

@@ -21,6 +21,7 @@ from isolocal.heads import (DGLHead, DGLOptions, HeadInputs, HeadOutput, InfoPro
                             info_nce, register_head, supervised_nce)
 from isolocal.io.checkpoint import LAST, load_state
 from isolocal.io.load import load_model
+from isolocal.testing.by_hand import bn_relu_by_hand, ce_by_hand
 from isolocal.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,19 +36,6 @@ HEADS = {"dgl": ("dgl", {}), "dgl_cnn": ("dgl", {"convs": 1}), "infopro": ("info
 def model_of(preset: str, case: str, boundary: str = "isolated") -> isolocal.StagewiseEncoder:
     name, options = HEADS[case]
     return isolocal.create_model(preset, objective=name, boundary=boundary, head_options={name: options})
-
-
-def ce_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """-log(exp(l_y) / sum_c exp(l_c)), averaged."""
-    picked = logits[torch.arange(len(labels)), labels]
-    return (torch.log(torch.exp(logits).sum(1)) - picked).mean()
-
-
-def bn_relu_by_hand(x: torch.Tensor, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
-    """Training-mode batch norm (biased batch variance) and ReLU."""
-    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
-    return y.clamp(min=0)
 
 
 # ---------------------------------------------------------------------------------------- losses by hand

@@ -225,7 +225,7 @@ def test_every_presets_stages_cover_each_block_once_split_evenly(name):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(objective="mim"), r"model.objective 'mim' \(stages \[0, 1\]\) needs a token grid.*use one of "
-                            r"'classify', 'contrastive', 'dgl', 'infopro'$"),
+                            r"'auglocal', 'classify', 'contrastive', 'dgl', 'infopro', 'man'$"),
     (dict(objective=["classify", "mim"]), r"'mim' \(stages \[1\]\)"),
     (dict(taps=[1, 2]), r"the last tap must be the last block \(3\), got 2"),
     (dict(taps=[1, 4]), r"taps must be residual block indices in \[0, 3\], got \[1, 4\]"),

@@ -1,7 +1,9 @@
-"""The model's own classifiers: test top-1 of every stage's `classify` head on full, unmasked images.
+"""The model's own classifiers: test top-1 of every stage whose head predicts classes, on full, unmasked images.
 
-Probes (k-NN, linear) measure what a stage's features hold; a supervised local learner (DGL, InfoPro)
-is judged by its heads' own predictions, the top one above all. Stages with another head have none.
+Probes (k-NN, linear) measure what a stage's features hold; a supervised local learner (DGL, InfoPro,
+AugLocal, MAN) is judged by its heads' own predictions, the top one above all. A head predicts classes
+when it has `logits(features, prefix)` giving (B, classes) scores (`classify`, `dgl`, `auglocal`,
+`infopro` with the task "ce", `man` over one of those); stages with another head have none.
 """
 from __future__ import annotations
 
@@ -11,18 +13,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from isolocal.core.progress import progress_bar
 from isolocal.eval.features import cuda_eval_precision
-from isolocal.heads.classify import ClassifyHead
 
 
 def classify_stages(model: nn.Module) -> list[int]:
-    """Indices of the stages whose head is a `classify` head."""
-    return [k for k, stage in enumerate(model.stages) if isinstance(getattr(stage, "head", None), ClassifyHead)]
+    """Indices of the stages whose head predicts classes: it has a `logits(features, prefix)` method (a
+    head whose `logits` is None, `infopro`'s contrastive task, does not)."""
+    heads = [getattr(stage, "head", None) for stage in model.stages]
+    return [k for k, head in enumerate(heads) if callable(getattr(head, "logits", None))]
 
 
 @torch.no_grad()
 def head_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
                   progress: bool = True) -> dict[int, float]:
-    """{stage: top-1 %} of each classify head's logits on `dataset` (empty when the model has none)."""
+    """{stage: top-1 %} of each classifying head's logits on `dataset` (empty when the model has none)."""
     stages = classify_stages(model)
     if not stages:
         return {}

@@ -74,7 +74,8 @@ def evaluate(modes: list[str], cfg: RunConfig, ckpt: str, progress: bool = True,
     if "head" in modes and not classify_stages(model):
         raise ValueError(f"eval head reads the model's own classify heads, and the model of {ckpt} has none (its "
                          f"stages' objectives: {', '.join(model.objectives)}); use knn or linear, or a model "
-                         "trained with model.objective = 'classify' on some stage")
+                         "trained with a head that predicts classes ('classify', 'dgl', 'infopro' with task 'ce', "
+                         "'auglocal', 'man') on some stage")
     splits = eval_splits(cfg, model.cfg, augment_train=finetuning)
     _check_features(modes, e, model.family.has_cls, len(splits.train))
     if finetuning:

@@ -9,7 +9,14 @@ the per-stage plan a model resolves once from its config (`plan`).
 - `dgl`: DGL's auxiliary net, features pooled to 2x2 -> MLP -> cross-entropy (`dgl`; options `num_classes`,
   `head_hidden`, `pooled`, `mlp_layers`, `convs`);
 - `infopro`: InfoPro's loss, a task term (cross-entropy or supervised contrastive) plus a reconstruction
-  of the input image, weighted by the stage's depth (`infopro`; options `task`, the weights' ends, ...).
+  of the input image, weighted by the stage's depth (`infopro`; options `task`, the weights' ends, ...);
+- `auglocal`: AugLocal's auxiliary net, fresh copies of a uniform sample of the backbone's later layers
+  (fewer for deeper stages), pooling, a linear classifier, cross-entropy (`auglocal`; options
+  `num_classes`, `depth`, `depth_decay`, `width`);
+- `man`: the momentum auxiliary network, an EMA of the next stage's layers plus a trainable bias network
+  of their architecture, feeding a supervised head (`man`; options `head`, `momentum`).
+
+The last two read the model beyond their stage through `StageHead.bind` and a `ModelView` (`base`).
 
 docs/heads.md describes each, with its options and cost.
 
@@ -20,12 +27,14 @@ package's `isolocal.heads` entry point (`base.find_head`). docs/extending.md wor
 from __future__ import annotations
 
 from isolocal.config.head_options import option
-from isolocal.heads.base import (HEADS, NEEDS, HeadInputs, HeadOutput, HeadType, StageHead, parse_objectives, pool,
-                                 register_head)
+from isolocal.heads.auglocal import AugLocalHead, AugLocalOptions, build_auglocal
+from isolocal.heads.base import (HEADS, NEEDS, HeadInputs, HeadOutput, HeadType, ModelView, StageHead,
+                                 parse_objectives, pool, register_head)
 from isolocal.heads.classify import ClassifyHead, ClassifyOptions, build_classify
 from isolocal.heads.contrastive import ContrastiveHead, ContrastiveOptions, build_contrastive, info_nce, supervised_nce
 from isolocal.heads.dgl import DGLHead, DGLOptions, build_dgl
 from isolocal.heads.infopro import InfoProHead, InfoProOptions, build_infopro
+from isolocal.heads.man import MANHead, MANOptions, build_man
 from isolocal.heads.plan import StagePlan
 
 register_head("mim", {"target", "mask"}, None)
@@ -33,7 +42,10 @@ register_head("classify", {"labels"}, build_classify, options=ClassifyOptions)
 register_head("contrastive", {"views"}, build_contrastive, options=ContrastiveOptions)
 register_head("dgl", {"labels", "grid"}, build_dgl, options=DGLOptions)
 register_head("infopro", {"labels", "image", "grid"}, build_infopro, options=InfoProOptions)
+register_head("auglocal", {"labels"}, build_auglocal, options=AugLocalOptions)
+register_head("man", {"labels", "image", "grid", "next_stage"}, build_man, options=MANOptions)
 
-__all__ = ["HEADS", "NEEDS", "ClassifyHead", "ClassifyOptions", "ContrastiveHead", "ContrastiveOptions", "DGLHead",
-           "DGLOptions", "HeadInputs", "HeadOutput", "HeadType", "InfoProHead", "InfoProOptions", "StageHead",
-           "StagePlan", "info_nce", "option", "parse_objectives", "pool", "register_head", "supervised_nce"]
+__all__ = ["HEADS", "NEEDS", "AugLocalHead", "AugLocalOptions", "ClassifyHead", "ClassifyOptions", "ContrastiveHead",
+           "ContrastiveOptions", "DGLHead", "DGLOptions", "HeadInputs", "HeadOutput", "HeadType", "InfoProHead",
+           "InfoProOptions", "MANHead", "MANOptions", "ModelView", "StageHead", "StagePlan", "info_nce", "option",
+           "parse_objectives", "pool", "register_head", "supervised_nce"]

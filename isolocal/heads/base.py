@@ -10,7 +10,9 @@ provides it, and a pipeline rank can be sent only what its own heads read:
 - "views": two augmented views of every image, stacked along the batch as [view 1; view 2];
 - "image": the images the encoder reads, normalized as the loader gives them (to reconstruct them);
 - "grid": every token of the stage's grid (to lay them out as a map): no head of the model may need the
-  mask, under which the encoder reads the visible tokens only.
+  mask, under which the encoder reads the visible tokens only;
+- "next_stage": the live layers of the next stage (`ModelView.next_stage`, e.g. to keep an EMA copy of
+  them): a pipeline, whose next stage may train on another rank, refuses it.
 
 Its settings are an options dataclass, set per head in `[model.head_options.<name>]`
 (`isolocal.config.head_options`); `register_head` documents the whole contract.
@@ -19,12 +21,16 @@ Heads are looked up by name (`model.objective`) in a registry, one entry per sta
 head of one's own is registered by its module, which a run imports in each of its processes (`imports` /
 `--import`, `isolocal.config.imports`), or by an installed package through the entry-point group
 `isolocal.heads`, loaded once, the first time a name is looked up that the registry does not hold.
+
+A head that reads the model beyond its own stage (copies of later layers, another stage's parameters)
+gets it through `StageHead.bind(view)`, called once when the model is built, with a `ModelView`: never
+by importing the model's internals. `StageHead.after_step()` runs after every optimizer step.
 """
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
@@ -34,7 +40,7 @@ from torch import Tensor, nn
 from isolocal.config import ConfigError, ModelConfig
 from isolocal.config.head_options import register_options, resolve_options
 
-NEEDS = ("target", "mask", "labels", "views", "image", "grid")
+NEEDS = ("target", "mask", "labels", "views", "image", "grid", "next_stage")
 
 
 @dataclass
@@ -56,6 +62,67 @@ class HeadOutput:
     logs: dict[str, Tensor | float] = field(default_factory=dict)  # scalars logged per stage (`log_<key>_stage`)
 
 
+# (the layer the copies read the output of, backbone layers to copy, width ratio) -> (fresh layers, their width)
+LayerCopier = Callable[[int, Sequence[int], float], tuple[nn.Module, int]]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What `StageHead.bind` may read of the model beyond the head's own stage: the backbone's layers per
+    stage, fresh copies of later ones (built from the config, so they work on every runner), and, for a head
+    needing "next_stage", the next stage's live layers. The model family supplies both (`copier`,
+    `next_layers`); a family that does not is refused by name when a head asks."""
+
+    head: str  # the head's name (`model.objective`), for messages
+    arch: str  # the model family (`model.arch`)
+    stage: int  # the stage whose head is bound
+    stage_layers: tuple[range, ...]  # each stage's backbone layers (ViT and ResNet: blocks), global indices
+    copier: LayerCopier | None = None  # the family's, for this model; None: it makes no copies
+    needs_next: bool = False  # the head needs "next_stage"
+    next_layers: nn.Module | None = None  # the next stage's layers, live; None: the family offers none (or last stage)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_layers)
+
+    @property
+    def later_layers(self) -> range:
+        """The backbone layers after this stage (those of stages stage + 1 .. K - 1)."""
+        return range(self.stage_layers[self.stage].stop, self.stage_layers[-1].stop)
+
+    def copy_layers(self, layers: Sequence[int], width: float = 1.0) -> tuple[nn.Module, int]:
+        """Fresh, trainable layers with the architecture of the backbone's `layers` (some of `later_layers`,
+        increasing), `width` times as wide, reading this stage's features; initialised as the family
+        initialises its own; and the width of their output. ResNet: residual blocks, each halving the
+        resolution at most once to follow the backbone's downsampling; ViT: transformer blocks (a linear
+        map first when the width changes) and a final LayerNorm, like a stage's features."""
+        if self.copier is None:
+            raise ConfigError(f"model.objective {self.head!r} builds copies of the backbone's later layers, which "
+                              f"the {self.arch} family does not offer; use it on a resnet or vit model")
+        later, layers = self.later_layers, list(layers)
+        if not layers or layers != sorted(set(layers)) or layers[0] < later.start or layers[-1] >= later.stop:
+            raise ValueError(f"layers to copy must be increasing indices of the layers after stage {self.stage} "
+                             f"({later.start} to {later.stop - 1}), got {layers}")
+        if not width > 0:
+            raise ValueError(f"the copies' width ratio must be > 0, got {width}")
+        return self.copier(self.stage_layers[self.stage][-1], layers, width)
+
+    def next_stage(self) -> nn.Module:
+        """The next stage's layers up to its features (ViT: its blocks and norm; ResNet: its blocks), live:
+        the module the model trains. Read it (copy it, average it); never train it, and keep it out of the
+        head's own modules (a plain attribute such as a tuple), or its parameters would become the head's.
+        Only for a head needing "next_stage", on a stage that has a next one."""
+        if not self.needs_next:
+            raise ValueError(f"head {self.head!r} reads the next stage's layers without needing 'next_stage'; "
+                             "declare it in register_head's needs")
+        if self.stage == self.num_stages - 1:
+            raise ValueError(f"stage {self.stage} is the last one: it has no next stage")
+        if self.next_layers is None:
+            raise ConfigError(f"model.objective {self.head!r} reads the next stage's live layers, which the "
+                              f"{self.arch} family does not offer; use it on a resnet or vit model")
+        return self.next_layers
+
+
 class StageHead(nn.Module, ABC):
     """A local objective reading one stage's output; what it needs from the data is declared once, when it
     is registered (`register_head`)."""
@@ -63,6 +130,15 @@ class StageHead(nn.Module, ABC):
     @abstractmethod
     def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
         """The head's local loss on its stage's normalized output."""
+
+    def bind(self, view: ModelView) -> None:
+        """Called once, when the model has built and initialised every stage, before any training or
+        loading: a head that reads the model beyond its own stage builds what it needs here (see
+        `register_head`). The default needs nothing."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step that updated the stages' parameters (under `torch.no_grad`),
+        by every runner. The default does nothing."""
 
 
 @dataclass(frozen=True)
@@ -99,11 +175,12 @@ def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHea
     """Make head `name` a value of `model.objective` (for every stage, or in its per-stage list).
 
     - `needs`: what the head reads besides its stage's output, a subset of `NEEDS` ("target", "mask",
-      "labels", "views", "image", "grid"; see the module docstring). It is declared here and only here: a
-      run checks before any work that its data provides it (labels: a labelled dataset with at most the
-      head's `num_classes` classes, if its options have one; views: two augmented views of every image;
-      the image: every data set) and that no head needs the mask where one needs the whole grid; a model
-      with no head needing "mask" encodes whole images, so `model(images)` needs no mask.
+      "labels", "views", "image", "grid", "next_stage"; see the module docstring). It is declared here and
+      only here: a run checks before any work that its data provides it (labels: a labelled dataset with at
+      most the head's `num_classes` classes, if its options have one; views: two augmented views of every
+      image; the image: every data set; the next stage: not a pipeline) and that no head needs the mask where
+      one needs the whole grid; a model with no head needing "mask" encodes whole images, so
+      `model(images)` needs no mask.
       A head needing "target" reconstructs: it is the family's decoder (`mim`), `build` is None, and the
       registry's `reconstructs` says so.
     - `build(cfg, dim)` -> a `StageHead` (an `nn.Module`) for one stage: `cfg` is the model's
@@ -112,6 +189,17 @@ def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHea
       initialisation; its parameters are the stage's (`stages.<k>.head.*` in checkpoints). A build that
       declares a parameter `stage` is also given the index of the stage it builds for (of
       `len(cfg.taps)` stages): a head whose objective changes with depth (`infopro`).
+    - The model beyond the head's stage: a head may override `StageHead.bind(view)`, called once when the
+      model has built and initialised all its stages (before any training or loading), with a `ModelView`:
+      each stage's backbone layers (`stage_layers`, `later_layers`), `copy_layers(layers, width)` (fresh,
+      trainable layers of the backbone's architecture, built from the config, so they work on every runner:
+      `auglocal`) and, for a head needing "next_stage", `next_stage()` (the next stage's live layers, to read
+      only: `man` keeps an EMA of them). Modules it creates there are the stage's (in checkpoints, trained with
+      the stage unless their parameters do not require gradients) and are initialised by their creator
+      (`copy_layers` as the family initialises its own layers). A family that offers no copies or no live
+      layers (Swin) makes the view raise a ConfigError naming it.
+    - `StageHead.after_step()`: called after every optimizer step, by every runner, under `torch.no_grad`
+      (an EMA's update); a step whose update is dropped (a non-finite loss) does not call it.
     - `options`: a dataclass of the head's settings, every field with a default (`option(default,
       at_least=..., above=..., at_most=..., below=..., one_of=...)` declares a range). A config sets them
       in `[model.head_options.<name>]`, for every stage of this head; keys, types and ranges are checked
@@ -127,6 +215,8 @@ def register_head(name: str, needs: Iterable[str], build: Callable[..., StageHea
     `log_<key>_stage` in `metrics.jsonl` (the mean over the step's micro-batches and processes; null for
     stages whose head has no such key) and a study reports as the per-stage metric `log_<key>`. Keys are
     letters, digits and underscores. Logs are read from the device only when a record is written.
+    A head that predicts classes also has `logits(features, prefix)` -> (B, classes) scores, which
+    `isolocal eval head` scores (`classify`, `dgl`, `auglocal`; a `logits` that is None: none).
 
     Registering a name again replaces its entry. A module registering heads is imported by every process
     of a run through `imports` / `--import` or an installed package's entry point (the module docstring).

@@ -27,6 +27,7 @@ model whose other heads need a mask (`mim`) is refused.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -94,6 +95,12 @@ class InfoProHead(StageHead):
         out = options.num_classes if self.task == "ce" else options.proj_dim
         self.task_net = ClassifyHead(dim, out, options.head_hidden, spatial)  # its `logits` are projections too
         self.decoder = ImageDecoder(dim, options.decoder_width, in_chans)
+
+    @property
+    def logits(self) -> Callable[[Tensor, int], Tensor] | None:
+        """The task net's class scores, `logits(features, prefix)`, for the task "ce"; None for "contrastive",
+        whose outputs are projections (`isolocal eval head` scores only heads that predict classes)."""
+        return self.task_net.logits if self.task == "ce" else None
 
     def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
         if inputs.labels is None or inputs.images is None:

@@ -26,9 +26,10 @@ from isolocal.core.masking import random_mask, regrid, to_device, visible_count
 from isolocal.core.stages import StageResult, iter_stages
 from isolocal.core.targets import TargetBank
 from isolocal.heads import HEADS, HeadInputs, StagePlan
-from isolocal.heads.base import as_labels
+from isolocal.heads.base import ModelView, as_labels
 from isolocal.models import resnet, swin, vit
 from isolocal.models.family import Family, Tap
+from isolocal.models.init_weights import mae_init
 
 
 @dataclass
@@ -61,17 +62,6 @@ def masked_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """Mean squared error per location, averaged over masked locations of the whole batch."""
     err = (pred.float() - target).pow(2).mean(dim=-1)
     return (err * weight).sum() / weight.sum()
-
-
-def _init_weights(module: nn.Module) -> None:
-    """MAE's init: xavier-uniform linears (and patch projection), zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def _compiled_in_training(module: nn.Module, compiled: Callable, eager: Callable, *args: Any) -> Any:
@@ -128,7 +118,7 @@ class StagewiseEncoder(nn.Module):
         self.stages = nn.ModuleList(self.family.build_stages(cfg, self.taps, self.plan))
         self.target_bank = TargetBank(cfg.target, [t.cell for t in self.taps], cfg.hog_nbins, cfg.hog_bias,
                                       cfg.hog_bias_seed)
-        self.apply(_init_weights)
+        self.apply(mae_init)
         for stage in self.stages:
             for name in ("cls_token", "mask_token"):
                 if hasattr(stage, name):
@@ -138,6 +128,21 @@ class StagewiseEncoder(nn.Module):
             if hasattr(stage, "patch_embed"):
                 w = stage.patch_embed.proj.weight
                 nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for k, stage in enumerate(self.stages):  # heads that read beyond their stage see it initialised
+            if hasattr(stage, "head"):
+                stage.head.bind(self.head_view(k))
+
+    def head_view(self, k: int) -> ModelView:
+        """What stage k's head may read of the model beyond its stage (`StageHead.bind`): the family's copies
+        of later layers, and the next stage's live layers when the head needs "next_stage"."""
+        starts = [0] + [t.index + 1 for t in self.taps[:-1]]
+        copier, live = self.family.copy_layers, self.family.live_layers
+        needs_next = "next_stage" in self.plan.heads[k].needs
+        given = needs_next and live is not None and k + 1 < self.num_stages
+        return ModelView(self.plan.objectives[k], self.cfg.arch, k,
+                         tuple(range(s, t.index + 1) for s, t in zip(starts, self.taps)),
+                         partial(copier, self.cfg) if copier is not None else None, needs_next,
+                         live(self.stages[k + 1]) if given else None)
 
     @staticmethod
     def check_config(cfg: ModelConfig) -> None:
@@ -313,6 +318,14 @@ class StagewiseEncoder(nn.Module):
         losses = [r.loss for r in results]
         preds = [r.pred for r in results] if return_pred else None
         return StageOutput(torch.stack(losses).sum(), losses, mask, preds, [r.logs for r in results])
+
+    @torch.no_grad()
+    def after_optimizer_step(self, stages: Sequence[int] | None = None) -> None:
+        """Each stage's head's `after_step` (of `stages`, None: all): every runner calls it once an
+        optimizer step has updated those stages (e.g. `man`'s EMA of the next stage follows it)."""
+        for k in range(self.num_stages) if stages is None else stages:
+            if hasattr(self.stages[k], "head"):
+                self.stages[k].head.after_step()
 
     def encode(self, images: Tensor) -> list[Tensor]:
         """Full unmasked images -> each stage's normalized output tokens."""

@@ -6,8 +6,11 @@ a ValueError naming the field (never a shape error deep inside a forward).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from torch import nn
 
 from isolocal.config import ModelConfig
 from isolocal.heads.plan import StagePlan
@@ -45,6 +48,11 @@ class Family:
     timm_pool_kwargs: Callable[[str], dict[str, Any]]
     has_attention: bool = True  # False: no attention to analyse (NMI, attention distance, attention maps)
     decoders: bool = True  # False: stages have no token grid, so no head may reconstruct (`mim`)
+    # What a head may read beyond its stage (`isolocal.heads.ModelView`); None: the family offers none.
+    # (cfg, the layer whose output they read, backbone layers, width ratio) -> (fresh layers like those, their width)
+    copy_layers: Callable[[ModelConfig, int, Sequence[int], float], tuple[nn.Module, int]] | None = None
+    # a stage -> its layers up to its features, sharing their parameters (no head)
+    live_layers: Callable[[nn.Module], nn.Module] | None = None
 
 
 FEATURES = ("cls", "mean")  # eval.feature: a stage's tokens pooled to one vector per image

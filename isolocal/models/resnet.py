@@ -16,10 +16,11 @@ before `timm.create_model("isolocal_resnet", ...)`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from timm.models import register_model
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet, make_blocks
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv, make_blocks
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
@@ -129,12 +130,42 @@ def build_resnet_stages(cfg: ModelConfig, taps: list[Tap], plan: StagePlan) -> l
     starts = [0] + [t.index + 1 for t in taps[:-1]]
     built = [ResNetStage(cfg, k, blocks[s:t.index + 1], t, plan.heads[k]) for k, (s, t) in enumerate(zip(starts, taps))]
     for stage in built:
-        for m in stage.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for block in stage.blocks:
-            block.zero_init_last()
+        init_resnet(stage, stage.blocks)
     return built
+
+
+def init_resnet(module: nn.Module, blocks: nn.Sequential) -> None:
+    """timm's ResNet init: He normal convs of `module`, the last BatchNorm of every residual branch of
+    `blocks` zero (each block starts as its shortcut)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    for block in blocks:
+        block.zero_init_last()
+
+
+def resnet_copy_layers(cfg: ModelConfig, after: int, layers: Sequence[int], width: float) -> tuple[nn.Sequential, int]:
+    """Fresh residual blocks shaped like backbone blocks `layers` (of the config's block type, `width` x
+    their channels), reading block `after`'s output, initialised as the backbone; and their output width.
+    A copy downsamples (stride 2, with timm's 1x1 conv-BN shortcut) while the copies' resolution is above
+    the backbone's at the block it copies, one halving per block (when sampled blocks skip a resolution,
+    the later copies catch up)."""
+    widths, strides = block_geometry(cfg)
+    channels = [c for c, depth in zip(cfg.channels, cfg.depths) for _ in range(depth)]
+    block_type = BLOCKS[cfg.block]
+    blocks, in_dim, reached = [], widths[after], strides[after]  # `reached`: the copies' stride so far
+    for j in layers:
+        stride = 2 if strides[j] > reached else 1
+        reached *= stride
+        planes = max(1, round(channels[j] * width))
+        out = planes * block_type.expansion
+        shortcut = downsample_conv(in_dim, out, 1, stride, norm_layer=nn.BatchNorm2d) if stride != 1 or in_dim != out \
+            else None
+        blocks.append(block_type(in_dim, planes, stride, shortcut, act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d))
+        in_dim = out
+    copies = nn.Sequential(*blocks)
+    init_resnet(copies, copies)
+    return copies, in_dim
 
 
 def resnet_mask_grid(cfg: ModelConfig) -> int:
@@ -199,4 +230,5 @@ RESNET = Family(taps=resnet_taps, build_stages=build_resnet_stages, mask_grid=re
                 context=lambda cfg, mask, host_mask: None, has_cls=False,
                 timm_name_and_kwargs=resnet_timm_name_and_kwargs, timm_state_dict=resnet_state_dict,
                 timm_pool_kwargs=timm_pool_kwargs,
-                has_attention=False, decoders=False)
+                has_attention=False, decoders=False, copy_layers=resnet_copy_layers,
+                live_layers=lambda stage: stage.blocks)

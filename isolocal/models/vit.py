@@ -6,6 +6,7 @@ fixed position embedding), plus its tap LayerNorm and local decoder. Parameter n
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from isolocal.heads.plan import StagePlan
 from isolocal.core.masking import visible_count, visible_indices
 from isolocal.models.decoder import LayerNorm, LocalDecoder
 from isolocal.models.family import Family, Tap, check_common, make_tap, per_tap, require
+from isolocal.models.init_weights import mae_init
 from isolocal.models.posembed import sincos_pos_embed
 from isolocal.models.recompute import run_blocks
 from isolocal.models.timm_export import timm_name_and_kwargs, timm_pool_kwargs, timm_state_dict
@@ -94,6 +96,21 @@ def build_vit_stages(cfg: ModelConfig, taps: list[Tap], plan: StagePlan) -> list
     return [ViTStage(cfg, k, s, t, drop_path, plan.heads[k]) for k, (s, t) in enumerate(zip(starts, taps))]
 
 
+def vit_copy_layers(cfg: ModelConfig, after: int, layers: Sequence[int], width: float) -> tuple[nn.Sequential, int]:
+    """Fresh transformer blocks, one per backbone block in `layers` (every block has the same shape), of
+    round(num_heads x `width`) heads of the backbone's head width, then a LayerNorm as a stage's features
+    end in; a linear map from the embedding width first when the width differs. MAE's init, no drop path.
+    Returns them and their width. (`after`: every block reads the same width.)"""
+    head_dim = cfg.embed_dim // cfg.num_heads
+    heads = max(1, round(cfg.num_heads * width))
+    dim = heads * head_dim
+    parts: list[nn.Module] = [nn.Linear(cfg.embed_dim, dim)] if dim != cfg.embed_dim else []
+    parts += [Block(dim, heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in layers]
+    copies = nn.Sequential(*parts, LayerNorm(dim))
+    copies.apply(mae_init)
+    return copies, dim
+
+
 def vit_mask_grid(cfg: ModelConfig) -> int:
     return cfg.img_size // cfg.patch_size
 
@@ -143,4 +160,5 @@ def vit_timm_pool_kwargs(feature: str) -> dict[str, Any]:
 
 VIT = Family(taps=vit_taps, build_stages=build_vit_stages, mask_grid=vit_mask_grid, context=vit_context,
              has_cls=True, timm_name_and_kwargs=vit_timm_name_and_kwargs, timm_state_dict=vit_state_dict,
-             timm_pool_kwargs=vit_timm_pool_kwargs)
+             timm_pool_kwargs=vit_timm_pool_kwargs, copy_layers=vit_copy_layers,
+             live_layers=lambda stage: nn.Sequential(stage.blocks, stage.norm))

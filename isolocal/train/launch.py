@@ -39,7 +39,8 @@ SHUTDOWN_S = 600  # a signalled worker finishes its step and saves; torchrun's d
 
 def check_pipeline(cfg: RunConfig, world: int) -> tuple[int, int]:
     """(pipeline ranks, data-parallel replicas) of `cfg` over `world` processes, or a ConfigError naming
-    the value (also for a `pipeline.schedule` the model cannot run)."""
+    the value (also for a `pipeline.schedule` the model cannot run, and for heads needing the next
+    stage's live parameters, `man`)."""
     p, t = cfg.pipeline, cfg.train
     stages = len(cfg.model.taps)
     if not 1 <= p.stages <= stages:
@@ -56,7 +57,13 @@ def check_pipeline(cfg: RunConfig, world: int) -> tuple[int, int]:
     if t.compile:
         raise ConfigError("train.compile = true is not supported by the pipeline runner (its stages run eager); "
                           "set train.compile = false or train with `isolocal pretrain`")
-    resolve_schedule(p.schedule, StagePlan.from_config(cfg.model).isolated)
+    plan = StagePlan.from_config(cfg.model)
+    if "next_stage" in plan.needs:
+        raise ConfigError(f"model.objective {' / '.join(plan.heads_needing('next_stage'))} reads the next stage's "
+                          "live parameters, which a pipeline rank does not hold when the next stage trains on "
+                          "another rank; train it with `isolocal pretrain` (one process, or data parallel with "
+                          "--nproc)")
+    resolve_schedule(p.schedule, plan.isolated)
     return p.stages, dp
 
 

@@ -67,7 +67,7 @@ from isolocal.core.progress import progress_bar
 from isolocal.io.checkpoint import (LAST, PIPELINE_DIR, epoch_checkpoints, init_state, load_state,
                                  remove_stale_temps, run_state)
 from isolocal.config import ConfigError, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
-from isolocal.config.head_options import option_key
+from isolocal.config.head_options import option_key, resolve_options
 from isolocal.data import MultiView, build_dataset, build_loader, check_labels, views_first
 from isolocal.errors import CheckpointError, NonFiniteError, RunInterrupted
 from isolocal.heads import StagePlan
@@ -109,10 +109,13 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
 
 
 def class_counts(plan: StagePlan, m: ModelConfig) -> dict[str, int]:
-    """The class count of every head that needs labels and has a `num_classes` option, by its config key."""
-    return {option_key(m, name, "num_classes"): options.num_classes
-            for name, head, options in zip(plan.objectives, plan.heads, plan.options)
-            if "labels" in head.needs and hasattr(options, "num_classes")}
+    """The class count of every head that needs labels and has a `num_classes` option, by its config key;
+    a head wrapping another (`man`: the option `head`) counts that one's."""
+    trained = [(name, options) for name, head, options in zip(plan.objectives, plan.heads, plan.options)
+               if "labels" in head.needs]
+    trained += [(options.head, resolve_options(m, options.head)) for _, options in trained if hasattr(options, "head")]
+    return {option_key(m, name, "num_classes"): options.num_classes for name, options in trained
+            if hasattr(options, "num_classes")}
 
 
 def model_inputs(batch: list[Tensor], needs: frozenset[str]) -> tuple[Tensor, ...]:

@@ -114,6 +114,7 @@ class Trainer(PretrainLoop):
         for opt in self.optimizers:
             self.scaler.step(opt)
         self.scaler.update()
+        self.model.after_optimizer_step()
         return losses
 
     def _autocast(self) -> contextlib.AbstractContextManager:

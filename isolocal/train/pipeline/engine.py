@@ -48,13 +48,15 @@ class StageNormsEngine(PipelineEngine):
                                  for cmd, handler in type(self)._INSTRUCTION_MAP.items()}
 
     def _exec_optimizer_step(self, lr_kwargs: Any = None) -> None:
-        """Norms stay on the device (zeros for other ranks' stages): the runner reads them when it logs."""
+        """Norms stay on the device (zeros for other ranks' stages): the runner reads them when it logs.
+        After the step, this rank's heads' `after_step`."""
         local = self.module.stage_parameters()
         ids = self.module.stage_ids
         norms = torch.zeros_like(self.module.loss_sums)
         norms[ids[0]:ids[-1] + 1] = clip_stage_gradients(list(local.values()), self.clip_grad)
         self.grad_norms = norms
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+        self.module.model.after_optimizer_step(ids)
 
     def _exec_reduce_grads(self) -> None:
         """Without data-parallel replicas there is nothing to average: DeepSpeed would still flatten

@@ -13,7 +13,7 @@ What travels between pipeline ranks (DeepSpeed's rules for it are in docs/pipeli
   corrupts them; each rank computes its own stages' targets from them (smaller than carrying targets)
   and hands them to its heads that need the image (`infopro`);
 - mask: uint8;
-- labels: int64, one per sample, only when a head needs them (`classify`, `dgl`, `infopro`).
+- labels: int64, one per sample, only when a head needs them (`classify`, `dgl`, `infopro`, `auglocal`).
 Float tensors come first: with 3+ ranks DeepSpeed indexes gradient buffers among float tensors
 only, and a float tensor after an int one receives garbage. The first rank's input is
 (images, mask) straight from the loader.
