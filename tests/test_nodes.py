@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 import isolocal
 from isolocal.config.load import load_run_config
@@ -25,6 +26,7 @@ from isolocal.io.checkpoint import LAST, load_model_state, load_state
 from isolocal.testing.launch import free_port
 from isolocal.testing.runs import assert_close_states, assert_same_run, steps_logged
 from isolocal.train import train
+from isolocal.train.launch import STOP_SIGNALS, stop_agent
 
 REPO = Path(isolocal.__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
@@ -187,6 +189,23 @@ def test_a_node_that_cannot_see_rank_0s_out_dir_stops_before_training(tmp_path):
     assert not list(tmp_path.rglob("metrics.jsonl"))
 
 
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=[sig.name for sig in STOP_SIGNALS])
+def test_the_launchers_first_signal_stops_the_agent_and_the_next_ones_are_ignored(sig):
+    """Each signal the launchers handle (SIGTERM included, which the launches below do not send) raises
+    the exception on which torch's agent forwards it to the workers, and leaves every one ignored."""
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        for s in STOP_SIGNALS:
+            signal.signal(s, stop_agent)
+        with pytest.raises(SignalException) as stopped:
+            signal.raise_signal(sig)
+        assert stopped.value.sigval == sig
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def launched(launcher: str, out: Path) -> subprocess.Popen:
     """2 data-parallel workers on this machine, started by `isolocal torchrun` or `pretrain --nproc`."""
     if launcher == "torchrun":
@@ -200,9 +219,8 @@ def launched(launcher: str, out: Path) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.parametrize(("launcher", "sig", "to_group", "twice"), [
     ("torchrun", signal.SIGUSR1, False, True),  # Slurm's warning, repeated while the workers save
-    ("nproc", signal.SIGTERM, False, False),
-    ("torchrun", signal.SIGINT, True, False),  # Ctrl-C in a terminal reaches the whole group
-], ids=["torchrun-USR1-launcher-twice", "nproc-TERM-launcher", "torchrun-INT-group"])
+    ("nproc", signal.SIGINT, True, False),  # Ctrl-C in a terminal reaches the whole group
+], ids=["torchrun-USR1-launcher-twice", "nproc-INT-group"])
 def test_a_signal_under_a_launcher_saves_every_rank_and_ends_in_one_line(tmp_path, one_node_run, launcher, sig,
                                                                           to_group, twice):
     out = tmp_path / "run"

@@ -110,7 +110,7 @@ def shutdown_timeout() -> int:
 
 def supervise(launch: Callable[[], object]) -> int:
     """Run `launch` (torch's elastic agent, configured with `signals_to_handle=""` so that the signal
-    handlers are ours, `_stop_agent`); returns 0, the exit code of the first worker that failed, or 130
+    handlers are ours, `stop_agent`); returns 0, the exit code of the first worker that failed, or 130
     when the launcher was signalled (the agent forwarded the signal, the workers saved and rank 0
     printed the line that says so).
 
@@ -120,7 +120,7 @@ def supervise(launch: Callable[[], object]) -> int:
     for name, log in logging.root.manager.loggerDict.items():  # set up at import, each with its own level
         if name.startswith("torch.distributed") and isinstance(log, logging.Logger):
             log.setLevel(logging.CRITICAL)
-    previous = {sig: signal.signal(sig, _stop_agent) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, stop_agent) for sig in STOP_SIGNALS}
     try:
         launch()
     except ChildFailedError as err:
@@ -134,7 +134,7 @@ def supervise(launch: Callable[[], object]) -> int:
     return 0
 
 
-def _stop_agent(signum: int, frame: object) -> None:
+def stop_agent(signum: int, frame: object) -> None:
     """The agent's signal handler: its `SignalException` makes the agent forward the signal to the
     workers and wait for them (up to `SHUTDOWN_S`); signals after the first are ignored meanwhile, so a
     repeated Ctrl-C or Slurm's next warning cannot end the wait while they save."""
