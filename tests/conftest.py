@@ -12,16 +12,6 @@ from isolocal.testing.slurm import LocalSlurm, SlurmError
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with the most slow (multi-process) tests first, each file's tests in their own order:
-    `-n 2 --dist loadfile` hands whole files to the workers in this order, so the long files start early
-    and the short ones fill the gaps at the end instead of one worker finishing a long file alone."""
-    slow: dict = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + bool(item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])
-
-
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
