@@ -2,7 +2,8 @@
 
 Two `torchrun` agents act as two nodes (`--nnodes 2 --node-rank 0|1`, c10d rendezvous on 127.0.0.1,
 gloo, one worker each): data parallel across them ends exactly where the one-node launch ends, a
-pipeline with one stage per node ends at the single-process parameters, every file is written by the
+pipeline with one stage per node (under torchrun, and under DeepSpeed's hostfile launcher with each
+node started on its own) ends at the single-process parameters, every file is written by the
 one rank that owns it, and an interrupted run resumes. A node that cannot see rank 0's out_dir stops
 before training. `isolocal torchrun` and `pretrain --nproc` end a signalled run (SIGINT, SIGTERM,
 SIGUSR1; to the launcher alone or to its whole process group) in one line and exit 130.
@@ -70,10 +71,22 @@ torch.save = _saving
 '''
 
 
-def two_nodes(launcher: list[str], out: str | Path, *args: str, cwds: tuple[Path, Path] = (REPO, REPO),
-              audit: Path | None = None) -> list[subprocess.Popen]:
-    """`launcher` started twice, as node 0 and node 1 of one c10d rendezvous, each in its own session,
-    running `isolocal pretrain ... --out out` with one worker."""
+def node_command(launcher: str, node: int, port: int, hostfile: Path | None) -> list[str]:
+    """How `launcher` ("torchrun", "isolocal torchrun" or DeepSpeed's hostfile launcher, "deepspeed")
+    starts node `node` of two, one worker each, running `python -m isolocal.cli ...`."""
+    if launcher == "deepspeed":  # each node started on its own (`--no_ssh`): this machine has no ssh / pdsh
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                "--no_local_rank", "--module", "isolocal.cli"]
+    return [*(TORCHRUN if launcher == "torchrun" else ISOLOCAL_TORCHRUN), "--nnodes", "2", "--node-rank", str(node),
+            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", f"nodes{port}", "-m", "isolocal.cli"]
+
+
+def two_nodes(launcher: str, out: str | Path, *args: str, cwds: tuple[Path, Path] = (REPO, REPO),
+              audit: Path | None = None, hostfile: Path | None = None) -> list[subprocess.Popen]:
+    """`launcher` started twice, as node 0 and node 1 of one launch, each in its own session, running
+    `isolocal pretrain ... --out out` with one worker."""
     port = free_port()
     env = dict(ENV)
     if audit is not None:
@@ -81,9 +94,7 @@ def two_nodes(launcher: list[str], out: str | Path, *args: str, cwds: tuple[Path
         (audit / "audit.py").write_text(AUDIT)
         env.update(AUDIT_DIR=str(audit), AUDIT_OUT=str(out))
         args = (*args, "--import", str(audit / "audit.py"))
-    return [subprocess.Popen([*launcher, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
-                              f"nodes{port}", "-m", "isolocal.cli", "pretrain", *args, "--out", str(out)],
+    return [subprocess.Popen([*node_command(launcher, node, port, hostfile), "pretrain", *args, "--out", str(out)],
                              cwd=cwds[node], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True) for node in range(2)]
 
@@ -143,7 +154,7 @@ def one_node_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_data_parallel_across_two_nodes_saves_each_file_once_and_resumes_to_the_one_node_run(tmp_path, one_node_run):
     out = tmp_path / "run"
-    procs = two_nodes(TORCHRUN, out, "--set", *RUN, audit=tmp_path / "audit")
+    procs = two_nodes("torchrun", out, "--set", *RUN, audit=tmp_path / "audit")
     wait_for_steps(out, 3, procs)
     for p in procs:  # the whole job, as `scancel` signals every node
         os.killpg(p.pid, signal.SIGTERM)
@@ -156,17 +167,20 @@ def test_data_parallel_across_two_nodes_saves_each_file_once_and_resumes_to_the_
     assert_owned_once(written)
     assert set(written[0]) >= {LAST, "metrics.jsonl", "config.toml"} and not written.get(1)  # rank 0 owns them all
 
-    resumed = finish(two_nodes(TORCHRUN, out, "--set", *RUN, "--resume"))
+    resumed = finish(two_nodes("torchrun", out, "--set", *RUN, "--resume"))
     assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:] + resumed[1][1][-3000:]
     assert_same_run(one_node_run, out)  # weights, optimizer, every rank's RNG states and every log record
 
 
 @pytest.mark.slow
-def test_a_pipeline_with_one_stage_per_node_gives_the_single_process_parameters(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_pipeline_with_one_stage_per_node_gives_the_single_process_parameters(tmp_path, launcher):
     single = load_run_config(None, [*PIPE, "train.accum_steps=2", f"out_dir='{tmp_path / 'single'}'"])
     train(single)
-    out = tmp_path / "pipe"
-    done = finish(two_nodes(TORCHRUN, out, "--set", *PIPE, "--pipeline-stages", "2", audit=tmp_path / "audit"))
+    out, hostfile = tmp_path / "pipe", tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # DeepSpeed's format: one line per node
+    done = finish(two_nodes(launcher, out, "--set", *PIPE, "--pipeline-stages", "2", audit=tmp_path / "audit",
+                            hostfile=hostfile))
     assert [code for code, _ in done] == [0, 0], done[0][1][-3000:] + done[1][1][-3000:]
     assert_close_states(load_model_state(tmp_path / "single" / LAST)[1], load_model_state(out)[1])
 
@@ -181,7 +195,7 @@ def test_a_node_that_cannot_see_rank_0s_out_dir_stops_before_training(tmp_path):
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"  # two nodes without a shared file system
     here.mkdir()
     elsewhere.mkdir()
-    done = finish(two_nodes(ISOLOCAL_TORCHRUN, "run", "--set", *RUN, cwds=(here, elsewhere)))
+    done = finish(two_nodes("isolocal torchrun", "run", "--set", *RUN, cwds=(here, elsewhere)))
     assert [code for code, _ in done] == [2, 2], done[0][1][-3000:] + done[1][1][-3000:]
     for _, output in done:  # each node says why, once, without a traceback
         assert len(our_lines(output)) == 1 and "Traceback" not in output, output[-3000:]
