@@ -34,12 +34,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
 from isolocal.config.head_options import option
-from isolocal.heads.base import HeadInputs, HeadOutput, ModelView, StageHead, pool
+from isolocal.heads.base import ModelView, pool
+from isolocal.heads.classify import Classifier
 
 
 @dataclass
@@ -72,8 +72,10 @@ def uniform_sample(later: range, count: int) -> list[int]:
     return [later.start - 1 + (2 * i * n + count) // (2 * count) for i in range(1, count + 1)]
 
 
-class AugLocalHead(StageHead):
+class AugLocalHead(Classifier):
     """Its auxiliary net (`layers`, `classifier`) is made by `bind`, when the model's later layers are known."""
+
+    name = "auglocal"
 
     def __init__(self, dim: int, options: AugLocalOptions):
         super().__init__()
@@ -90,13 +92,6 @@ class AugLocalHead(StageHead):
     def logits(self, features: Tensor, prefix: int) -> Tensor:
         """(B, num_classes) class scores of a stage's output (`prefix` leading non-grid tokens)."""
         return self.classifier(pool(self.layers(features), prefix))
-
-    def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
-        if inputs.labels is None:
-            raise ValueError("the auglocal head needs labels: pass labels= (one class index per sample)")
-        logits = self.logits(features, inputs.prefix)
-        return HeadOutput(F.cross_entropy(logits.float(), inputs.labels), logits,
-                          {"acc": (logits.argmax(1) == inputs.labels).float().mean()})  # argmax: no graph
 
 
 def build_auglocal(cfg: ModelConfig, dim: int, options: AugLocalOptions) -> AugLocalHead:

@@ -17,6 +17,7 @@ from isolocal.config import ModelConfig
 from isolocal.config.head_options import option
 from isolocal.heads.base import HeadInputs, HeadOutput, StageHead, mlp, pool
 
+
 @dataclass
 class ClassifyOptions:
     """`[model.head_options.classify]`."""
@@ -25,7 +26,21 @@ class ClassifyOptions:
     head_hidden: int = option(0, at_least=0)  # hidden width of the MLP; 0 = the stage's width
 
 
-class ClassifyHead(StageHead):
+class Classifier(StageHead):
+    """A head whose `logits(features, prefix)` are class scores, trained by cross-entropy on the labels
+    (`classify`, `dgl`, `auglocal`); `name` is the head's, for the message when labels are missing."""
+
+    name = "classify"
+
+    def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
+        if inputs.labels is None:
+            raise ValueError(f"the {self.name} head needs labels: pass labels= (one class index per sample)")
+        logits = self.logits(features, inputs.prefix)
+        return HeadOutput(F.cross_entropy(logits.float(), inputs.labels), logits,
+                          {"acc": (logits.argmax(1) == inputs.labels).float().mean()})  # argmax: no graph
+
+
+class ClassifyHead(Classifier):
     def __init__(self, dim: int, num_classes: int, hidden: int = 0, spatial: bool = False):
         super().__init__()
         if spatial:  # feature maps (B, dim, H, W): a conv before the pooling
@@ -38,13 +53,6 @@ class ClassifyHead(StageHead):
         if self.spatial:
             features = self.conv(features)
         return self.mlp(pool(features, prefix))
-
-    def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
-        if inputs.labels is None:
-            raise ValueError("the classify head needs labels: pass labels= (one class index per sample)")
-        logits = self.logits(features, inputs.prefix)
-        return HeadOutput(F.cross_entropy(logits.float(), inputs.labels), logits,
-                          {"acc": (logits.argmax(1) == inputs.labels).float().mean()})  # argmax: no graph
 
 
 def build_classify(cfg: ModelConfig, dim: int, options: ClassifyOptions) -> ClassifyHead:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from isolocal.config import ModelConfig
 from isolocal.config.head_options import option
-from isolocal.heads.base import HeadInputs, HeadOutput, StageHead
+from isolocal.heads.classify import Classifier
 from isolocal.heads.grid import as_map
 
 
@@ -51,7 +51,9 @@ def relu_mlp(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class DGLHead(StageHead):
+class DGLHead(Classifier):
+    name = "dgl"
+
     def __init__(self, dim: int, options: DGLOptions):
         super().__init__()
         self.convs = nn.Sequential(*[ConvNormAct(dim, dim, 3) for _ in range(options.convs)])
@@ -63,13 +65,6 @@ class DGLHead(StageHead):
         """(B, num_classes) class scores of a stage's output (`prefix` leading non-grid tokens)."""
         maps = self.convs(as_map(features, prefix, "dgl"))
         return self.mlp(F.adaptive_avg_pool2d(maps, self.pooled).flatten(1))
-
-    def loss(self, features: Tensor, inputs: HeadInputs) -> HeadOutput:
-        if inputs.labels is None:
-            raise ValueError("the dgl head needs labels: pass labels= (one class index per sample)")
-        logits = self.logits(features, inputs.prefix)
-        return HeadOutput(F.cross_entropy(logits.float(), inputs.labels), logits,
-                          {"acc": (logits.argmax(1) == inputs.labels).float().mean()})  # argmax: no graph
 
 
 def build_dgl(cfg: ModelConfig, dim: int, options: DGLOptions) -> DGLHead:
